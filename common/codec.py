@@ -1,0 +1,147 @@
+"""Compact encodings for teacher targets and hidden states (shard format v1).
+
+Every encoder here maps numpy arrays to a `bytes` blob that goes into one Arrow
+binary cell; Arrow then zstd-compresses whole column buffers. The encoders only
+rearrange data so that zstd finds the redundancy:
+
+* ids: sorted ascending inside each group (a position's top-k or its sampled
+  ids) and delta-coded, then split into byte planes (all low bytes, then all
+  middle bytes, ...). Deltas are small, so the high planes are nearly constant.
+* top-k values: stored as `d = max_logit - logit >= 0` in one byte through a
+  companding law `code = round(255 * exp(-d / s))`. The step in `d` grows like
+  `exp(d / s)` while the token's probability falls like `exp(-d)`, so each
+  token's contribution to the KL error shrinks as its probability does.
+* float32 / bf16 arrays: byte planes (the sign/exponent planes compress well).
+* hidden states in fp8 e4m3 with a per-token scale `amax / 448`.
+
+Shape suffixes: P positions, K top-k width, S flattened sampled entries,
+H stored hidden positions, D hidden size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+VALUE_LEVELS = 255
+# Companding scale `s` (nats). 3.0 keeps the mean KL error near 1e-5 at k=64
+# on peaked distributions (bench/codec_bench.py) and clamps logits more than
+# about 18.7 nats below the maximum, whose probability is below 1e-8.
+DEFAULT_VALUE_SCALE = 3.0
+FP8_E4M3_MAX = 448.0
+
+
+def id_bytes_for_vocab(vocab_size: int) -> int:
+    """Bytes per id needed for the vocabulary (3 for V = 201,088: 18 bits)."""
+    assert vocab_size > 0
+    return max(1, math.ceil(math.log2(max(vocab_size, 2)) / 8))
+
+
+def to_planes(arr: np.ndarray, nbytes: int) -> bytes:
+    """Little-endian integer/float array -> byte planes (plane 0 = lowest byte)."""
+    raw = np.ascontiguousarray(arr).view(np.uint8).reshape(-1, arr.dtype.itemsize)
+    return np.ascontiguousarray(raw[:, :nbytes].T).tobytes()
+
+
+def from_planes(blob: bytes, nbytes: int, dtype: np.dtype, count: int) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    if len(blob) != nbytes * count:
+        raise ValueError(f"byte-plane blob holds {len(blob)} bytes, expected {nbytes * count}")
+    planes = np.frombuffer(blob, dtype=np.uint8).reshape(nbytes, count)
+    out = np.zeros((count, dtype.itemsize), dtype=np.uint8)
+    out[:, :nbytes] = planes.T
+    return out.view(dtype).reshape(count)
+
+
+def sort_groups(ids_S: np.ndarray, group_sizes: np.ndarray, *payloads: np.ndarray):
+    """Sort ids ascending within each group, carrying payload arrays along."""
+    group_of_S = np.repeat(np.arange(len(group_sizes)), group_sizes)
+    order = np.lexsort((ids_S, group_of_S))
+    return (ids_S[order],) + tuple(p[order] for p in payloads)
+
+
+def encode_ids(ids_S: np.ndarray, group_sizes: np.ndarray, id_bytes: int) -> bytes:
+    """Delta-code ids that are sorted ascending within each group; byte planes."""
+    ids_S = ids_S.astype(np.int64, copy=False)
+    deltas_S = np.diff(ids_S, prepend=0)
+    starts = np.cumsum(group_sizes) - group_sizes
+    starts = starts[group_sizes > 0]
+    deltas_S[starts] = ids_S[starts]
+    assert (deltas_S >= 0).all(), "ids must be sorted within each group"
+    return to_planes(deltas_S.astype(np.uint32), id_bytes)
+
+
+def decode_ids(blob: bytes, group_sizes: np.ndarray, id_bytes: int) -> np.ndarray:
+    count = int(group_sizes.sum())
+    deltas_S = from_planes(blob, id_bytes, np.uint32, count).astype(np.int64)
+    if count == 0:
+        return deltas_S
+    # Cumulative sum restarted at each group start: subtract the running total
+    # reached just before the group.
+    total_S = np.cumsum(deltas_S)
+    starts = np.cumsum(group_sizes) - group_sizes
+    before_group = np.repeat(total_S[starts[group_sizes > 0]] - deltas_S[starts[group_sizes > 0]],
+                             group_sizes[group_sizes > 0])
+    return total_S - before_group
+
+
+def encode_values(gap_S: np.ndarray, scale: float = DEFAULT_VALUE_SCALE) -> bytes:
+    """`gap = max_logit - logit >= 0` (nats) -> one companded byte each."""
+    code = np.rint(VALUE_LEVELS * np.exp(-np.maximum(gap_S, 0.0).astype(np.float64) / scale))
+    return code.astype(np.uint8).tobytes()
+
+
+def decode_values(blob: bytes, scale: float = DEFAULT_VALUE_SCALE) -> np.ndarray:
+    code = np.frombuffer(blob, dtype=np.uint8).astype(np.float64)
+    # Code 0 means "below the smallest level": decode to the middle of that bin.
+    code = np.maximum(code, 0.25)
+    return (-scale * np.log(code / VALUE_LEVELS)).astype(np.float32)
+
+
+def value_error_bound(gap_S: np.ndarray, scale: float = DEFAULT_VALUE_SCALE) -> np.ndarray:
+    """Largest |decoded - true| gap for each true gap (the format's stated bound).
+
+    A true gap maps to x = exp(-gap/s) * 255 in [c - 1/2, c + 1/2] for its code c,
+    so the decoded gap is off by at most s * ln(c / (c - 1/2)) for c >= 1. Gaps
+    that round to code 0 (more than s * ln(510) nats below the maximum) are
+    clamped; their bound is the distance to the clamp value.
+    """
+    code = np.rint(VALUE_LEVELS * np.exp(-np.maximum(gap_S, 0.0) / scale))
+    bound = scale * np.log(np.maximum(code, 1.0) / np.maximum(code - 0.5, 0.5))
+    clamp = -scale * math.log(0.25 / VALUE_LEVELS)
+    return np.where(code >= 1, bound, np.abs(clamp - gap_S))
+
+
+def encode_float32(values: np.ndarray) -> bytes:
+    return to_planes(values.astype(np.float32), 4)
+
+
+def decode_float32(blob: bytes, count: int) -> np.ndarray:
+    return from_planes(blob, 4, np.float32, count)
+
+
+def encode_hidden_bf16(hidden_HD: torch.Tensor) -> bytes:
+    bits = hidden_HD.to(torch.bfloat16).contiguous().view(torch.int16).numpy()
+    return to_planes(bits, 2)
+
+
+def decode_hidden_bf16(blob: bytes, rows: int, dim: int) -> torch.Tensor:
+    bits = from_planes(blob, 2, np.int16, rows * dim).reshape(rows, dim)
+    return torch.from_numpy(bits.copy()).view(torch.bfloat16)
+
+
+def encode_hidden_fp8(hidden_HD: torch.Tensor) -> tuple[bytes, np.ndarray]:
+    """fp8 e4m3 with one float32 scale per token (amax / 448)."""
+    hidden_HD = hidden_HD.float()
+    scale_H = hidden_HD.abs().amax(dim=-1).clamp_min(1e-12) / FP8_E4M3_MAX
+    q_HD = (hidden_HD / scale_H[:, None]).to(torch.float8_e4m3fn)
+    return q_HD.contiguous().view(torch.uint8).numpy().tobytes(), scale_H.numpy().astype(np.float32)
+
+
+def decode_hidden_fp8(blob: bytes, scale_H: np.ndarray, rows: int, dim: int) -> torch.Tensor:
+    if len(blob) != rows * dim:
+        raise ValueError(f"fp8 hidden blob holds {len(blob)} bytes, expected {rows * dim}")
+    q = torch.frombuffer(bytearray(blob), dtype=torch.uint8).view(torch.float8_e4m3fn)
+    return q.reshape(rows, dim).float() * torch.from_numpy(np.asarray(scale_H, dtype=np.float32))[:, None]

@@ -1,0 +1,167 @@
+"""The cache manifest: what a cache directory holds and how it was made.
+
+A cache directory holds `manifest.json`, shard files `shard-NNNNN.arrow`, and a
+sidecar `shard-NNNNN.arrow.json` per finished shard. The sidecars are the
+source of truth for shards (each is written atomically right after its shard),
+so workers on several nodes can share one directory; `manifest.json` is an
+index rebuilt from them under a lock, and `merge` rebuilds it from several
+directories. Every file a manifest names must resolve inside its directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from common.atomic import atomic_write_text, file_lock
+from common.shard_format import ShardFormatError
+from common.spec import FORMAT_VERSION, ShardSpec
+
+MANIFEST_NAME = "manifest.json"
+LOCK_NAME = ".manifest.lock"
+SHARD_SUFFIX = ".arrow"
+SIDECAR_SUFFIX = ".arrow.json"
+
+
+def shard_file_name(index: int) -> str:
+    return f"shard-{index:05d}{SHARD_SUFFIX}"
+
+
+@dataclass
+class ShardEntry:
+    file: str
+    index: int
+    rows: int
+    tokens: int
+    positions: int
+    bytes: int
+    sha256: str
+    row_start: int  # source rows [row_start, row_end) of the (limited) dataset
+    row_end: int
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> "ShardEntry":
+        try:
+            return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+        except KeyError as exc:
+            raise ShardFormatError(f"{where}: shard entry lacks key {exc}") from exc
+
+
+@dataclass
+class CacheManifest:
+    spec: ShardSpec
+    teacher: dict = field(default_factory=dict)  # model, revision, config_hash, backend, dtype
+    tokenizer: dict = field(default_factory=dict)  # vocab_size, name
+    source: dict = field(default_factory=dict)  # path, split, fingerprint, num_rows
+    work: dict = field(default_factory=dict)  # rows_per_shard, num_shards
+    shards: list[ShardEntry] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+
+    # What must agree for two runs to write into one cache.
+    def identity(self) -> dict:
+        return {"spec": self.spec.to_dict(), "teacher": self.teacher, "source": self.source,
+                "rows_per_shard": self.work.get("rows_per_shard")}
+
+    def to_json(self) -> str:
+        d = {
+            "format_version": self.format_version,
+            "spec": self.spec.to_dict(),
+            "teacher": self.teacher,
+            "tokenizer": self.tokenizer,
+            "source": self.source,
+            "work": self.work,
+            "totals": {
+                "rows": sum(s.rows for s in self.shards),
+                "tokens": sum(s.tokens for s in self.shards),
+                "bytes": sum(s.bytes for s in self.shards),
+            },
+            "shards": [asdict(s) for s in sorted(self.shards, key=lambda s: s.index)],
+        }
+        return json.dumps(d, indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> "CacheManifest":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ShardFormatError(f"{where}: not valid JSON ({exc})") from exc
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ShardFormatError(f"{where}: unknown format version {version!r} (this build reads {FORMAT_VERSION})")
+        for key in ("spec", "shards"):
+            if key not in d:
+                raise ShardFormatError(f"{where}: missing key '{key}'")
+        try:
+            spec = ShardSpec.from_dict(d["spec"])
+        except ValueError as exc:
+            raise ShardFormatError(f"{where}: key 'spec': {exc}") from exc
+        shards = [ShardEntry.from_dict(s, f"{where} shards[{i}]") for i, s in enumerate(d["shards"])]
+        return cls(spec=spec, teacher=d.get("teacher", {}), tokenizer=d.get("tokenizer", {}),
+                   source=d.get("source", {}), work=d.get("work", {}), shards=shards)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(s.tokens for s in self.shards)
+
+    @property
+    def total_rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+
+def resolve_inside(cache_dir: Path, name: str) -> Path:
+    """Path of a file a manifest names; refuses names that leave the directory."""
+    cache_dir = Path(cache_dir).resolve()
+    path = (cache_dir / name).resolve()
+    if path.parent != cache_dir:
+        raise ShardFormatError(f"{cache_dir / MANIFEST_NAME}: shard file {name!r} resolves outside the cache directory")
+    return path
+
+
+def load_manifest(cache_dir: Path) -> CacheManifest:
+    path = Path(cache_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise ShardFormatError(f"{path}: no manifest (is {cache_dir} a vpmoe cache?)")
+    manifest = CacheManifest.from_json(path.read_text(), str(path))
+    for entry in manifest.shards:
+        resolve_inside(cache_dir, entry.file)
+    return manifest
+
+
+def write_manifest(cache_dir: Path, manifest: CacheManifest) -> None:
+    atomic_write_text(Path(cache_dir) / MANIFEST_NAME, manifest.to_json())
+
+
+def write_sidecar(cache_dir: Path, entry: ShardEntry) -> None:
+    atomic_write_text(Path(cache_dir) / (entry.file + ".json"), json.dumps(asdict(entry), sort_keys=True))
+
+
+def read_sidecars(cache_dir: Path) -> list[ShardEntry]:
+    entries = []
+    for p in sorted(Path(cache_dir).glob(f"shard-*{SIDECAR_SUFFIX}")):
+        try:
+            entry = ShardEntry.from_dict(json.loads(p.read_text()), str(p))
+        except json.JSONDecodeError as exc:
+            raise ShardFormatError(f"{p}: not valid JSON ({exc})") from exc
+        resolve_inside(cache_dir, entry.file)
+        entries.append(entry)
+    return entries
+
+
+def refresh_manifest(cache_dir: Path, header: CacheManifest) -> CacheManifest:
+    """Rebuild manifest.json from the header and every sidecar, under a lock."""
+    cache_dir = Path(cache_dir)
+    with file_lock(cache_dir / LOCK_NAME):
+        manifest = CacheManifest(spec=header.spec, teacher=header.teacher, tokenizer=header.tokenizer,
+                                 source=header.source, work=header.work, shards=read_sidecars(cache_dir))
+        write_manifest(cache_dir, manifest)
+    return manifest
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,237 @@
+"""Shard format v1: one Arrow row per source sequence (see docs/FORMAT.md).
+
+`TeacherRow` is the decoded, in-memory form both stages use; `encode_row` and
+`decode_row` map it to and from the Arrow cells. Shape suffixes: L tokens,
+P = L - 1 target positions (position t describes token t + 1), K top-k width,
+T temperatures, S flattened sampled entries, H stored hidden positions,
+D hidden size.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from common import codec
+from common.spec import FORMAT_VERSION, ShardSpec, content_hash
+
+SCHEMA_METADATA_KEY = b"vpmoe.shard_spec"
+
+
+class ShardFormatError(ValueError):
+    """A shard or manifest is not what the format says; names the file/row/key."""
+
+
+@dataclass
+class TeacherRow:
+    row_id: int
+    input_ids_L: np.ndarray
+    labels_L: np.ndarray
+    # top-k mode
+    topk_ids_PK: np.ndarray | None = None  # int64, sorted ascending per position after decode
+    topk_logits_PK: np.ndarray | None = None  # float32 teacher logits at T=1
+    lse_PT: np.ndarray | None = None  # float32 log-sum-exp of logits / T, full vocabulary
+    # sampled mode: distinct ids per position (ascending) and their draw counts
+    sample_ids_S: np.ndarray | None = None
+    sample_counts_S: np.ndarray | None = None
+    sample_sizes_P: np.ndarray | None = None
+    # hidden states: layer -> [H, D] (float32 after decode), at hidden_positions_H
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    hidden_positions_H: np.ndarray | None = None
+    content_hash: bytes | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(len(self.input_ids_L))
+
+    @property
+    def num_positions(self) -> int:
+        return max(self.num_tokens - 1, 0)
+
+
+def hidden_column(layer: int) -> str:
+    return f"hidden_{layer}"
+
+
+def hidden_scale_column(layer: int) -> str:
+    return f"hidden_{layer}_scale"
+
+
+def build_schema(spec: ShardSpec) -> pa.Schema:
+    fields = [
+        pa.field("row_id", pa.int64()),
+        pa.field("content_hash", pa.binary(16)),
+        pa.field("input_ids", pa.list_(pa.int32())),
+        pa.field("labels", pa.list_(pa.int32())),
+    ]
+    if spec.targets.mode == "topk":
+        fields += [
+            pa.field("topk_ids", pa.binary()),  # delta-coded byte planes, P*K
+            pa.field("topk_values", pa.binary()),  # companded gap codes, P*K
+            pa.field("topk_max", pa.binary()),  # float32 planes, P
+            pa.field("lse", pa.binary()),  # float32 planes, P*T position-major
+        ]
+    else:
+        fields += [
+            pa.field("sample_sizes", pa.binary()),  # uint16 planes, P
+            pa.field("sample_ids", pa.binary()),  # delta-coded byte planes, S
+            pa.field("sample_counts", pa.binary()),  # uint8/uint16 planes, S
+        ]
+    if spec.hidden.layers:
+        if spec.hidden.subset:
+            fields.append(pa.field("hidden_positions", pa.list_(pa.int32())))
+        for layer in spec.hidden.layers:
+            fields.append(pa.field(hidden_column(layer), pa.binary()))
+            if spec.hidden.dtype == "fp8":
+                fields.append(pa.field(hidden_scale_column(layer), pa.binary()))
+    metadata = {SCHEMA_METADATA_KEY: json.dumps(spec.to_dict(), sort_keys=True).encode()}
+    return pa.schema(fields, metadata=metadata)
+
+
+def spec_from_schema(schema: pa.Schema, where: str) -> ShardSpec:
+    raw = (schema.metadata or {}).get(SCHEMA_METADATA_KEY)
+    if raw is None:
+        raise ShardFormatError(f"{where}: no {SCHEMA_METADATA_KEY.decode()} in schema metadata; not a vpmoe shard")
+    try:
+        spec_dict = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ShardFormatError(f"{where}: shard spec metadata is not JSON: {exc}") from exc
+    version = spec_dict.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ShardFormatError(f"{where}: unknown shard format version {version!r} (this build reads {FORMAT_VERSION})")
+    try:
+        spec = ShardSpec.from_dict(spec_dict)
+    except ValueError as exc:
+        raise ShardFormatError(f"{where}: {exc}") from exc
+    expected = build_schema(spec)
+    missing = [f.name for f in expected if f.name not in schema.names]
+    if missing:
+        raise ShardFormatError(f"{where}: missing column(s) {', '.join(missing)}")
+    return spec
+
+
+def encode_row(row: TeacherRow, spec: ShardSpec) -> dict:
+    """TeacherRow -> {column: cell}. Validates shapes and ids (names the row)."""
+    where = f"row {row.row_id}"
+    input_ids = np.asarray(row.input_ids_L, dtype=np.int32)
+    labels = np.asarray(row.labels_L, dtype=np.int32)
+    if input_ids.ndim != 1 or labels.shape != input_ids.shape:
+        raise ValueError(f"{where}: input_ids and labels must be 1-D of equal length")
+    num_pos = max(len(input_ids) - 1, 0)
+    cells = {
+        "row_id": int(row.row_id),
+        "content_hash": content_hash(input_ids),
+        "input_ids": input_ids,
+        "labels": labels,
+    }
+    tspec = spec.targets
+    if tspec.mode == "topk":
+        ids_PK = np.asarray(row.topk_ids_PK)
+        logits_PK = np.asarray(row.topk_logits_PK, dtype=np.float32)
+        lse_PT = np.asarray(row.lse_PT, dtype=np.float32)
+        if ids_PK.shape != (num_pos, tspec.k) or logits_PK.shape != ids_PK.shape:
+            raise ValueError(f"{where}: top-k arrays must be [{num_pos}, {tspec.k}], got {ids_PK.shape} and {logits_PK.shape}")
+        if lse_PT.shape != (num_pos, len(tspec.temperatures)):
+            raise ValueError(f"{where}: lse must be [{num_pos}, {len(tspec.temperatures)}], got {lse_PT.shape}")
+        if ids_PK.size and (ids_PK.min() < 0 or ids_PK.max() >= spec.vocab_size):
+            raise ValueError(f"{where}: top-k id outside [0, {spec.vocab_size})")
+        max_P = logits_PK.max(axis=1) if num_pos else np.zeros(0, np.float32)
+        sizes = np.full(num_pos, tspec.k, dtype=np.int64)
+        ids_S, gap_S = codec.sort_groups(ids_PK.reshape(-1).astype(np.int64), sizes,
+                                         (max_P[:, None] - logits_PK).reshape(-1))
+        cells["topk_ids"] = codec.encode_ids(ids_S, sizes, spec.id_bytes)
+        cells["topk_values"] = codec.encode_values(gap_S, tspec.value_scale)
+        cells["topk_max"] = codec.encode_float32(max_P)
+        cells["lse"] = codec.encode_float32(lse_PT.reshape(-1))
+    else:
+        sizes_P = np.asarray(row.sample_sizes_P, dtype=np.int64)
+        ids_S = np.asarray(row.sample_ids_S, dtype=np.int64)
+        counts_S = np.asarray(row.sample_counts_S, dtype=np.int64)
+        if sizes_P.shape != (num_pos,) or ids_S.shape != counts_S.shape or len(ids_S) != sizes_P.sum():
+            raise ValueError(f"{where}: sampled arrays disagree in length")
+        if ids_S.size and (ids_S.min() < 0 or ids_S.max() >= spec.vocab_size):
+            raise ValueError(f"{where}: sampled id outside [0, {spec.vocab_size})")
+        ids_S, counts_S = codec.sort_groups(ids_S, sizes_P, counts_S)
+        cells["sample_sizes"] = codec.to_planes(sizes_P.astype(np.uint16), 2)
+        cells["sample_ids"] = codec.encode_ids(ids_S, sizes_P, spec.id_bytes)
+        cells["sample_counts"] = codec.to_planes(counts_S.astype(np.uint16), tspec.count_bytes)
+    hspec = spec.hidden
+    if hspec.layers:
+        positions = row.hidden_positions_H
+        if hspec.subset:
+            if positions is None:
+                raise ValueError(f"{where}: hidden token fraction < 1 needs hidden_positions")
+            cells["hidden_positions"] = np.asarray(positions, dtype=np.int32)
+        expected_rows = len(positions) if hspec.subset else len(input_ids)
+        for layer in hspec.layers:
+            if layer not in row.hidden:
+                raise ValueError(f"{where}: hidden layer {layer} missing")
+            h_HD = torch.as_tensor(row.hidden[layer])
+            if tuple(h_HD.shape) != (expected_rows, hspec.hidden_size):
+                raise ValueError(f"{where}: hidden layer {layer} is {tuple(h_HD.shape)}, expected ({expected_rows}, {hspec.hidden_size})")
+            if hspec.dtype == "bf16":
+                cells[hidden_column(layer)] = codec.encode_hidden_bf16(h_HD)
+            else:
+                blob, scale_H = codec.encode_hidden_fp8(h_HD)
+                cells[hidden_column(layer)] = blob
+                cells[hidden_scale_column(layer)] = codec.encode_float32(scale_H)
+    return cells
+
+
+def decode_row(cells: dict, spec: ShardSpec, where: str = "") -> TeacherRow:
+    """{column: cell} (as returned by the reader) -> TeacherRow.
+
+    Only the columns present in `cells` are decoded; the rest stay None.
+    """
+    row_id = int(cells["row_id"]) if "row_id" in cells else -1
+    where = f"{where}row {row_id}"
+    input_ids = np.asarray(cells["input_ids"], dtype=np.int32) if "input_ids" in cells else None
+    num_pos = None if input_ids is None else max(len(input_ids) - 1, 0)
+    row = TeacherRow(
+        row_id=row_id,
+        input_ids_L=input_ids,
+        labels_L=np.asarray(cells["labels"], dtype=np.int32) if "labels" in cells else None,
+        content_hash=cells.get("content_hash"),
+    )
+    tspec = spec.targets
+    try:
+        if "topk_max" in cells:
+            max_P = codec.decode_float32(cells["topk_max"], len(cells["topk_max"]) // 4)
+            num_pos = len(max_P)
+            row.lse_PT = codec.decode_float32(cells["lse"], num_pos * len(tspec.temperatures)).reshape(
+                num_pos, len(tspec.temperatures))
+            sizes = np.full(num_pos, tspec.k, dtype=np.int64)
+            row.topk_ids_PK = codec.decode_ids(cells["topk_ids"], sizes, spec.id_bytes).reshape(num_pos, tspec.k)
+            gap_PK = codec.decode_values(cells["topk_values"], tspec.value_scale).reshape(num_pos, tspec.k)
+            row.topk_logits_PK = max_P[:, None] - gap_PK
+        if "sample_sizes" in cells:
+            num_pos = len(cells["sample_sizes"]) // 2
+            row.sample_sizes_P = codec.from_planes(cells["sample_sizes"], 2, np.uint16, num_pos).astype(np.int64)
+            total = int(row.sample_sizes_P.sum())
+            row.sample_ids_S = codec.decode_ids(cells["sample_ids"], row.sample_sizes_P, spec.id_bytes)
+            row.sample_counts_S = codec.from_planes(cells["sample_counts"], tspec.count_bytes, np.uint16,
+                                                    total).astype(np.int64)
+        hspec = spec.hidden
+        if hspec.layers and any(hidden_column(layer) in cells for layer in hspec.layers):
+            if hspec.subset:
+                positions = np.asarray(cells["hidden_positions"], dtype=np.int32)
+            else:
+                assert input_ids is not None, "full-fraction hidden states need input_ids to know their length"
+                positions = np.arange(len(input_ids), dtype=np.int32)
+            row.hidden_positions_H = positions
+            for layer in hspec.layers:
+                blob = cells.get(hidden_column(layer))
+                if blob is None:
+                    continue
+                if hspec.dtype == "bf16":
+                    row.hidden[layer] = codec.decode_hidden_bf16(blob, len(positions), hspec.hidden_size).float()
+                else:
+                    scale_H = codec.decode_float32(cells[hidden_scale_column(layer)], len(positions))
+                    row.hidden[layer] = codec.decode_hidden_fp8(blob, scale_H, len(positions), hspec.hidden_size)
+    except ValueError as exc:
+        raise ShardFormatError(f"{where}: {exc}") from exc
+    return row

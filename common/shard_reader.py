@@ -1,0 +1,120 @@
+"""Shard reader: memory-maps an Arrow IPC shard, decodes only the columns asked
+for, and verifies checksums and row content hashes on request."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from common.manifest import ShardEntry, file_sha256
+from common.shard_format import ShardFormatError, TeacherRow, decode_row, spec_from_schema
+from common.spec import ShardSpec, content_hash
+
+# Columns a trainer needs for each kind of work (the reader adds row_id always).
+TOKEN_COLUMNS = ("row_id", "content_hash", "input_ids", "labels")
+
+
+class ShardReader:
+    def __init__(self, path: Path, columns: Sequence[str] | None = None, entry: ShardEntry | None = None,
+                 verify_checksum: bool = False):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ShardFormatError(f"{self.path}: shard file not found")
+        if entry is not None:
+            size = self.path.stat().st_size
+            if size != entry.bytes:
+                raise ShardFormatError(f"{self.path}: {size} bytes on disk, manifest says {entry.bytes}")
+            if verify_checksum and file_sha256(self.path) != entry.sha256:
+                raise ShardFormatError(f"{self.path}: sha256 does not match the manifest (corrupted)")
+        try:
+            self._mmap = pa.memory_map(str(self.path), "r")
+            full = ipc.open_file(self._mmap)
+            self.schema = full.schema
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ShardFormatError(f"{self.path}: not a readable Arrow IPC file ({exc})") from exc
+        self.spec: ShardSpec = spec_from_schema(self.schema, str(self.path))
+        names = list(self.schema.names)
+        if columns is None:
+            self.columns = names
+        else:
+            unknown = [c for c in columns if c not in names]
+            if unknown:
+                raise ShardFormatError(f"{self.path}: no column(s) {', '.join(unknown)}")
+            self.columns = list(dict.fromkeys(["row_id", *columns]))
+        options = ipc.IpcReadOptions(included_fields=[names.index(c) for c in self.columns])
+        self._reader = ipc.open_file(self._mmap, options=options)
+        self.num_batches = self._reader.num_record_batches
+        self._batch_rows = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self._mmap.close()
+
+    def read_batch(self, i: int) -> pa.RecordBatch:
+        try:
+            return self._reader.get_batch(i)
+        except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
+            raise ShardFormatError(f"{self.path}: record batch {i} unreadable ({exc})") from exc
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self._batch_lengths())
+
+    def _batch_lengths(self) -> list[int]:
+        if self._batch_rows is None:
+            self._batch_rows = [self.read_batch(i).num_rows for i in range(self.num_batches)]
+        return self._batch_rows
+
+    def iter_cells(self) -> Iterator[dict]:
+        for b in range(self.num_batches):
+            batch = self.read_batch(b)
+            cols = {name: batch.column(name) for name in batch.schema.names}
+            for r in range(batch.num_rows):
+                yield {name: _cell(col, r) for name, col in cols.items()}
+
+    def iter_rows(self, verify_content: bool = False) -> Iterator[TeacherRow]:
+        for cells in self.iter_cells():
+            row = decode_row(cells, self.spec, where=f"{self.path}: ")
+            if verify_content:
+                check_content_hash(row, self.path)
+            yield row
+
+    def read_row(self, index: int) -> TeacherRow:
+        """Row by its position in the shard (0-based)."""
+        lengths = self._batch_lengths()
+        if not (0 <= index < sum(lengths)):
+            raise ValueError(f"{self.path}: row {index} out of range (shard has {sum(lengths)} rows)")
+        for b, n in enumerate(lengths):
+            if index < n:
+                batch = self.read_batch(b)
+                cells = {name: _cell(batch.column(name), index) for name in batch.schema.names}
+                return decode_row(cells, self.spec, where=f"{self.path}: ")
+            index -= n
+        raise AssertionError("unreachable")
+
+
+def _cell(column: pa.Array, r: int):
+    value = column[r]
+    if pa.types.is_list(column.type):
+        return value.values.to_numpy(zero_copy_only=False)
+    return value.as_py()
+
+
+def check_content_hash(row: TeacherRow, path: Path) -> None:
+    if row.input_ids_L is None or row.content_hash is None:
+        return
+    if content_hash(row.input_ids_L) != row.content_hash:
+        raise ShardFormatError(f"{path}: row {row.row_id}: content hash does not match its input_ids")
+
+
+def row_tokens(rows: Sequence[TeacherRow]) -> int:
+    return int(np.sum([r.num_tokens for r in rows]))

@@ -1,0 +1,86 @@
+"""Atomic shard writer: rows -> zstd Arrow IPC file -> rename -> sidecar.
+
+The shard is written under a hidden temporary name, fsynced and renamed; only
+then is its sidecar (rows, bytes, sha256) written. A killed writer leaves at
+most a `.tmp-*` file, which the next run deletes; a shard without a sidecar is
+never trusted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from common.atomic import publish, tmp_path_for
+from common.manifest import ShardEntry, file_sha256, shard_file_name, write_sidecar
+from common.shard_format import TeacherRow, build_schema, encode_row
+from common.spec import ShardSpec
+
+DEFAULT_BATCH_ROWS = 16
+DEFAULT_ZSTD_LEVEL = 3
+
+
+class ShardWriter:
+    def __init__(self, cache_dir: Path, index: int, spec: ShardSpec, row_start: int, row_end: int,
+                 batch_rows: int = DEFAULT_BATCH_ROWS, zstd_level: int = DEFAULT_ZSTD_LEVEL):
+        self.cache_dir = Path(cache_dir)
+        self.index = index
+        self.spec = spec
+        self.row_start, self.row_end = row_start, row_end
+        self.batch_rows = batch_rows
+        self.schema = build_schema(spec)
+        self.final_path = self.cache_dir / shard_file_name(index)
+        self.tmp_path = tmp_path_for(self.final_path)
+        options = ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=zstd_level))
+        self._sink = pa.OSFile(str(self.tmp_path), "wb")
+        self._writer = ipc.new_file(self._sink, self.schema, options=options)
+        self._pending: list[dict] = []
+        self.rows = self.tokens = self.positions = 0
+
+    def add(self, row: TeacherRow) -> None:
+        self.add_cells(encode_row(row, self.spec))
+
+    def add_cells(self, cells: dict) -> None:
+        """Add a row already encoded with `encode_row` (e.g. in an encode thread)."""
+        self._pending.append(cells)
+        self.rows += 1
+        self.tokens += len(cells["input_ids"])
+        self.positions += max(len(cells["input_ids"]) - 1, 0)
+        if len(self._pending) >= self.batch_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        columns = {name: [cells.get(name) for cells in self._pending] for name in self.schema.names}
+        batch = pa.RecordBatch.from_pydict(columns, schema=self.schema)
+        self._writer.write_batch(batch)
+        self._pending = []
+
+    def close(self) -> ShardEntry:
+        self._flush()
+        self._writer.close()
+        self._sink.close()
+        publish(self.tmp_path, self.final_path)
+        entry = ShardEntry(file=self.final_path.name, index=self.index, rows=self.rows, tokens=self.tokens,
+                           positions=self.positions, bytes=self.final_path.stat().st_size,
+                           sha256=file_sha256(self.final_path), row_start=self.row_start, row_end=self.row_end)
+        write_sidecar(self.cache_dir, entry)
+        return entry
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+            self._sink.close()
+        except Exception:  # the writer may already be broken; the file goes anyway
+            pass
+        self.tmp_path.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()

@@ -1,0 +1,127 @@
+"""What a cache holds: the target and hidden-state settings recorded in every
+shard's schema metadata and in the manifest. Both stages import these."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from common.codec import DEFAULT_VALUE_SCALE, id_bytes_for_vocab
+
+FORMAT_VERSION = 1
+TARGET_MODES = ("topk", "sampled")
+HIDDEN_DTYPES = ("bf16", "fp8")
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """Per-position teacher targets. Position t describes token t+1."""
+
+    mode: str = "topk"
+    k: int = 64
+    # log-sum-exp of logits / T over the full vocabulary is stored for each T.
+    temperatures: tuple[float, ...] = (1.0, 2.0)
+    num_samples: int = 0  # sampled mode: N draws with replacement at T=1
+    seed: int = 0  # sampled mode: draws for row r use (seed, r) only
+    value_scale: float = DEFAULT_VALUE_SCALE
+
+    def __post_init__(self):
+        if self.mode not in TARGET_MODES:
+            raise ValueError(f"target mode must be one of {TARGET_MODES}, got {self.mode!r}")
+        if self.mode == "topk":
+            if self.k < 1:
+                raise ValueError(f"top-k needs k >= 1, got {self.k}")
+            if not self.temperatures or any(t <= 0 for t in self.temperatures):
+                raise ValueError(f"temperatures must be positive, got {self.temperatures}")
+        if self.mode == "sampled" and not (1 <= self.num_samples <= 65535):
+            raise ValueError(f"sampled mode needs 1 <= num_samples <= 65535, got {self.num_samples}")
+
+    @property
+    def count_bytes(self) -> int:
+        return 1 if self.num_samples <= 255 else 2
+
+
+@dataclass(frozen=True)
+class HiddenSpec:
+    """Which teacher layers' residual streams are stored, and how.
+
+    Layer i is the stream leaving decoder layer i (1-based), before the final norm.
+    Hidden states are not shifted: stored position t is token t's state.
+    """
+
+    layers: tuple[int, ...] = ()
+    dtype: str = "bf16"
+    token_fraction: float = 1.0
+    hidden_size: int = 0
+    seed: int = 0  # which positions are kept when token_fraction < 1
+
+    def __post_init__(self):
+        if self.dtype not in HIDDEN_DTYPES:
+            raise ValueError(f"hidden dtype must be one of {HIDDEN_DTYPES}, got {self.dtype!r}")
+        if not (0.0 < self.token_fraction <= 1.0):
+            raise ValueError(f"hidden token fraction must be in (0, 1], got {self.token_fraction}")
+        if any(layer < 1 for layer in self.layers):
+            raise ValueError(f"hidden layers are 1-based, got {self.layers}")
+        if self.layers and self.hidden_size < 1:
+            raise ValueError("hidden_size must be set when hidden layers are stored")
+
+    @property
+    def subset(self) -> bool:
+        return self.token_fraction < 1.0
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    vocab_size: int
+    targets: TargetSpec = field(default_factory=TargetSpec)
+    hidden: HiddenSpec = field(default_factory=HiddenSpec)
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self):
+        if self.vocab_size < 2:
+            raise ValueError(f"vocab_size must be >= 2, got {self.vocab_size}")
+        if self.targets.mode == "topk" and self.targets.k > self.vocab_size:
+            raise ValueError(f"k={self.targets.k} exceeds the vocabulary ({self.vocab_size})")
+
+    @property
+    def id_bytes(self) -> int:
+        return id_bytes_for_vocab(self.vocab_size)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ShardSpec":
+        try:
+            targets = dict(d["targets"])
+            targets["temperatures"] = tuple(targets.get("temperatures", ()))
+            hidden = dict(d["hidden"])
+            hidden["layers"] = tuple(hidden.get("layers", ()))
+            return cls(
+                vocab_size=int(d["vocab_size"]),
+                targets=TargetSpec(**targets),
+                hidden=HiddenSpec(**hidden),
+                format_version=int(d["format_version"]),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"shard spec is missing or has an unknown key: {exc}") from exc
+
+
+def content_hash(input_ids: np.ndarray) -> bytes:
+    """16-byte key of a row's tokens; the trainer checks it against its data."""
+    return hashlib.blake2b(np.ascontiguousarray(input_ids, dtype="<i4").tobytes(), digest_size=16).digest()
+
+
+def hidden_positions(row_id: int, length: int, fraction: float, seed: int) -> np.ndarray:
+    """Deterministic sorted subset of positions kept for hidden states.
+
+    Depends only on (seed, row_id, length), never on batching or workers.
+    """
+    if fraction >= 1.0:
+        return np.arange(length, dtype=np.int32)
+    keep = max(1, int(round(fraction * length))) if length else 0
+    rng = np.random.Generator(np.random.PCG64([seed, row_id, 0x48494444]))
+    return np.sort(rng.choice(length, size=keep, replace=False)).astype(np.int32)

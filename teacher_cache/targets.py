@@ -1,0 +1,111 @@
+"""Teacher target selection on the device, shared by every backend.
+
+Given the teacher's final normed hidden states for N positions and a function
+that maps a chunk of them to full-vocabulary logits, compute what a shard
+stores: top-k ids and logits plus the full log-sum-exp at each temperature, or
+N sampled draws reduced to distinct ids and counts. Logits exist for one chunk
+of positions at a time ([chunk, V] float32), never for all N.
+
+Shape suffixes: N positions, D hidden size, V vocabulary, K top-k width,
+T temperatures, M draws per position, S flattened distinct samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from common.spec import TargetSpec
+
+DEFAULT_CHUNK = 1024
+
+
+@dataclass
+class PositionTargets:
+    """Targets for N positions (torch tensors, on the compute device)."""
+
+    topk_ids_NK: torch.Tensor | None = None
+    topk_logits_NK: torch.Tensor | None = None
+    lse_NT: torch.Tensor | None = None
+    sample_ids_S: torch.Tensor | None = None
+    sample_counts_S: torch.Tensor | None = None
+    sample_sizes_N: torch.Tensor | None = None
+
+    def to(self, device, non_blocking: bool = False) -> "PositionTargets":
+        moved = {k: (v.to(device, non_blocking=non_blocking) if v is not None else None)
+                 for k, v in self.__dict__.items()}
+        return PositionTargets(**moved)
+
+
+def row_uniforms(seed: int, row_id: int, num_positions: int, num_samples: int) -> np.ndarray:
+    """Uniform draws for one row's sampled targets, [P, M] float64 in [0, 1).
+
+    Seeded by (seed, row_id) alone so the draws never depend on batching,
+    worker count or resume.
+    """
+    rng = np.random.Generator(np.random.PCG64([seed, row_id, 0x53414D50]))
+    return rng.random((num_positions, num_samples))
+
+
+def _topk_chunk(logits_nV: torch.Tensor, spec: TargetSpec):
+    topk_logits_nK, topk_ids_nK = logits_nV.topk(spec.k, dim=-1)
+    lse_nT = torch.stack([torch.logsumexp(logits_nV / t, dim=-1) for t in spec.temperatures], dim=-1)
+    return topk_ids_nK, topk_logits_nK, lse_nT
+
+
+def _sample_chunk(logits_nV: torch.Tensor, uniforms_nM: torch.Tensor):
+    """Inverse-CDF draws at T=1, reduced to sorted distinct ids and counts."""
+    probs_nV = torch.softmax(logits_nV, dim=-1)
+    cdf_nV = torch.cumsum(probs_nV, dim=-1)
+    # Scale the draws by the cdf's own total so float32 rounding in the cumsum
+    # cannot push a draw past the last bucket.
+    targets_nM = uniforms_nM.to(cdf_nV.dtype) * cdf_nV[:, -1:]
+    draws_nM = torch.searchsorted(cdf_nV, targets_nM, right=True).clamp_max(logits_nV.shape[-1] - 1)
+    draws_nM, _ = draws_nM.sort(dim=-1)
+    is_new_nM = torch.ones_like(draws_nM, dtype=torch.bool)
+    is_new_nM[:, 1:] = draws_nM[:, 1:] != draws_nM[:, :-1]
+    sizes_n = is_new_nM.sum(dim=-1)
+    ids_S = draws_nM[is_new_nM]
+    # Count of each distinct id = distance between consecutive run starts.
+    num_draws = draws_nM.shape[1]
+    flat_start_S = torch.nonzero(is_new_nM.reshape(-1), as_tuple=False).squeeze(-1)
+    row_end_S = (flat_start_S // num_draws + 1) * num_draws
+    next_start_S = torch.cat([flat_start_S[1:], flat_start_S.new_tensor([draws_nM.numel()])])
+    counts_S = torch.minimum(next_start_S, row_end_S) - flat_start_S
+    return ids_S, counts_S, sizes_n
+
+
+@torch.no_grad()
+def compute_targets(
+    hidden_ND: torch.Tensor,
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    spec: TargetSpec,
+    uniforms_NM: torch.Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> PositionTargets:
+    """Targets for every row of `hidden_ND` (the caller drops the last position
+    of each sequence, which has no next token)."""
+    if spec.mode == "sampled" and (uniforms_NM is None or uniforms_NM.shape[0] != hidden_ND.shape[0]):
+        raise ValueError("sampled targets need one row of uniforms per position")
+    parts = []
+    for start in range(0, hidden_ND.shape[0], chunk_size):
+        logits_nV = logits_fn(hidden_ND[start:start + chunk_size]).float()
+        if spec.mode == "topk":
+            parts.append(_topk_chunk(logits_nV, spec))
+        else:
+            parts.append(_sample_chunk(logits_nV, uniforms_NM[start:start + chunk_size].to(logits_nV.device)))
+        del logits_nV
+    if spec.mode == "topk":
+        if not parts:
+            empty = hidden_ND.new_zeros((0, spec.k), dtype=torch.float32)
+            return PositionTargets(empty.long(), empty, hidden_ND.new_zeros((0, len(spec.temperatures)), dtype=torch.float32))
+        ids, logits, lse = (torch.cat(p) for p in zip(*parts))
+        return PositionTargets(topk_ids_NK=ids, topk_logits_NK=logits, lse_NT=lse)
+    if not parts:
+        empty = hidden_ND.new_zeros(0, dtype=torch.long)
+        return PositionTargets(sample_ids_S=empty, sample_counts_S=empty, sample_sizes_N=empty)
+    ids, counts, sizes = (torch.cat(p) for p in zip(*parts))
+    return PositionTargets(sample_ids_S=ids, sample_counts_S=counts, sample_sizes_N=sizes)
