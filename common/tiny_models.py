@@ -46,7 +46,6 @@ def build_model(config: PretrainedConfig, seed: int = 0, dtype: torch.dtype = to
     # Default init gives near-uniform outputs; a larger lm_head makes the
     # teacher's distributions peaked like a trained model's.
     with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(24.0)
     return model.eval()
 
 
