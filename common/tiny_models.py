@@ -39,13 +39,18 @@ def tiny_gpt_oss_config(vocab_size: int, hidden_size: int = 64, num_layers: int 
     )
 
 
-def build_model(config: PretrainedConfig, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """Random-initialised model from a config, deterministic in `seed`."""
+def build_model(config: PretrainedConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
+                lm_head_scale: float = 24.0):
+    """Random-initialised model from a config, deterministic in `seed`.
+
+    Default init gives near-uniform outputs; scaling the lm_head makes an
+    untrained model's distributions peaked like a trained teacher's. Use
+    `lm_head_scale=1` for a model that will be trained.
+    """
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    # Default init gives near-uniform outputs; a larger lm_head makes the
-    # teacher's distributions peaked like a trained model's.
     with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(lm_head_scale)
     return model.eval()
 
 
