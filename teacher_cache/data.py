@@ -1,0 +1,258 @@
+"""Tokenized input for the teacher: rows of `input_ids` (and optional `labels`)
+used exactly as given, from an HF `save_to_disk` directory (DatasetDict or
+Dataset), Parquet files or Arrow files.
+
+Columns are memory-mapped where the format allows and read with pyarrow
+directly; a row is a slice of the column's value buffer. `validate` checks
+every selected row (ids inside the vocabulary, length within the teacher's
+context, labels matching) with vectorised passes, so bad input is reported
+before a model is loaded.
+
+Shape suffixes: R rows, L tokens of one row, F flattened tokens of a chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+from teacher_cache.backend import SourceRow
+
+IGNORE_INDEX = -100
+INPUT_IDS = "input_ids"
+LABELS = "labels"
+_DATA_SUFFIXES = (".parquet", ".arrow")
+
+
+@dataclass
+class _Chunk:
+    file: str
+    row_start: int  # first row of this chunk in the whole split
+    offsets_R1: np.ndarray  # int64 [rows + 1], into values_F
+    values_F: np.ndarray
+
+
+class _ListColumn:
+    """A list<int> column spread over files and Arrow chunks, with row access."""
+
+    def __init__(self, name: str, pieces: list[tuple[str, pa.ChunkedArray]]):
+        self.name = name
+        self.chunks: list[_Chunk] = []
+        row = 0
+        for file, column in pieces:
+            for arr in column.chunks:
+                if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)) or \
+                        not pa.types.is_integer(arr.type.value_type):
+                    raise ValueError(f"{file}: column '{name}' must be a list of integers, got {arr.type}")
+                if arr.null_count:
+                    bad = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
+                    raise ValueError(f"{file}: column '{name}' is null in row {row + bad}")
+                if len(arr) == 0:
+                    continue
+                values = arr.values
+                if values.null_count:
+                    raise ValueError(f"{file}: column '{name}' holds null ids near row {row}")
+                self.chunks.append(_Chunk(file, row, arr.offsets.to_numpy().astype(np.int64),
+                                          values.to_numpy(zero_copy_only=False)))
+                row += len(arr)
+        self.num_rows = row
+        self._starts = np.array([c.row_start for c in self.chunks], dtype=np.int64)
+
+    def locate(self, i: int) -> tuple[_Chunk, int]:
+        c = int(np.searchsorted(self._starts, i, side="right")) - 1
+        return self.chunks[c], i - self.chunks[c].row_start
+
+    def get(self, i: int) -> np.ndarray:
+        chunk, j = self.locate(i)
+        return chunk.values_F[chunk.offsets_R1[j]:chunk.offsets_R1[j + 1]]
+
+    def lengths(self) -> np.ndarray:
+        parts = [np.diff(c.offsets_R1) for c in self.chunks]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def file_of(self, i: int) -> str:
+        return self.locate(i)[0].file
+
+
+class SourceData:
+    """The (limited) rows of one split. Row ids are indices into the split."""
+
+    def __init__(self, path: str, split: str, input_ids: _ListColumn, labels: _ListColumn | None,
+                 limit_rows: int | None):
+        self.path, self.split = path, split
+        self._ids, self._labels = input_ids, labels
+        if labels is not None and labels.num_rows != input_ids.num_rows:
+            raise ValueError(f"{path}: split '{split}' has {input_ids.num_rows} input_ids rows "
+                             f"but {labels.num_rows} labels rows")
+        self.total_rows = input_ids.num_rows
+        if limit_rows is not None and limit_rows < 0:
+            raise ValueError(f"--limit-rows must be >= 0, got {limit_rows}")
+        self.num_rows = self.total_rows if limit_rows is None else min(limit_rows, self.total_rows)
+        self.lengths_R = input_ids.lengths()[:self.num_rows]
+
+    @property
+    def has_labels(self) -> bool:
+        return self._labels is not None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.lengths_R.sum())
+
+    def where(self, i: int) -> str:
+        return f"{self._ids.file_of(i)}: split '{self.split}', row {i}"
+
+    def row(self, i: int) -> SourceRow:
+        assert 0 <= i < self.num_rows, (i, self.num_rows)
+        input_ids = self._ids.get(i).astype(np.int32)
+        labels = self._labels.get(i).astype(np.int32) if self._labels is not None else input_ids.copy()
+        return SourceRow(row_id=i, input_ids=input_ids, labels=labels)
+
+    def rows(self, start: int, end: int) -> list[SourceRow]:
+        return [self.row(i) for i in range(start, end)]
+
+    def validate(self, vocab_size: int, max_context: int) -> None:
+        """ValueError naming file, split and row for the first row the teacher cannot take."""
+        lengths = self.lengths_R
+        for bad, why in ((lengths < 1, "is empty"), (lengths > max_context,
+                                                        f"is longer than the model context ({max_context})")):
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise ValueError(f"{self.where(i)} {why} ({int(lengths[i])} tokens)")
+        self._check_ids(vocab_size)
+        if self._labels is not None:
+            label_lengths = self._labels.lengths()[:self.num_rows]
+            mismatch = label_lengths != lengths
+            if mismatch.any():
+                i = int(np.flatnonzero(mismatch)[0])
+                raise ValueError(f"{self.where(i)}: labels has {int(label_lengths[i])} tokens, "
+                                 f"input_ids {int(lengths[i])}")
+
+    def _check_ids(self, vocab_size: int) -> None:
+        for chunk in self._ids.chunks:
+            rows_here = min(len(chunk.offsets_R1) - 1, self.num_rows - chunk.row_start)
+            if rows_here <= 0:
+                break
+            lo, hi = chunk.offsets_R1[0], chunk.offsets_R1[rows_here]
+            values_F = chunk.values_F[lo:hi]
+            bad_F = (values_F < 0) | (values_F >= vocab_size)
+            if bad_F.any():
+                f = int(np.flatnonzero(bad_F)[0]) + lo
+                r = int(np.searchsorted(chunk.offsets_R1, f, side="right")) - 1
+                raise ValueError(f"{self.where(chunk.row_start + r)}: token id {int(chunk.values_F[f])} at position "
+                                 f"{f - int(chunk.offsets_R1[r])} is outside the teacher vocabulary "
+                                 f"[0, {vocab_size})")
+
+    def fingerprint(self) -> str:
+        """Content hash of the whole split's input_ids and labels (lengths and values),
+        so a cache refuses other data whatever its path or limit."""
+        h = hashlib.blake2b(digest_size=16)
+        for column in (self._ids, self._labels):
+            if column is None:
+                h.update(b"no-labels")
+                continue
+            for chunk in column.chunks:
+                h.update(np.diff(chunk.offsets_R1).astype("<i8").tobytes())
+                values_F = chunk.values_F[chunk.offsets_R1[0]:chunk.offsets_R1[-1]]
+                h.update(values_F.astype("<i4", copy=False).tobytes())
+        return h.hexdigest()
+
+    def describe(self) -> dict:
+        return {"path": self.path, "split": self.split, "num_rows": self.total_rows,
+                "has_labels": self.has_labels, "fingerprint": self.fingerprint()}
+
+
+def _read_arrow(file: Path) -> pa.Table:
+    """HF writes Arrow IPC streams; plain IPC files work too. Memory-mapped."""
+    source = pa.memory_map(str(file), "r")
+    try:
+        return ipc.open_stream(source).read_all()
+    except pa.ArrowInvalid:
+        source.seek(0)
+        try:
+            return ipc.open_file(source).read_all()
+        except pa.ArrowInvalid as exc:
+            raise ValueError(f"{file}: not an Arrow IPC file or stream ({exc})") from exc
+
+
+def _read_table(file: Path) -> pa.Table:
+    if file.suffix == ".parquet":
+        try:
+            return pq.read_table(file, memory_map=True)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ValueError(f"{file}: not a readable Parquet file ({exc})") from exc
+    return _read_arrow(file)
+
+
+def _saved_dataset_files(dataset_dir: Path) -> list[Path]:
+    state_path = dataset_dir / "state.json"
+    try:
+        state = json.loads(state_path.read_text())
+        return [dataset_dir / f["filename"] for f in state["_data_files"]]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{state_path}: not a readable save_to_disk state ({exc})") from exc
+
+
+def _split_of_file(file: Path, root: Path) -> str:
+    """Hub layouts: `<split>/...`, `data/<split>-00000-of-00002.parquet`, `<split>.parquet`."""
+    rel = file.relative_to(root)
+    if len(rel.parts) > 1 and rel.parts[0] != "data":
+        return rel.parts[0]
+    return rel.name.split(".")[0].split("-")[0]
+
+
+def resolve_files(path: Path, split: str) -> list[Path]:
+    """The data files holding `split` of the dataset at `path`."""
+    if not path.exists():
+        raise ValueError(f"data path {path} does not exist")
+    if path.is_file():
+        if path.suffix not in _DATA_SUFFIXES:
+            raise ValueError(f"{path}: unsupported data file (use Parquet, Arrow or a save_to_disk directory)")
+        return [path]
+    if (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        if split not in splits:
+            raise ValueError(f"{path}: unknown split '{split}' (splits: {', '.join(splits)})")
+        return _saved_dataset_files(path / split)
+    if (path / "state.json").is_file():
+        recorded = json.loads((path / "state.json").read_text()).get("_split")
+        if recorded is not None and recorded != split:
+            raise ValueError(f"{path}: unknown split '{split}' (this dataset holds split '{recorded}')")
+        return _saved_dataset_files(path)
+    files = sorted(p for p in path.rglob("*") if p.suffix in _DATA_SUFFIXES and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if not files:
+        raise ValueError(f"{path}: no save_to_disk dataset, Parquet or Arrow files found")
+    by_split: dict[str, list[Path]] = {}
+    for f in files:
+        by_split.setdefault(_split_of_file(f, path), []).append(f)
+    if split not in by_split:
+        raise ValueError(f"{path}: unknown split '{split}' (splits: {', '.join(sorted(by_split))})")
+    return by_split[split]
+
+
+def open_source(path: str | Path, split: str, limit_rows: int | None = None) -> SourceData:
+    """Open a split; ValueError naming the file for a missing `input_ids` column."""
+    path = Path(path)
+    files = resolve_files(path, split)
+    ids_pieces, label_pieces = [], []
+    for f in files:
+        if not f.is_file():
+            raise ValueError(f"{f}: data file listed by the dataset is missing")
+        table = _read_table(f)
+        if INPUT_IDS not in table.column_names:
+            raise ValueError(f"{f}: split '{split}' has no '{INPUT_IDS}' column "
+                             f"(columns: {', '.join(table.column_names)})")
+        ids_pieces.append((str(f), table.column(INPUT_IDS)))
+        if LABELS in table.column_names:
+            label_pieces.append((str(f), table.column(LABELS)))
+    if label_pieces and len(label_pieces) != len(ids_pieces):
+        raise ValueError(f"{path}: split '{split}' has a '{LABELS}' column in some files only")
+    labels = _ListColumn(LABELS, label_pieces) if label_pieces else None
+    return SourceData(str(path), split, _ListColumn(INPUT_IDS, ids_pieces), labels, limit_rows)

@@ -1,0 +1,182 @@
+"""Which rows go into which shard, which worker writes which shard, and how many
+bytes the cache will take.
+
+Shard s holds source rows [s * R, min((s + 1) * R, rows)) for R rows per shard
+and is written by worker s % W. The assignment depends only on these numbers,
+so every worker (on any node, after any restart) agrees on it without talking
+to the others.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import torch
+
+from common.shard_format import TeacherRow, build_schema, encode_row
+from common.shard_writer import DEFAULT_ZSTD_LEVEL
+from common.spec import ShardSpec, hidden_positions
+from teacher_cache.targets import compute_targets, row_uniforms
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    index: int
+    row_start: int
+    row_end: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.row_end - self.row_start
+
+
+@dataclass(frozen=True)
+class WorkerSlot:
+    index: int
+    count: int
+
+
+def plan_shards(num_rows: int, rows_per_shard: int) -> list[ShardPlan]:
+    if rows_per_shard < 1:
+        raise ValueError(f"--rows-per-shard must be >= 1, got {rows_per_shard}")
+    return [ShardPlan(s, start, min(start + rows_per_shard, num_rows))
+            for s, start in enumerate(range(0, num_rows, rows_per_shard))]
+
+
+def shards_for_worker(plan: list[ShardPlan], worker: WorkerSlot) -> list[ShardPlan]:
+    return [s for s in plan if s.index % worker.count == worker.index]
+
+
+def _env_pair(env: Mapping[str, str], index_key: str, count_key: str) -> tuple[int, int] | None:
+    if index_key in env and count_key in env:
+        try:
+            return int(env[index_key]), int(env[count_key])
+        except ValueError as exc:
+            raise ValueError(f"environment {index_key}/{count_key} are not integers: "
+                             f"{env[index_key]!r}/{env[count_key]!r}") from exc
+    return None
+
+
+def resolve_worker(num_workers: int | None, worker_index: int | None,
+                   env: Mapping[str, str] | None = None) -> WorkerSlot:
+    """Explicit --num-workers/--worker-index, else torchrun (RANK/WORLD_SIZE), else
+    SLURM (SLURM_PROCID/SLURM_NTASKS), else a single worker."""
+    env = os.environ if env is None else env
+    if num_workers is not None or worker_index is not None:
+        if num_workers is None or worker_index is None:
+            raise ValueError("--num-workers and --worker-index go together")
+        index, count = worker_index, num_workers
+    else:
+        index, count = (_env_pair(env, "RANK", "WORLD_SIZE") or _env_pair(env, "SLURM_PROCID", "SLURM_NTASKS")
+                        or (0, 1))
+    if count < 1 or not (0 <= index < count):
+        raise ValueError(f"worker index {index} is not in [0, {count})")
+    return WorkerSlot(index, count)
+
+
+def node_local_worker(node: WorkerSlot, local_index: int, local_count: int) -> WorkerSlot:
+    """Global slot of GPU `local_index` of `local_count` on node `node`."""
+    return WorkerSlot(node.index * local_count + local_index, node.count * local_count)
+
+
+# ---- storage estimate -------------------------------------------------------
+
+_SAMPLE_POSITIONS = 256
+_SAMPLE_CHUNK = 32
+
+
+def _synthetic_logits(vocab_size: int, seed: int):
+    """Next-token logits shaped like a trained LM's: a Zipf prior over a fixed
+    token ranking, per-position noise, a handful of preferred ids per position,
+    and a per-position sharpness. Mean entropy is about 2 nats and 50 draws give
+    about 12 distinct ids, as reported for real teachers."""
+    gen = torch.Generator().manual_seed(seed)
+    rank_of_id = torch.randperm(vocab_size, generator=gen)
+    prior_V = -1.5 * torch.log1p(rank_of_id.double()).float()
+    boost_F = torch.tensor([12.0, 10.0, 9.0, 8.0, 7.0, 6.0, 5.0, 4.0])
+
+    def logits_fn(hidden_nD: torch.Tensor) -> torch.Tensor:
+        n = hidden_nD.shape[0]
+        logits_nV = prior_V + torch.randn((n, vocab_size), generator=gen)
+        favourites_nF = torch.randint(0, min(vocab_size, 2000), (n, len(boost_F)), generator=gen)
+        logits_nV.scatter_add_(1, favourites_nF, boost_F.expand(n, -1).contiguous())
+        return logits_nV * (0.7 + 1.3 * torch.rand((n, 1), generator=gen))
+
+    return logits_fn
+
+
+def measure_bytes_per_token(spec: ShardSpec, seed: int = 0) -> tuple[float, float]:
+    """(target bytes/token, hidden bytes/token per layer) of this spec after the
+    shard codec and zstd, measured on synthetic peaked rows (hidden states:
+    Gaussian, which compresses about as badly as real residual streams)."""
+    n = _SAMPLE_POSITIONS
+    logits_fn = _synthetic_logits(spec.vocab_size, seed)
+    uniforms = None
+    if spec.targets.mode == "sampled":
+        uniforms = torch.from_numpy(row_uniforms(spec.targets.seed, 0, n, spec.targets.num_samples))
+    targets = compute_targets(torch.zeros(n, 1), logits_fn, spec.targets, uniforms, chunk_size=_SAMPLE_CHUNK)
+    tokens_L = np.random.default_rng(seed).integers(0, spec.vocab_size, n + 1).astype(np.int32)
+    row = TeacherRow(row_id=0, input_ids_L=tokens_L, labels_L=tokens_L.copy())
+    if spec.targets.mode == "topk":
+        row.topk_ids_PK, row.topk_logits_PK, row.lse_PT = (t.numpy() for t in
+                                                            (targets.topk_ids_NK, targets.topk_logits_NK,
+                                                             targets.lse_NT))
+    else:
+        row.sample_ids_S, row.sample_counts_S, row.sample_sizes_P = (t.numpy() for t in
+                                                                     (targets.sample_ids_S, targets.sample_counts_S,
+                                                                      targets.sample_sizes_N))
+    hspec = spec.hidden
+    if hspec.layers:
+        positions = hidden_positions(0, n + 1, hspec.token_fraction, hspec.seed)
+        gen = torch.Generator().manual_seed(seed + 1)
+        row.hidden = {layer: torch.randn((len(positions), hspec.hidden_size), generator=gen) for layer in hspec.layers}
+        row.hidden_positions_H = positions
+    total = _compressed_size(spec, row)
+    if not hspec.layers:
+        return total / (n + 1), 0.0
+    no_hidden = ShardSpec(vocab_size=spec.vocab_size, targets=spec.targets)
+    target_bytes = _compressed_size(no_hidden, row)
+    return target_bytes / (n + 1), (total - target_bytes) / (n + 1) / len(hspec.layers)
+
+
+def _compressed_size(spec: ShardSpec, row: TeacherRow) -> int:
+    """Bytes the row adds to a shard (token columns included: they are stored too),
+    without the file's fixed schema and footer overhead."""
+    schema = build_schema(spec)
+    cells = encode_row(row, spec)
+    batch = pa.RecordBatch.from_pydict({name: [cells.get(name)] for name in schema.names}, schema=schema)
+    options = ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=DEFAULT_ZSTD_LEVEL))
+    sizes = []
+    for batches in ([], [batch]):
+        sink = pa.BufferOutputStream()
+        with ipc.new_file(sink, schema, options=options) as writer:
+            for b in batches:
+                writer.write_batch(b)
+        sizes.append(sink.getvalue().size)
+    return sizes[1] - sizes[0]
+
+
+@dataclass(frozen=True)
+class StorageEstimate:
+    tokens: int
+    target_bytes_per_token: float
+    hidden_bytes_per_token_per_layer: float
+    num_layers: int
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.target_bytes_per_token + self.hidden_bytes_per_token_per_layer * self.num_layers
+
+    @property
+    def total_bytes(self) -> float:
+        return self.bytes_per_token * self.tokens
+
+
+def estimate_storage(spec: ShardSpec, tokens: int) -> StorageEstimate:
+    target_bpt, hidden_bpt = measure_bytes_per_token(spec)
+    return StorageEstimate(tokens, target_bpt, hidden_bpt, len(spec.hidden.layers))
