@@ -71,7 +71,11 @@ class ShardReader:
 
     def _batch_lengths(self) -> list[int]:
         if self._batch_rows is None:
-            self._batch_rows = [self.read_batch(i).num_rows for i in range(self.num_batches)]
+            # Count rows through the small row_id column alone: reading the selected columns
+            # would decompress the whole shard before its first row is returned.
+            options = ipc.IpcReadOptions(included_fields=[self.schema.names.index("row_id")])
+            ids_only = ipc.open_file(self._mmap, options=options)
+            self._batch_rows = [ids_only.get_batch(i).num_rows for i in range(self.num_batches)]
         return self._batch_rows
 
     def iter_cells(self) -> Iterator[dict]:

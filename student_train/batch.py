@@ -1,0 +1,59 @@
+"""One micro batch of student inputs and teacher targets, as the loader yields it.
+
+Shape suffixes: B rows, L tokens (right-padded), P = L - 1 target positions
+(position t describes token t + 1), K top-k width, T cached temperatures,
+M distinct sampled ids per position (padded to the batch's largest), D teacher
+hidden size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+IGNORE_INDEX = -100
+PAD_TOKEN_ID = 0
+
+
+@dataclass
+class StudentBatch:
+    row_ids_B: torch.Tensor  # int64 source row ids; -1 for filler rows (see loader)
+    input_ids_BL: torch.Tensor  # int64, right-padded with PAD_TOKEN_ID
+    attention_mask_BL: torch.Tensor  # int64, 1 real / 0 pad
+    labels_BL: torch.Tensor  # int64, IGNORE_INDEX at pads and where the source masked
+    # Teacher targets for positions 0..L-2; position t describes token t+1. Pads: ids 0 and
+    # values 0 for top-k (ids stay valid for a gather), -1 ids and 0 counts for sampled.
+    topk_ids_BPK: torch.Tensor | None = None  # int64
+    topk_logits_BPK: torch.Tensor | None = None  # float32 teacher logits at T=1
+    lse_BPT: torch.Tensor | None = None  # float32 full-vocabulary logsumexp(logits / T) per cached T
+    sample_ids_BPM: torch.Tensor | None = None  # int64
+    sample_counts_BPM: torch.Tensor | None = None  # int64
+    # Teacher layer -> [B, L, D] float32; hidden states are not shifted (position t is token t).
+    teacher_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    hidden_mask_BL: torch.Tensor | None = None  # bool: teacher hidden stored here and the token is real
+    num_tokens: int = 0  # real tokens in the batch (filler rows excluded)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.input_ids_BL.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.input_ids_BL.shape[1])
+
+    def _map(self, fn) -> "StudentBatch":
+        changes = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                changes[f.name] = fn(value)
+        changes["teacher_hidden"] = {layer: fn(h) for layer, h in self.teacher_hidden.items()}
+        return dataclasses.replace(self, **changes)
+
+    def to(self, device, non_blocking: bool = False) -> "StudentBatch":
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "StudentBatch":
+        return self._map(lambda t: t if t.is_pinned() else t.pin_memory())

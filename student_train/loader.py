@@ -1,0 +1,428 @@
+"""Training data loader: teacher-cache shards -> StudentBatch, per data-parallel rank.
+
+Order. Epoch e is a pure function of (seed, e, the rows' lengths, micro_batch,
+world_size, length_window): a seeded permutation of the cache's rows is cut
+into windows of `length_window` global steps (one global step is world_size x
+micro_batch rows); inside a window rows are sorted by length, cut into micro
+batches (consecutive micro batches go to consecutive ranks of one step, so the
+ranks of a step also get similar lengths), and the window's steps are
+shuffled. Every rank computes the same plan and takes its own column of it,
+so ranks read disjoint rows and all get `batches_per_epoch` micro batches.
+
+Leftovers. With shuffle on, the last `num_rows % (world_size * micro_batch)`
+rows of an epoch's permutation are skipped for that epoch (the next epoch
+permutes again, so no row is skipped systematically). With shuffle off (eval)
+every row is read once: the last step is completed with filler rows, copies
+of the epoch's first rows with row id -1, labels all -100 and no hidden mask,
+so they add nothing to any loss or count.
+
+Decoding runs in background threads, at most `prefetch` micro batches ahead;
+each thread keeps its own open shard readers. The state is (epoch, position):
+the number of micro batches this rank has handed out, so a loader restored
+from it yields exactly the batches the original would have yielded next.
+
+Shape suffixes: N rows of the cache, B rows of a batch, L tokens, P = L - 1
+target positions, K top-k width, T temperatures, M sampled ids, D hidden size.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import weakref
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from common.manifest import CacheManifest, ShardEntry, load_manifest, resolve_inside
+from common.shard_format import ShardFormatError, TeacherRow, hidden_column, hidden_scale_column
+from common.shard_reader import ShardReader, check_content_hash
+from common.spec import ShardSpec
+from student_train.batch import IGNORE_INDEX, PAD_TOKEN_ID, StudentBatch
+
+_ORDER_TAG = 0x4C4F4144  # keeps the loader's random stream apart from other users of the seed
+_MAX_OPEN_SHARDS = 32  # per decode thread
+
+
+@dataclass
+class LoaderConfig:
+    cache_dir: str
+    micro_batch: int = 1
+    seq_len: int = 4096  # rows longer than this: ValueError naming the shard and row id
+    seed: int = 0
+    shuffle: bool = True
+    hidden_layers: tuple[int, ...] = ()  # teacher layers to read (only these columns are decoded)
+    num_threads: int = 2  # background decode threads
+    prefetch: int = 4  # micro batches decoded ahead
+    pin_memory: bool | None = None  # default: torch.cuda.is_available()
+    length_window: int = 64  # sort rows by length inside windows of this many global steps
+    max_samples: int | None = None  # eval: only the first N rows, in cache order, never shuffled
+    verify_content: bool = True  # recompute each row's content hash from its input_ids
+
+    def __post_init__(self):
+        self.hidden_layers = tuple(int(layer) for layer in self.hidden_layers)
+        for key in ("micro_batch", "seq_len", "num_threads", "prefetch", "length_window"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"loader {key} must be an int >= 1, got {value!r}")
+        if self.max_samples is not None and (not isinstance(self.max_samples, int) or self.max_samples < 1):
+            raise ValueError(f"loader max_samples must be an int >= 1 or None, got {self.max_samples!r}")
+        if len(set(self.hidden_layers)) != len(self.hidden_layers):
+            raise ValueError(f"loader hidden_layers has duplicates: {self.hidden_layers}")
+
+    @property
+    def ordered(self) -> bool:
+        """No shuffling: asked for, or implied by max_samples (eval reads the first rows)."""
+        return not self.shuffle or self.max_samples is not None
+
+
+def plan_epoch(lengths_N: np.ndarray, epoch: int, *, micro_batch: int, world_size: int, seed: int,
+               shuffle: bool, length_window: int) -> np.ndarray:
+    """Row codes [steps, world_size, micro_batch] for one epoch; code c >= 0 is row c,
+    c < 0 a filler copy of row -c - 1 (see the module docstring)."""
+    num_rows = len(lengths_N)
+    rows_per_step = world_size * micro_batch
+    rng = np.random.Generator(np.random.PCG64([seed, epoch, _ORDER_TAG]))
+    if shuffle:
+        order = rng.permutation(num_rows)
+        order = order[: num_rows - num_rows % rows_per_step]
+    else:
+        order = np.arange(num_rows)
+        short = -num_rows % rows_per_step
+        order = np.concatenate([order, -np.resize(order, short) - 1])
+    window_rows = length_window * rows_per_step
+    steps = []
+    for start in range(0, len(order), window_rows):
+        codes = order[start:start + window_rows]
+        rows = np.where(codes >= 0, codes, -codes - 1)
+        codes = codes[np.argsort(lengths_N[rows], kind="stable")]
+        window_steps = codes.reshape(-1, world_size, micro_batch)
+        if shuffle:
+            window_steps = window_steps[rng.permutation(len(window_steps))]
+        steps.append(window_steps)
+    if not steps:
+        return np.zeros((0, world_size, micro_batch), dtype=np.int64)
+    return np.concatenate(steps).astype(np.int64)
+
+
+@dataclass
+class _RowMap:
+    """Where each cache row lives; rows are numbered in manifest order (shard index, then row)."""
+
+    paths: list[Path]
+    entries: list[ShardEntry]
+    shard_N: np.ndarray  # which shard
+    index_N: np.ndarray  # row index inside the shard
+    row_id_N: np.ndarray  # source row id
+    length_N: np.ndarray  # tokens
+
+
+def _scan_shard(path: Path, entry: ShardEntry, spec: ShardSpec, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row ids, lengths) of one shard; reads only the row_id and input_ids columns."""
+    with ShardReader(path, columns=["input_ids"], entry=entry) as reader:
+        if reader.spec != spec:
+            raise ShardFormatError(f"{path}: shard spec differs from the manifest's")
+        row_ids, lengths = [], []
+        for b in range(reader.num_batches):
+            batch = reader.read_batch(b)
+            tokens = batch.column("input_ids")
+            if tokens.null_count:
+                raise ShardFormatError(f"{path}: record batch {b} has rows without input_ids")
+            row_ids.append(batch.column("row_id").to_numpy(zero_copy_only=False))
+            lengths.append(tokens.value_lengths().to_numpy(zero_copy_only=False))
+    # concatenate copies, so nothing refers to the closed memory map
+    row_id_R = np.concatenate(row_ids or [np.zeros(0, np.int64)]).astype(np.int64)
+    length_R = np.concatenate(lengths or [np.zeros(0, np.int64)]).astype(np.int64)
+    if len(row_id_R) != entry.rows:
+        raise ShardFormatError(f"{path}: holds {len(row_id_R)} rows, manifest says {entry.rows}")
+    for r in np.flatnonzero((length_R > seq_len) | (length_R < 1)):
+        raise ValueError(f"{path}: row {row_id_R[r]} has {length_R[r]} tokens; the loader needs 1 to "
+                         f"seq_len={seq_len}")
+    return row_id_R, length_R
+
+
+def _build_row_map(cache_dir: Path, manifest: CacheManifest, seq_len: int, executor: ThreadPoolExecutor) -> _RowMap:
+    where = cache_dir / "manifest.json"
+    entries = sorted(manifest.shards, key=lambda e: e.index)
+    if not entries:
+        raise ValueError(f"{where}: the cache has no shards")
+    for key in ("index", "file"):
+        values = [getattr(e, key) for e in entries]
+        if len(set(values)) != len(values):
+            raise ShardFormatError(f"{where}: two shard entries share a {key}")
+    paths = [resolve_inside(cache_dir, e.file) for e in entries]
+    scans = list(executor.map(lambda pe: _scan_shard(*pe, manifest.spec, seq_len), zip(paths, entries)))
+    row_id_N = np.concatenate([ids for ids, _ in scans])
+    unique, counts = np.unique(row_id_N, return_counts=True)
+    if (counts > 1).any():
+        raise ShardFormatError(f"{where}: row id {unique[counts > 1][0]} appears more than once in the cache")
+    return _RowMap(
+        paths=paths, entries=entries,
+        shard_N=np.concatenate([np.full(len(ids), s, np.int64) for s, (ids, _) in enumerate(scans)]),
+        index_N=np.concatenate([np.arange(len(ids), dtype=np.int64) for ids, _ in scans]),
+        row_id_N=row_id_N,
+        length_N=np.concatenate([lengths for _, lengths in scans]),
+    )
+
+
+def _columns(spec: ShardSpec, hidden_layers: tuple[int, ...], verify_content: bool) -> list[str]:
+    columns = ["input_ids", "labels"] + (["content_hash"] if verify_content else [])
+    if spec.targets.mode == "topk":
+        columns += ["topk_ids", "topk_values", "topk_max", "lse"]
+    else:
+        columns += ["sample_sizes", "sample_ids", "sample_counts"]
+    if hidden_layers and spec.hidden.subset:
+        columns.append("hidden_positions")
+    for layer in hidden_layers:
+        columns.append(hidden_column(layer))
+        if spec.hidden.dtype == "fp8":
+            columns.append(hidden_scale_column(layer))
+    return columns
+
+
+class _BatchDecoder:
+    """Reads and assembles micro batches; runs in the decode threads, holds no loader reference."""
+
+    def __init__(self, rows: _RowMap, spec: ShardSpec, columns: list[str], hidden_layers: tuple[int, ...],
+                 verify_content: bool, pin_memory: bool):
+        self.rows = rows
+        self.spec = spec
+        self.columns = columns
+        self.hidden_layers = hidden_layers
+        self.verify_content = verify_content
+        self.pin_memory = pin_memory
+        self._local = threading.local()
+
+    def _reader(self, shard: int) -> ShardReader:
+        # Readers are not shared between threads; each thread keeps its most recent ones open.
+        readers: OrderedDict[int, ShardReader] | None = getattr(self._local, "readers", None)
+        if readers is None:
+            readers = self._local.readers = OrderedDict()
+        reader = readers.get(shard)
+        if reader is None:
+            reader = ShardReader(self.rows.paths[shard], columns=self.columns, entry=self.rows.entries[shard])
+            readers[shard] = reader
+            if len(readers) > _MAX_OPEN_SHARDS:
+                readers.popitem(last=False)[1].close()
+        readers.move_to_end(shard)
+        return reader
+
+    def read_row(self, n: int) -> TeacherRow:
+        shard = int(self.rows.shard_N[n])
+        path = self.rows.paths[shard]
+        row = self._reader(shard).read_row(int(self.rows.index_N[n]))
+        expected_id, expected_len = int(self.rows.row_id_N[n]), int(self.rows.length_N[n])
+        if row.row_id != expected_id or row.num_tokens != expected_len:
+            raise ShardFormatError(f"{path}: row {expected_id} changed since the loader opened the cache")
+        if self.verify_content:
+            check_content_hash(row, path)
+        num_pos = row.num_positions
+        targets_P = row.topk_ids_PK if self.spec.targets.mode == "topk" else row.sample_sizes_P
+        if len(targets_P) != num_pos:
+            raise ShardFormatError(f"{path}: row {row.row_id}: targets cover {len(targets_P)} positions, "
+                                   f"the row has {row.num_tokens} tokens (expected {num_pos})")
+        if self.hidden_layers and row.hidden_positions_H is not None and len(row.hidden_positions_H) and (
+                row.hidden_positions_H.min() < 0 or row.hidden_positions_H.max() >= row.num_tokens):
+            raise ShardFormatError(f"{path}: row {row.row_id}: hidden position outside the row")
+        return row
+
+    def decode(self, codes_B: np.ndarray) -> StudentBatch:
+        fillers_B = codes_B < 0
+        rows = [self.read_row(int(c if c >= 0 else -c - 1)) for c in codes_B]
+        B = len(rows)
+        L = max(r.num_tokens for r in rows)
+        P = max(L - 1, 0)
+        pin = self.pin_memory
+
+        def full(shape, value, dtype):
+            return torch.full(shape, value, dtype=dtype, pin_memory=pin)
+
+        batch = StudentBatch(
+            row_ids_B=full((B,), -1, torch.int64),
+            input_ids_BL=full((B, L), PAD_TOKEN_ID, torch.int64),
+            attention_mask_BL=full((B, L), 0, torch.int64),
+            labels_BL=full((B, L), IGNORE_INDEX, torch.int64),
+        )
+        tspec = self.spec.targets
+        if tspec.mode == "topk":
+            batch.topk_ids_BPK = full((B, P, tspec.k), 0, torch.int64)
+            batch.topk_logits_BPK = full((B, P, tspec.k), 0.0, torch.float32)
+            batch.lse_BPT = full((B, P, len(tspec.temperatures)), 0.0, torch.float32)
+        else:
+            M = max((int(r.sample_sizes_P.max()) for r in rows if r.num_positions), default=0)
+            batch.sample_ids_BPM = full((B, P, M), -1, torch.int64)
+            batch.sample_counts_BPM = full((B, P, M), 0, torch.int64)
+        if self.hidden_layers:
+            D = self.spec.hidden.hidden_size
+            batch.teacher_hidden = {layer: full((B, L, D), 0.0, torch.float32) for layer in self.hidden_layers}
+            batch.hidden_mask_BL = full((B, L), False, torch.bool)
+
+        for b, (row, filler) in enumerate(zip(rows, fillers_B)):
+            n, p = row.num_tokens, row.num_positions
+            batch.input_ids_BL[b, :n] = torch.from_numpy(row.input_ids_L.astype(np.int64))
+            batch.attention_mask_BL[b, :n] = 1
+            if filler:
+                continue  # same tokens as a real row, but nothing to learn from or count
+            batch.row_ids_B[b] = row.row_id
+            batch.labels_BL[b, :n] = torch.from_numpy(row.labels_L.astype(np.int64))
+            batch.num_tokens += n
+            if tspec.mode == "topk":
+                batch.topk_ids_BPK[b, :p] = torch.from_numpy(row.topk_ids_PK)
+                batch.topk_logits_BPK[b, :p] = torch.from_numpy(row.topk_logits_PK)
+                batch.lse_BPT[b, :p] = torch.from_numpy(row.lse_PT)
+            else:
+                sizes_P = row.sample_sizes_P
+                starts_P = np.cumsum(sizes_P) - sizes_P
+                pos_S = np.repeat(np.arange(p), sizes_P)
+                slot_S = np.arange(int(sizes_P.sum())) - np.repeat(starts_P, sizes_P)
+                batch.sample_ids_BPM[b, pos_S, slot_S] = torch.from_numpy(row.sample_ids_S)
+                batch.sample_counts_BPM[b, pos_S, slot_S] = torch.from_numpy(row.sample_counts_S)
+            if self.hidden_layers:
+                positions_H = torch.from_numpy(row.hidden_positions_H.astype(np.int64))
+                for layer in self.hidden_layers:
+                    batch.teacher_hidden[layer][b, positions_H] = row.hidden[layer]
+                batch.hidden_mask_BL[b, positions_H] = True
+        return batch
+
+
+class CacheLoader:
+    """Endless, resumable, rank-sharded micro batches from a teacher cache (see module docstring)."""
+
+    def __init__(self, config: LoaderConfig, rank: int = 0, world_size: int = 1,
+                 expected_vocab_size: int | None = None):
+        if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+            raise ValueError(f"loader needs 0 <= rank < world_size, got rank {rank} of {world_size}")
+        self.config = config
+        self.rank, self.world_size = rank, world_size
+        cache_dir = Path(config.cache_dir)
+        self.manifest: CacheManifest = load_manifest(cache_dir)
+        self.spec: ShardSpec = self.manifest.spec
+        if expected_vocab_size is not None and expected_vocab_size != self.spec.vocab_size:
+            raise ValueError(f"{cache_dir}: the cache's vocabulary has {self.spec.vocab_size} ids, the student's "
+                             f"has {expected_vocab_size}")
+        missing = [layer for layer in config.hidden_layers if layer not in self.spec.hidden.layers]
+        if missing:
+            raise ValueError(f"{cache_dir}: teacher hidden layer(s) {missing} not in the cache "
+                             f"(it stores {list(self.spec.hidden.layers)})")
+        pin = torch.cuda.is_available() if config.pin_memory is None else config.pin_memory
+        if pin and not torch.cuda.is_available():
+            raise ValueError("loader pin_memory=True needs CUDA")
+
+        self._executor = ThreadPoolExecutor(config.num_threads, thread_name_prefix=f"vpmoe-loader-{id(self):x}")
+        # Threads stop when the loader is collected, even without close().
+        self._finalizer = weakref.finalize(self, self._executor.shutdown, wait=False, cancel_futures=True)
+        try:
+            rows = _build_row_map(cache_dir, self.manifest, config.seq_len, self._executor)
+        except BaseException:
+            self.close()
+            raise
+        num_rows = len(rows.length_N) if config.max_samples is None else min(config.max_samples, len(rows.length_N))
+        self._lengths_N = rows.length_N[:num_rows]
+        rows_per_step = world_size * config.micro_batch
+        self.batches_per_epoch = (num_rows // rows_per_step if not config.ordered
+                                  else -(-num_rows // rows_per_step))
+        if self.batches_per_epoch == 0:
+            self.close()
+            raise ValueError(f"{cache_dir}: {num_rows} rows are fewer than one step of world_size x micro_batch "
+                             f"= {rows_per_step} rows")
+        self._decoder = _BatchDecoder(rows, self.spec, _columns(self.spec, config.hidden_layers, config.verify_content),
+                                      config.hidden_layers, config.verify_content, pin)
+        self._plans: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._epoch = self._position = 0
+        self._active = None  # token of the iterator allowed to advance the state
+
+    @property
+    def num_rows(self) -> int:
+        return len(self._lengths_N)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def rank_plan(self, epoch: int) -> np.ndarray:
+        """This rank's row codes [batches_per_epoch, micro_batch] for an epoch."""
+        plan = self._plans.get(epoch)
+        if plan is None:
+            c = self.config
+            plan = plan_epoch(self._lengths_N, epoch, micro_batch=c.micro_batch, world_size=self.world_size,
+                              seed=c.seed, shuffle=not c.ordered, length_window=c.length_window)[:, self.rank]
+            assert plan.shape == (self.batches_per_epoch, c.micro_batch)
+            self._plans[epoch] = plan
+            if len(self._plans) > 2:
+                self._plans.popitem(last=False)
+        return plan
+
+    def __iter__(self) -> Iterator[StudentBatch]:
+        return self._batches(endless=True)
+
+    def epoch_batches(self) -> Iterator[StudentBatch]:
+        """The rest of the current epoch (all of it from a fresh or epoch-aligned state)."""
+        return self._batches(endless=False)
+
+    def _jobs(self, endless: bool):
+        epoch, position = self._epoch, self._position
+        for epoch in itertools.count(epoch) if endless else (epoch,):
+            plan = self.rank_plan(epoch)
+            for p in range(position, self.batches_per_epoch):
+                yield epoch, p, plan[p]
+            position = 0
+
+    def _batches(self, endless: bool) -> Iterator[StudentBatch]:
+        if not self._finalizer.alive:
+            raise RuntimeError("the loader is closed")
+        token = self._active = object()
+        jobs = self._jobs(endless)
+        pending: deque = deque()
+        try:
+            while True:
+                while len(pending) < self.config.prefetch and (job := next(jobs, None)) is not None:
+                    epoch, p, codes = job
+                    pending.append((epoch, p, self._executor.submit(self._decoder.decode, codes)))
+                if not pending:
+                    return
+                epoch, p, future = pending.popleft()
+                batch = future.result()  # a decode error surfaces here, naming its shard and row
+                if self._active is not token:
+                    raise RuntimeError("this loader iterator was superseded by a newer one or by load_state_dict")
+                p += 1
+                self._epoch, self._position = (epoch, p) if p < self.batches_per_epoch else (epoch + 1, 0)
+                yield batch
+        finally:
+            for *_, future in pending:
+                future.cancel()
+
+    def _fingerprint(self) -> dict:
+        c = self.config
+        return {"seed": c.seed, "world_size": self.world_size, "micro_batch": c.micro_batch,
+                "num_rows": self.num_rows, "ordered": c.ordered, "length_window": c.length_window}
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch, "position": self._position, **self._fingerprint()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in self._fingerprint().items():
+            if state.get(key) != value:
+                raise ValueError(f"loader state key {key!r} is {state.get(key)!r}, this loader has {value!r}")
+        epoch, position = state.get("epoch"), state.get("position")
+        if not (isinstance(epoch, int) and epoch >= 0 and isinstance(position, int)
+                and 0 <= position < self.batches_per_epoch):
+            raise ValueError(f"loader state has epoch {epoch!r}, position {position!r}; "
+                             f"need epoch >= 0 and 0 <= position < {self.batches_per_epoch}")
+        self._epoch, self._position = epoch, position
+        self._active = None
+
+    def close(self) -> None:
+        self._active = None
+        self._finalizer.detach()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
