@@ -1,0 +1,146 @@
+"""Teacher backend on transformers: one padded forward per token-budget batch.
+
+The decoder (the causal LM without its lm_head) runs on the batch; its
+`last_hidden_state` is the final norm's output, i.e. the lm_head input. Forward
+hooks on the selected decoder layers capture layer i = the residual stream
+leaving decoder layer i (1-based), before the final norm. The lm_head is then
+applied by `compute_targets` in token chunks, so [tokens x vocab] logits never
+exist at once. Rows are right-padded: a causal model's valid positions never
+see the padding, and the attention mask keeps padding out of their keys.
+
+Shape suffixes: B rows in a batch, L padded length, D hidden size, N target
+positions (each row's 0..L_b-2, rows in batch order), H kept hidden positions.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from common.shard_format import TeacherRow
+from common.spec import ShardSpec
+from teacher_cache.backend import (BackendOptions, SourceRow, assemble_rows, flat_uniforms, kept_positions,
+                                   read_teacher_info)
+from teacher_cache.targets import compute_targets
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        # bf16 is what GPUs run the teacher in; CPUs are faster and exact in fp32.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"--dtype must be auto or one of {', '.join(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]
+
+
+def token_budget_batches(rows: Sequence[SourceRow], max_tokens: int) -> list[list[SourceRow]]:
+    """Longest rows first, grouped so that rows x padded length <= max_tokens.
+    Sorting by length keeps padding small; a row longer than the budget runs alone."""
+    if max_tokens < 1:
+        raise ValueError(f"--max-tokens-per-batch must be >= 1, got {max_tokens}")
+    ordered = sorted(rows, key=lambda r: (-r.num_tokens, r.row_id))
+    batches: list[list[SourceRow]] = []
+    for row in ordered:
+        # Descending order: the batch's first row sets its padded length.
+        if batches and (len(batches[-1]) + 1) * batches[-1][0].num_tokens <= max_tokens:
+            batches[-1].append(row)
+        else:
+            batches.append([row])
+    return batches
+
+
+def _decoder_layers(decoder: nn.Module, num_layers: int) -> nn.ModuleList:
+    layers = getattr(decoder, "layers", None)
+    if isinstance(layers, nn.ModuleList) and len(layers) == num_layers:
+        return layers
+    for module in decoder.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            return module
+    raise ValueError(f"cannot find the {num_layers} decoder layers in {type(decoder).__name__}")
+
+
+class HFBackend:
+    def __init__(self, spec: ShardSpec, options: BackendOptions):
+        from transformers import AutoModelForCausalLM
+
+        if options.tensor_parallel_size != 1:
+            raise ValueError("the hf backend runs one device per process; use --gpus for one process per GPU")
+        self.spec, self.options = spec, options
+        self.info = read_teacher_info(options.model, options.trust_remote_code)
+        bad_layers = [layer for layer in spec.hidden.layers if layer > self.info.num_layers]
+        if bad_layers:
+            raise ValueError(f"hidden layers {bad_layers} exceed the teacher's {self.info.num_layers} layers")
+        self.device = resolve_device(options.device)
+        self.dtype = resolve_dtype(options.dtype, self.device)
+        model = AutoModelForCausalLM.from_pretrained(options.model, dtype=self.dtype,
+                                                     trust_remote_code=options.trust_remote_code)
+        self.model = model.to(self.device).eval()
+        self.decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+        self.lm_head = model.get_output_embeddings()
+        text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.softcap = getattr(text_config, "final_logit_softcapping", None)
+        layers = _decoder_layers(self.decoder, self.info.num_layers)
+        self._captured: dict[int, torch.Tensor] = {}
+        self._hooks = [layers[layer - 1].register_forward_hook(self._capture_hook(layer))
+                       for layer in spec.hidden.layers]
+
+    def _capture_hook(self, layer: int):
+        def hook(module, inputs, output):
+            self._captured[layer] = output[0] if isinstance(output, (tuple, list)) else output
+        return hook
+
+    def _logits(self, hidden_nD: torch.Tensor) -> torch.Tensor:
+        logits_nV = self.lm_head(hidden_nD).float()
+        if self.softcap:
+            logits_nV = self.softcap * torch.tanh(logits_nV / self.softcap)
+        return logits_nV
+
+    def run(self, rows: Sequence[SourceRow]) -> Iterator[TeacherRow]:
+        for batch in token_budget_batches(rows, self.options.max_tokens_per_batch):
+            yield from self._run_batch(batch)
+
+    @torch.no_grad()
+    def _run_batch(self, batch: list[SourceRow]) -> list[TeacherRow]:
+        lengths_B = torch.tensor([r.num_tokens for r in batch])
+        max_len = int(lengths_B.max())
+        input_ids_BL = torch.zeros((len(batch), max_len), dtype=torch.long)
+        for b, row in enumerate(batch):
+            input_ids_BL[b, :row.num_tokens] = torch.from_numpy(row.input_ids.astype("int64"))
+        attention_mask_BL = (torch.arange(max_len)[None, :] < lengths_B[:, None]).long()
+        self._captured.clear()
+        out = self.decoder(input_ids=input_ids_BL.to(self.device), attention_mask=attention_mask_BL.to(self.device),
+                           use_cache=False)
+        final_BLD = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        # Target t is the distribution of token t+1: positions 0..L-2 of each row.
+        target_mask_BL = torch.arange(max_len)[None, :] < (lengths_B[:, None] - 1)
+        final_ND = final_BLD[target_mask_BL.to(self.device)]
+        targets = compute_targets(final_ND, self._logits, self.spec.targets, flat_uniforms(batch, self.spec),
+                                  chunk_size=self.options.logits_chunk)
+        hidden_by_layer = {}
+        if self.spec.hidden.layers:
+            flat_index_H = torch.cat([torch.from_numpy(kept_positions(row, self.spec)).long() + b * max_len
+                                      for b, row in enumerate(batch)]).to(self.device)
+            for layer in self.spec.hidden.layers:
+                hidden_by_layer[layer] = self._captured[layer].reshape(-1, self.info.hidden_size)[flat_index_H]
+        self._captured.clear()
+        return assemble_rows(batch, targets, hidden_by_layer, self.spec)
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self._captured.clear()
