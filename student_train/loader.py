@@ -27,6 +27,7 @@ target positions, K top-k width, T temperatures, M sampled ids, D hidden size.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import weakref
@@ -140,7 +141,9 @@ def _scan_shard(path: Path, entry: ShardEntry, spec: ShardSpec, seq_len: int) ->
     length_R = np.concatenate(lengths or [np.zeros(0, np.int64)]).astype(np.int64)
     if len(row_id_R) != entry.rows:
         raise ShardFormatError(f"{path}: holds {len(row_id_R)} rows, manifest says {entry.rows}")
-    for r in np.flatnonzero((length_R > seq_len) | (length_R < 1)):
+    bad = np.flatnonzero((length_R > seq_len) | (length_R < 1))
+    if len(bad):
+        r = bad[0]
         raise ValueError(f"{path}: row {row_id_R[r]} has {length_R[r]} tokens; the loader needs 1 to "
                          f"seq_len={seq_len}")
     return row_id_R, length_R
@@ -231,9 +234,23 @@ class _BatchDecoder:
             raise ShardFormatError(f"{path}: row {row.row_id}: hidden position outside the row")
         return row
 
+    @contextlib.contextmanager
+    def _naming_row(self, n: int):
+        """Errors other than the format's own (which name their row already) get the row named."""
+        try:
+            yield
+        except ValueError:
+            raise
+        except Exception as exc:
+            path = self.rows.paths[int(self.rows.shard_N[n])]
+            raise RuntimeError(f"{path}: row {int(self.rows.row_id_N[n])}: {type(exc).__name__}: {exc}") from exc
+
     def decode(self, codes_B: np.ndarray) -> StudentBatch:
-        fillers_B = codes_B < 0
-        rows = [self.read_row(int(c if c >= 0 else -c - 1)) for c in codes_B]
+        rows_B = [int(c if c >= 0 else -c - 1) for c in codes_B]
+        rows = []
+        for n in rows_B:
+            with self._naming_row(n):
+                rows.append(self.read_row(n))
         B = len(rows)
         L = max(r.num_tokens for r in rows)
         P = max(L - 1, 0)
@@ -261,33 +278,37 @@ class _BatchDecoder:
             D = self.spec.hidden.hidden_size
             batch.teacher_hidden = {layer: full((B, L, D), 0.0, torch.float32) for layer in self.hidden_layers}
             batch.hidden_mask_BL = full((B, L), False, torch.bool)
-
-        for b, (row, filler) in enumerate(zip(rows, fillers_B)):
-            n, p = row.num_tokens, row.num_positions
-            batch.input_ids_BL[b, :n] = torch.from_numpy(row.input_ids_L.astype(np.int64))
-            batch.attention_mask_BL[b, :n] = 1
-            if filler:
-                continue  # same tokens as a real row, but nothing to learn from or count
-            batch.row_ids_B[b] = row.row_id
-            batch.labels_BL[b, :n] = torch.from_numpy(row.labels_L.astype(np.int64))
-            batch.num_tokens += n
-            if tspec.mode == "topk":
-                batch.topk_ids_BPK[b, :p] = torch.from_numpy(row.topk_ids_PK)
-                batch.topk_logits_BPK[b, :p] = torch.from_numpy(row.topk_logits_PK)
-                batch.lse_BPT[b, :p] = torch.from_numpy(row.lse_PT)
-            else:
-                sizes_P = row.sample_sizes_P
-                starts_P = np.cumsum(sizes_P) - sizes_P
-                pos_S = np.repeat(np.arange(p), sizes_P)
-                slot_S = np.arange(int(sizes_P.sum())) - np.repeat(starts_P, sizes_P)
-                batch.sample_ids_BPM[b, pos_S, slot_S] = torch.from_numpy(row.sample_ids_S)
-                batch.sample_counts_BPM[b, pos_S, slot_S] = torch.from_numpy(row.sample_counts_S)
-            if self.hidden_layers:
-                positions_H = torch.from_numpy(row.hidden_positions_H.astype(np.int64))
-                for layer in self.hidden_layers:
-                    batch.teacher_hidden[layer][b, positions_H] = row.hidden[layer]
-                batch.hidden_mask_BL[b, positions_H] = True
+        for b, (n, code, row) in enumerate(zip(rows_B, codes_B, rows)):
+            with self._naming_row(n):
+                self._fill_row(batch, b, row, filler=code < 0)
         return batch
+
+    def _fill_row(self, batch: StudentBatch, b: int, row: TeacherRow, filler: bool) -> None:
+        n, p = row.num_tokens, row.num_positions
+        batch.input_ids_BL[b, :n] = torch.from_numpy(row.input_ids_L.astype(np.int64))
+        batch.attention_mask_BL[b, :n] = 1
+        if filler:
+            return  # same tokens as a real row, but nothing to learn from or count
+        batch.row_ids_B[b] = row.row_id
+        batch.labels_BL[b, :n] = torch.from_numpy(row.labels_L.astype(np.int64))
+        batch.num_tokens += n
+        if self.spec.targets.mode == "topk":
+            batch.topk_ids_BPK[b, :p] = torch.from_numpy(row.topk_ids_PK)
+            batch.topk_logits_BPK[b, :p] = torch.from_numpy(row.topk_logits_PK)
+            batch.lse_BPT[b, :p] = torch.from_numpy(row.lse_PT)
+        else:
+            # flattened (position, distinct id) entries -> [P, M] slots
+            sizes_P = row.sample_sizes_P
+            starts_P = np.cumsum(sizes_P) - sizes_P
+            pos_S = torch.from_numpy(np.repeat(np.arange(p), sizes_P))
+            slot_S = torch.from_numpy(np.arange(int(sizes_P.sum())) - np.repeat(starts_P, sizes_P))
+            batch.sample_ids_BPM[b, pos_S, slot_S] = torch.from_numpy(row.sample_ids_S)
+            batch.sample_counts_BPM[b, pos_S, slot_S] = torch.from_numpy(row.sample_counts_S)
+        if self.hidden_layers:
+            positions_H = torch.from_numpy(row.hidden_positions_H.astype(np.int64))
+            for layer in self.hidden_layers:
+                batch.teacher_hidden[layer][b, positions_H] = row.hidden[layer]
+            batch.hidden_mask_BL[b, positions_H] = True
 
 
 class CacheLoader:

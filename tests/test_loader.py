@@ -435,6 +435,18 @@ def test_corrupted_row_names_shard_and_row_from_the_decode_thread(tmp_path):
         assert len(list(ld.epoch_batches())) == 5
 
 
+def test_read_failure_in_a_decode_thread_names_shard_and_row(topk_cache, monkeypatch):
+    cache_dir, originals = topk_cache
+
+    def failing_read(self, index):
+        raise OSError("input/output error")
+
+    with loader(cache_dir, micro_batch=1, shuffle=False, length_window=1) as ld:
+        monkeypatch.setattr(ShardReader, "read_row", failing_read)
+        with pytest.raises(RuntimeError, match=rf"shard-00000\.arrow: row {originals[0].row_id}: OSError"):
+            next(iter(ld))
+
+
 def test_config_errors_name_the_key():
     with pytest.raises(ValueError, match="micro_batch"):
         LoaderConfig(cache_dir="x", micro_batch=0)
