@@ -45,7 +45,8 @@ def synthetic_row(row_id: int, length: int, spec: ShardSpec, rng: np.random.Gene
     row = TeacherRow(row_id=row_id, input_ids_L=input_ids, labels_L=labels)
     if spec.targets.mode == "topk":
         t = compute_targets(logits_PV, lambda x: x, spec.targets, chunk_size=16)
-        row.topk_ids_PK, row.topk_logits_PK, row.lse_PT = t.topk_ids_NK.numpy(), t.topk_logits_NK.numpy(), t.lse_NT.numpy()
+        row.topk_ids_PK, row.topk_logits_PK = t.topk_ids_NK.numpy(), t.topk_logits_NK.numpy()
+        row.lse_PT = t.lse_NT.numpy()
     else:
         uniforms = torch.from_numpy(row_uniforms(spec.targets.seed, row_id, length - 1, spec.targets.num_samples))
         t = compute_targets(logits_PV, lambda x: x, spec.targets, uniforms_NM=uniforms, chunk_size=16)
@@ -178,7 +179,8 @@ def test_topk_batches_reproduce_rows_with_target_t_predicting_token_t_plus_1(top
             assert torch.equal(batch.topk_ids_BPK[b, :p], torch.from_numpy(row.topk_ids_PK))
             assert torch.equal(batch.topk_logits_BPK[b, :p], torch.from_numpy(row.topk_logits_PK))
             assert torch.equal(batch.lse_BPT[b, :p], torch.from_numpy(original.lse_PT))  # lossless
-            assert sorted(batch.topk_ids_BPK[b, :p].reshape(-1).tolist()) == sorted(original.topk_ids_PK.reshape(-1).tolist())
+            want_ids = torch.from_numpy(np.sort(original.topk_ids_PK, axis=1))
+            assert torch.equal(batch.topk_ids_BPK[b, :p].sort(1).values, want_ids)  # same ids per position
             # ... and it predicts token t+1: the teacher's favourite id is the next input token
             top1_p = batch.topk_ids_BPK[b, :p].gather(1, batch.topk_logits_BPK[b, :p].argmax(1, keepdim=True))[:, 0]
             assert torch.equal(top1_p, batch.input_ids_BL[b, 1:n])
