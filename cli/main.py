@@ -10,3 +10,5 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 # Each command lives in its own module and registers itself on `app`.
 from cli import inspect_cmd  # noqa: E402,F401
 from cli import quickstart_cmd  # noqa: E402,F401
+from cli import cache_cmd  # noqa: E402,F401
+from cli import data_cmd  # noqa: E402,F401

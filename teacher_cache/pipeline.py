@@ -104,6 +104,13 @@ class ProgressView:
             self.done_bytes += entry.bytes
             self._refresh()
 
+    def set_totals(self, rows: int, tokens: int, bytes_: int) -> None:
+        """Progress counted elsewhere (finished shards of worker processes)."""
+        with self._lock:
+            self.rows, self.tokens = rows, tokens
+            self.done_tokens, self.done_bytes = tokens, bytes_
+            self._refresh()
+
     def _refresh(self) -> None:
         if self._progress is None:
             return
