@@ -114,6 +114,18 @@ def value_error_bound(gap_S: np.ndarray, scale: float = DEFAULT_VALUE_SCALE) -> 
     return np.where(code >= 1, bound, np.abs(clamp - gap_S))
 
 
+def gap_upper_bound(gap_decoded_S: np.ndarray, scale: float = DEFAULT_VALUE_SCALE) -> np.ndarray:
+    """Largest true gap that encodes to the same code as each decoded gap.
+
+    Code c >= 1 holds true gaps up to s * ln(255 / (c - 1/2)); code 0 (clamped)
+    holds everything further out, so its bound is infinite. Lets a verifier
+    bound the true top-k logits from below without the original values.
+    """
+    code = np.rint(VALUE_LEVELS * np.exp(-np.asarray(gap_decoded_S, dtype=np.float64) / scale))
+    with np.errstate(divide="ignore"):
+        return np.where(code >= 1, -scale * np.log(np.maximum(code - 0.5, 0.5) / VALUE_LEVELS), np.inf)
+
+
 def encode_float32(values: np.ndarray) -> bytes:
     return to_planes(values.astype(np.float32), 4)
 
