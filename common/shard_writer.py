@@ -19,17 +19,25 @@ from common.shard_format import TeacherRow, build_schema, encode_row
 from common.spec import ShardSpec
 
 DEFAULT_BATCH_ROWS = 16
+# A record batch is the unit a reader decompresses, and the trainer reads rows
+# in random order: past about 1 MiB of raw cells a batch gains little
+# compression and makes every random read decompress rows it does not need.
+# Production rows (4096 tokens) are each over this, so they get a batch each.
+DEFAULT_BATCH_BYTES = 1 << 20
 DEFAULT_ZSTD_LEVEL = 3
 
 
 class ShardWriter:
     def __init__(self, cache_dir: Path, index: int, spec: ShardSpec, row_start: int, row_end: int,
-                 batch_rows: int = DEFAULT_BATCH_ROWS, zstd_level: int = DEFAULT_ZSTD_LEVEL):
+                 batch_rows: int = DEFAULT_BATCH_ROWS, zstd_level: int = DEFAULT_ZSTD_LEVEL,
+                 batch_bytes: int = DEFAULT_BATCH_BYTES):
         self.cache_dir = Path(cache_dir)
         self.index = index
         self.spec = spec
         self.row_start, self.row_end = row_start, row_end
         self.batch_rows = batch_rows
+        self.batch_bytes = batch_bytes
+        self._pending_bytes = 0
         self.schema = build_schema(spec)
         self.final_path = self.cache_dir / shard_file_name(index)
         self.tmp_path = tmp_path_for(self.final_path)
@@ -45,10 +53,11 @@ class ShardWriter:
     def add_cells(self, cells: dict) -> None:
         """Add a row already encoded with `encode_row` (e.g. in an encode thread)."""
         self._pending.append(cells)
+        self._pending_bytes += _raw_bytes(cells)
         self.rows += 1
         self.tokens += len(cells["input_ids"])
         self.positions += max(len(cells["input_ids"]) - 1, 0)
-        if len(self._pending) >= self.batch_rows:
+        if len(self._pending) >= self.batch_rows or self._pending_bytes >= self.batch_bytes:
             self._flush()
 
     def _flush(self) -> None:
@@ -58,6 +67,7 @@ class ShardWriter:
         batch = pa.RecordBatch.from_pydict(columns, schema=self.schema)
         self._writer.write_batch(batch)
         self._pending = []
+        self._pending_bytes = 0
 
     def close(self) -> ShardEntry:
         self._flush()
@@ -84,3 +94,13 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
             self.abort()
+
+
+def _raw_bytes(cells: dict) -> int:
+    size = 0
+    for value in cells.values():
+        if isinstance(value, (bytes, bytearray)):
+            size += len(value)
+        elif hasattr(value, "nbytes"):
+            size += int(value.nbytes)
+    return size

@@ -21,9 +21,12 @@ PROMPT_FRACTION = 0.25
 
 
 def python_source_files(root: Path | None = None, max_files: int | None = None) -> list[Path]:
+    """Python files under `root` (default: the standard library), tests and
+    (for the standard library) installed packages left out, in a fixed order."""
     root = Path(root or sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "__pycache__"}
     files = sorted(p for p in root.rglob("*.py")
-                   if "site-packages" not in p.parts and "test" not in p.parts and p.is_file())
+                   if not skip.intersection(p.relative_to(root).parts) and p.is_file())
     return files[:max_files] if max_files else files
 
 
