@@ -475,9 +475,10 @@ def inspect_path(path: Path, options: InspectOptions = InspectOptions(),
     report["shards"] = [{"file": s.path.name, "rows": s.rows, "tokens": s.tokens, "positions": s.positions,
                          "bytes": s.path.stat().st_size, "batches": s.num_batches} for s in shards]
     tokens = sum(s.tokens for s in shards)
-    report.update(rows=sum(s.rows for s in shards), tokens=tokens, positions=sum(s.positions for s in shards),
-                  file_bytes=sum(s.path.stat().st_size for s in shards))
-    report.update(_bytes_report(shards, tokens))
+    columns, totals = _bytes_report(shards, tokens)
+    report["totals"] = {"rows": sum(s.rows for s in shards), "tokens": tokens,
+                        "positions": sum(s.positions for s in shards), **totals}
+    report["columns"] = columns
 
     problems: list[str] = _verify_files(shards, kind, raw_manifest, path) if options.verify else []
     stats = DistributionStats(spec)
@@ -487,7 +488,7 @@ def inspect_path(path: Path, options: InspectOptions = InspectOptions(),
         problems += _scan_shard(shard, options, stats)
     report["stats"] = stats.report()
     if options.verify:
-        report["verify"] = {"ok": not problems, "rows_checked": report["rows"], "num_problems": len(problems),
+        report["verify"] = {"ok": not problems, "rows_checked": report["totals"]["rows"], "num_problems": len(problems),
                             "problems": problems[:options.max_problems]}
     if options.row is not None:
         shard, row = _find_row(shards, options.row, path)
@@ -495,7 +496,8 @@ def inspect_path(path: Path, options: InspectOptions = InspectOptions(),
     return report
 
 
-def _bytes_report(shards: list[_Shard], tokens: int) -> dict:
+def _bytes_report(shards: list[_Shard], tokens: int) -> tuple[list[dict], dict]:
+    """Per-column bytes and the file totals per token (schema, footer and batch metadata are overhead)."""
     merged: dict[str, ColumnBytes] = {}
     for shard in shards:
         for c in shard.columns:
@@ -509,8 +511,8 @@ def _bytes_report(shards: list[_Shard], tokens: int) -> dict:
                 "uncompressed_per_token": per_token(c.uncompressed)} for c in merged.values()]
     targets = [c for c in merged.values() if c.name not in TOKEN_COLUMNS and not c.name.startswith("hidden")]
     hidden = [c for c in merged.values() if c.name.startswith("hidden")]
-    return {
-        "columns": columns,
+    return columns, {
+        "file_bytes": file_bytes,
         "overhead_bytes": file_bytes - sum(c.compressed for c in merged.values()),
         "bytes_per_token": per_token(file_bytes),
         "target_bytes_per_token": per_token(sum(c.compressed for c in targets)),
