@@ -1,0 +1,428 @@
+"""Teacher capture inside vLLM's worker process (the vllm backend's device side).
+
+vLLM runs the teacher; this module plugs into its V1 worker at two named seams
+and turns each engine step into targets without per-token Python objects:
+
+* `CaptureWorkerMixin.load_model`: right after the weights load and before the
+  first forward (which is when torch.compile traces the model and CUDA graphs
+  are captured), it turns on vLLM's aux-hidden-state outputs (the EAGLE-3
+  mechanism) for the requested layers. The compiled graph then returns
+  `(final normed hidden, [residual stream of each layer])`, so the capture is
+  compile- and CUDA-graph-safe; no forward hooks are used.
+* `model_runner._model_forward` (an instance attribute, wrapped once): the
+  runner's documented "override for model execution" method. After each
+  forward, `StepCapture.on_forward` maps the flattened batch to requests
+  through the runner's input batch (`req_ids`, `query_start_loc`,
+  `num_computed_tokens_cpu`), runs `compute_targets` on the device (chunked
+  `compute_logits`, top-k + log-sum-exp, or sampling), and copies the results
+  to host buffers at each request's token offset. Chunked prefill splits a
+  prompt over several steps and batch order is not request order; both are
+  handled by that mapping. Rows are identified by the row id carried in the
+  request's `SamplingParams.extra_args`, never by vLLM's request id.
+
+The driver collects finished rows with `collective_rpc("vpmoe_take_finished")`.
+
+Layer numbering: vLLM's aux id i is `hidden + residual` after decoder layer i
+(0-based index i - 1), i.e. the residual stream leaving layer i (1-based),
+before the final norm: the same numbering as `HiddenSpec.layers`.
+
+The worker classes are picked with `LLM(worker_cls=...)`: `CudaCaptureWorker`
+or `CpuCaptureWorker` (built on first access, so importing this module does not
+import vLLM's worker modules). `worker_extension_cls` cannot do this job: vLLM
+appends the extension as the last base class and refuses names the worker
+already has, so it can add RPC methods but cannot act between model load and
+compilation.
+
+Shape suffixes: F flattened tokens of one step, N target positions of a step,
+H kept hidden positions (of a step or of a row), D hidden size, K top-k width,
+T temperatures, M draws per position, S flattened sampled entries, L tokens of
+a row, P = L - 1 target positions of a row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from common.spec import ShardSpec, hidden_positions
+from teacher_cache.targets import DEFAULT_CHUNK, PositionTargets, compute_targets, row_uniforms
+
+# Key of `LLM(additional_config=...)` holding the capture settings; vLLM hashes
+# additional_config into its compile cache key, so a cached graph built for
+# other aux layers is never reused.
+CAPTURE_CONFIG_KEY = "vpmoe_capture"
+# Key of `SamplingParams.extra_args` holding the row id of a request.
+ROW_ID_KEY = "vpmoe_row_id"
+
+_RUNNER_SEAMS = ("_model_forward", "input_batch", "query_start_loc", "requests", "model")
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    spec: ShardSpec
+    logits_chunk: int = DEFAULT_CHUNK
+
+    def to_dict(self) -> dict:
+        return {"spec": self.spec.to_dict(), "logits_chunk": int(self.logits_chunk)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CaptureConfig":
+        return cls(spec=ShardSpec.from_dict(d["spec"]), logits_chunk=int(d["logits_chunk"]))
+
+
+@dataclass
+class StepPiece:
+    """Where a step's results go: one request's slice of the flattened batch."""
+
+    row: "RowCapture"
+    start: int  # prompt position of the first token of the slice
+    num_tokens: int  # tokens of the slice that lie inside the prompt
+    num_targets: int  # of those, positions that have a next token
+    target_offset: int  # offset into the step's target rows
+    hidden_slots_h: np.ndarray  # destination rows in row.hidden of this slice's kept positions
+    hidden_offset: int  # offset into the step's kept hidden rows
+
+
+@dataclass
+class PendingStep:
+    """A step's results on their way to the host (pinned memory on CUDA)."""
+
+    pieces: list[StepPiece]
+    host: dict[str, torch.Tensor]
+    event: object | None = None  # torch.cuda.Event, recorded after the copies
+
+
+class RowCapture:
+    """One request's targets and kept hidden states, filled at token offsets.
+
+    A request may be recomputed from an earlier position (vLLM preemption);
+    writes are by position, so a recompute overwrites rather than appends.
+    """
+
+    def __init__(self, req_id: str, row_id: int, num_tokens: int, spec: ShardSpec, hidden_dtype: torch.dtype):
+        self.req_id = req_id
+        self.row_id = row_id
+        self.num_tokens = num_tokens
+        self.next_position = 0
+        tspec, hspec = spec.targets, spec.hidden
+        num_positions = max(num_tokens - 1, 0)
+        if tspec.mode == "topk":
+            self.topk_ids_PK = np.zeros((num_positions, tspec.k), dtype=np.int32)
+            self.topk_logits_PK = np.zeros((num_positions, tspec.k), dtype=np.float32)
+            self.lse_PT = np.zeros((num_positions, len(tspec.temperatures)), dtype=np.float32)
+            self.uniforms_PM = None
+        else:
+            self.uniforms_PM = row_uniforms(tspec.seed, row_id, num_positions, tspec.num_samples)
+            # start position -> (sizes, ids, counts) of the positions computed in one step
+            self.samples: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self.layers = tuple(hspec.layers)
+        if self.layers:
+            self.kept_H = hidden_positions(row_id, num_tokens, hspec.token_fraction, hspec.seed)
+            self.slot_of_position_L = np.full(num_tokens, -1, dtype=np.int64)
+            self.slot_of_position_L[self.kept_H] = np.arange(len(self.kept_H))
+            # Normal (not inference-mode) tensors: the driver may use them freely.
+            with torch.inference_mode(False):
+                self.hidden = {layer: torch.empty((len(self.kept_H), hspec.hidden_size), dtype=hidden_dtype)
+                               for layer in self.layers}
+        else:
+            self.kept_H = np.zeros(0, dtype=np.int32)
+            self.hidden = {}
+
+    @property
+    def done(self) -> bool:
+        return self.next_position == self.num_tokens
+
+    def kept_slots(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Kept positions in [start, stop): (offsets from start, destination slots)."""
+        if not self.layers:
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, empty
+        slots = self.slot_of_position_L[start:stop]
+        offsets = np.nonzero(slots >= 0)[0]
+        return offsets, slots[offsets]
+
+    def write_samples(self, start: int, sizes_n: np.ndarray, ids_s: np.ndarray, counts_s: np.ndarray) -> None:
+        for stale in [s for s in self.samples if s >= start]:
+            del self.samples[stale]
+        self.samples[start] = (sizes_n, ids_s, counts_s)
+
+    def finish(self) -> dict:
+        """The row's arrays; hidden tensors keep the model's dtype."""
+        out: dict = {"row_id": self.row_id, "num_tokens": self.num_tokens,
+                     "hidden": {layer: h for layer, h in self.hidden.items()}}
+        if self.uniforms_PM is None:
+            out.update(topk_ids=self.topk_ids_PK, topk_logits=self.topk_logits_PK, lse=self.lse_PT)
+            return out
+        starts = sorted(self.samples)
+        pieces = [self.samples[s] for s in starts]
+        covered = sum(len(p[0]) for p in pieces)
+        assert covered == max(self.num_tokens - 1, 0), (self.row_id, starts, covered)
+        for a, b, piece in zip(starts, starts[1:], pieces):
+            assert a + len(piece[0]) == b, (self.row_id, starts)
+        cat = (lambda i, dt: np.concatenate([p[i] for p in pieces]).astype(dt)
+               if pieces else np.zeros(0, dtype=dt))
+        out.update(sample_sizes=cat(0, np.int32), sample_ids=cat(1, np.int32), sample_counts=cat(2, np.int32))
+        return out
+
+
+@dataclass
+class StepCapture:
+    """Per-step capture state of one worker; created by `install`."""
+
+    runner: object
+    config: CaptureConfig
+    hidden_dtype: torch.dtype
+    active: dict[str, RowCapture] = field(default_factory=dict)  # vLLM request id -> row
+    pending: list[PendingStep] = field(default_factory=list)
+    finished: list[RowCapture] = field(default_factory=list)
+    steps: int = 0
+    tokens: int = 0
+
+    @classmethod
+    def install(cls, runner, config: CaptureConfig) -> "StepCapture":
+        missing = [name for name in _RUNNER_SEAMS if not hasattr(runner, name)]
+        if missing or getattr(runner, "use_v2_model_runner", False):
+            raise RuntimeError(f"vLLM's model runner {type(runner).__name__} lacks {missing or 'the V1 layout'}; "
+                               "the capture supports the V1 GPUModelRunner family (vLLM 0.26-0.32)")
+        model = runner.model
+        layers = tuple(sorted(set(config.spec.hidden.layers)))
+        if layers:
+            if not hasattr(model, "set_aux_hidden_state_layers"):
+                raise ValueError(f"teacher {type(model).__name__} does not expose aux hidden states in vLLM; "
+                                 "store no hidden layers or use the hf backend")
+            # Before the first forward: torch.compile traces the aux outputs into the graph.
+            model.set_aux_hidden_state_layers(layers)
+            runner.use_aux_hidden_state_outputs = True
+        capture = cls(runner=runner, config=config, hidden_dtype=runner.model_config.dtype)
+        forward = runner._model_forward
+
+        def capturing_forward(*args, **kwargs):
+            output = forward(*args, **kwargs)
+            capture.on_forward(output)
+            return output
+
+        runner._model_forward = capturing_forward
+        return capture
+
+    def _row(self, req_id: str, prompt_len: int) -> RowCapture:
+        row = self.active.get(req_id)
+        if row is None:
+            extra = getattr(self.runner.requests[req_id].sampling_params, "extra_args", None) or {}
+            if ROW_ID_KEY not in extra:
+                raise RuntimeError(f"request {req_id} carries no {ROW_ID_KEY}; submit rows through VllmBackend")
+            row = RowCapture(req_id, int(extra[ROW_ID_KEY]), prompt_len, self.config.spec, self.hidden_dtype)
+            self.active[req_id] = row
+        return row
+
+    def _plan(self, num_flat: int) -> tuple[list[StepPiece], np.ndarray, np.ndarray]:
+        """Map the flattened batch to requests: pieces, flat rows of targets and of kept hidden states."""
+        batch = self.runner.input_batch
+        num_reqs = batch.num_reqs
+        req_ids = batch.req_ids[:num_reqs]
+        query_start = np.asarray(self.runner.query_start_loc.np[:num_reqs + 1], dtype=np.int64)
+        computed = np.asarray(batch.num_computed_tokens_cpu[:num_reqs], dtype=np.int64)
+        assert query_start[-1] <= num_flat, (query_start[-1], num_flat)
+        pieces, target_rows, hidden_rows = [], [], []
+        num_targets = num_hidden = 0
+        for j, req_id in enumerate(req_ids):
+            prompt_len = len(self.runner.requests[req_id].prompt_token_ids)
+            start, flat = int(computed[j]), int(query_start[j])
+            n = min(int(query_start[j + 1]) - flat, prompt_len - start)  # prompt tokens only
+            if n <= 0:
+                continue
+            row = self._row(req_id, prompt_len)
+            m = max(0, min(start + n, row.num_tokens - 1) - start)  # the last prompt token has no target
+            offsets, slots = row.kept_slots(start, start + n)
+            pieces.append(StepPiece(row, start, n, m, num_targets, slots, num_hidden))
+            target_rows.append(flat + np.arange(m))
+            hidden_rows.append(flat + offsets)
+            num_targets += m
+            num_hidden += len(offsets)
+        cat = lambda parts: np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+        return pieces, cat(target_rows), cat(hidden_rows)
+
+    @torch.inference_mode()
+    def on_forward(self, output) -> None:
+        hidden_FD, aux = (output[0], output[1]) if isinstance(output, tuple) else (output, [])
+        if self.runner.input_batch.num_reqs == 0:
+            return
+        self._drain(block=False)
+        pieces, target_rows_N, hidden_rows_H = self._plan(hidden_FD.shape[0])
+        if not pieces:
+            return
+        device = hidden_FD.device
+        spec = self.config.spec
+        uniforms_NM = None
+        if spec.targets.mode == "sampled":
+            uniforms_NM = torch.from_numpy(np.concatenate(
+                [p.row.uniforms_PM[p.start:p.start + p.num_targets] for p in pieces])).to(device)
+        rows_N = torch.from_numpy(target_rows_N).to(device)
+        targets = compute_targets(hidden_FD.index_select(0, rows_N), self._logits, spec.targets,
+                                  uniforms_NM, self.config.logits_chunk)
+        device_out = self._compact(targets)
+        if spec.hidden.layers:
+            assert len(aux) == len(spec.hidden.layers), (len(aux), spec.hidden.layers)
+            rows_H = torch.from_numpy(hidden_rows_H).to(device)
+            for layer, aux_FD in zip(sorted(spec.hidden.layers), aux):
+                device_out[f"hidden_{layer}"] = aux_FD.index_select(0, rows_H)
+        self.pending.append(self._to_host(pieces, device_out))
+        self.steps += 1
+        self.tokens += sum(p.num_tokens for p in pieces)
+        if device.type == "cpu":
+            self._drain(block=True)
+
+    def _logits(self, hidden_nD: torch.Tensor) -> torch.Tensor:
+        logits_nV = self.runner.model.compute_logits(hidden_nD)
+        assert logits_nV is not None, "logits are gathered on another rank (tensor parallelism is not supported)"
+        if logits_nV.shape[-1] != self.config.spec.vocab_size:
+            raise ValueError(f"teacher logits have {logits_nV.shape[-1]} columns, the cache's vocabulary is "
+                             f"{self.config.spec.vocab_size}")
+        return logits_nV
+
+    def _compact(self, targets: PositionTargets) -> dict[str, torch.Tensor]:
+        """Narrowest dtypes for the trip to the host (ids < 2^31, counts <= 65535)."""
+        if self.config.spec.targets.mode == "topk":
+            return {"topk_ids": targets.topk_ids_NK.to(torch.int32), "topk_logits": targets.topk_logits_NK.float(),
+                    "lse": targets.lse_NT.float()}
+        return {"sample_sizes": targets.sample_sizes_N.to(torch.int32),
+                "sample_ids": targets.sample_ids_S.to(torch.int32),
+                "sample_counts": targets.sample_counts_S.to(torch.int32)}
+
+    @staticmethod
+    def _to_host(pieces: list[StepPiece], device_out: dict[str, torch.Tensor]) -> PendingStep:
+        if next(iter(device_out.values())).device.type == "cpu":
+            return PendingStep(pieces, device_out)
+        # Pinned destinations come from PyTorch's caching host allocator, which
+        # does not hand a block out again before its copy has completed.
+        host = {}
+        for name, t in device_out.items():
+            host[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host[name].copy_(t, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return PendingStep(pieces, host, event)
+
+    def _drain(self, block: bool) -> None:
+        """Move landed step results into their rows; finished rows go to `finished`."""
+        while self.pending:
+            step = self.pending[0]
+            if step.event is not None:
+                if block:
+                    step.event.synchronize()
+                elif not step.event.query():
+                    return
+            self.pending.pop(0)
+            self._distribute(step)
+
+    def _distribute(self, step: PendingStep) -> None:
+        host = step.host
+        mode = self.config.spec.targets.mode
+        if mode == "sampled":
+            sizes_N = host["sample_sizes"].numpy()
+            entry_start_N = np.concatenate([[0], np.cumsum(sizes_N)])
+            ids_S, counts_S = host["sample_ids"].numpy(), host["sample_counts"].numpy()
+        for piece in step.pieces:
+            row, lo, hi = piece.row, piece.target_offset, piece.target_offset + piece.num_targets
+            a, b = piece.start, piece.start + piece.num_targets
+            if mode == "topk":
+                row.topk_ids_PK[a:b] = host["topk_ids"][lo:hi].numpy()
+                row.topk_logits_PK[a:b] = host["topk_logits"][lo:hi].numpy()
+                row.lse_PT[a:b] = host["lse"][lo:hi].numpy()
+            elif piece.num_targets:
+                s0, s1 = entry_start_N[lo], entry_start_N[hi]
+                row.write_samples(a, sizes_N[lo:hi].copy(), ids_S[s0:s1].copy(), counts_S[s0:s1].copy())
+            if len(piece.hidden_slots_h):
+                slots = torch.from_numpy(piece.hidden_slots_h)
+                h0, h1 = piece.hidden_offset, piece.hidden_offset + len(piece.hidden_slots_h)
+                for layer in row.layers:
+                    row.hidden[layer][slots] = host[f"hidden_{layer}"][h0:h1]
+            row.next_position = piece.start + piece.num_tokens
+            if row.done:
+                self.finished.append(row)
+                del self.active[row.req_id]
+
+    def take_finished(self) -> list[dict]:
+        self._drain(block=True)
+        done, self.finished = self.finished, []
+        return [row.finish() for row in done]
+
+    def reset(self) -> None:
+        """Forget partial rows (after an aborted run)."""
+        self._drain(block=True)
+        self.active.clear()
+        self.finished.clear()
+
+
+def pack_arrays(result: dict) -> dict:
+    """A finished row as msgpack-native values (bytes, not tensors), for an
+    engine core in another process: vLLM serialises RPC results without pickle
+    only when they are built from native types."""
+    packed = {"row_id": int(result["row_id"]), "num_tokens": int(result["num_tokens"]), "arrays": {}}
+    for name, value in result.items():
+        if name in ("row_id", "num_tokens", "hidden"):
+            continue
+        packed["arrays"][name] = _pack_one(torch.from_numpy(np.ascontiguousarray(value)))
+    packed["hidden"] = {int(layer): _pack_one(h) for layer, h in result["hidden"].items()}
+    return packed
+
+
+def unpack_arrays(packed: dict) -> dict:
+    out = {"row_id": packed["row_id"], "num_tokens": packed["num_tokens"]}
+    for name, blob in packed["arrays"].items():
+        out[name] = _unpack_one(blob).numpy()
+    out["hidden"] = {int(layer): _unpack_one(blob) for layer, blob in packed["hidden"].items()}
+    return out
+
+
+def _pack_one(t: torch.Tensor) -> list:
+    t = t.contiguous()
+    return [str(t.dtype).removeprefix("torch."), list(t.shape), t.view(torch.uint8).numpy().tobytes()]
+
+
+def _unpack_one(blob: list) -> torch.Tensor:
+    dtype_name, shape, data = blob
+    dtype = getattr(torch, dtype_name)
+    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8) if len(data) else torch.zeros(0, dtype=torch.uint8)
+    return flat.view(dtype).reshape(shape)
+
+
+class CaptureWorkerMixin:
+    """Capture methods of the worker; mixed in front of vLLM's worker class."""
+
+    def load_model(self, *args, **kwargs) -> None:
+        super().load_model(*args, **kwargs)
+        raw = (self.vllm_config.additional_config or {}).get(CAPTURE_CONFIG_KEY)
+        if raw is None:
+            raise RuntimeError(f"{type(self).__name__} needs additional_config[{CAPTURE_CONFIG_KEY!r}]")
+        if self.parallel_config.tensor_parallel_size != 1 or self.parallel_config.pipeline_parallel_size != 1:
+            raise ValueError("the vllm capture runs one engine per GPU (tensor/pipeline parallel size 1)")
+        self.vpmoe_capture = StepCapture.install(self.model_runner, CaptureConfig.from_dict(raw))
+
+    def vpmoe_take_finished(self, packed: bool = False) -> list[dict]:
+        rows = self.vpmoe_capture.take_finished()
+        return [pack_arrays(r) for r in rows] if packed else rows
+
+    def vpmoe_reset(self) -> None:
+        self.vpmoe_capture.reset()
+
+    def vpmoe_stats(self) -> dict:
+        return {"steps": self.vpmoe_capture.steps, "tokens": self.vpmoe_capture.tokens,
+                "active": len(self.vpmoe_capture.active)}
+
+
+def __getattr__(name: str):
+    # Built on first access: the module stays importable without vLLM's worker code.
+    if name == "CudaCaptureWorker":
+        from vllm.v1.worker.gpu_worker import Worker
+
+        cls = type("CudaCaptureWorker", (CaptureWorkerMixin, Worker), {"__module__": __name__})
+    elif name == "CpuCaptureWorker":
+        from vllm.v1.worker.cpu_worker import CPUWorker
+
+        cls = type("CpuCaptureWorker", (CaptureWorkerMixin, CPUWorker), {"__module__": __name__})
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = cls
+    return cls
