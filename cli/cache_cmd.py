@@ -66,7 +66,7 @@ def cache_teacher(
             raise ValueError("--out is required")
         if merge:
             for line in merge_caches(out, list(merge_dirs or [])).lines():
-                console.print(line, highlight=False, markup=False)
+                console.print(line, highlight=False, markup=False, soft_wrap=True)
             return
         if merge_dirs:
             raise ValueError(f"unexpected argument(s) {', '.join(map(str, merge_dirs))} (did you mean --merge?)")
@@ -85,5 +85,5 @@ def cache_teacher(
         )
         run_cache(cfg, console)
     except (ValueError, RuntimeError) as exc:
-        Console(stderr=True).print(f"error: {exc}", highlight=False, markup=False)
+        Console(stderr=True).print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(2)

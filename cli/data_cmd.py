@@ -61,6 +61,6 @@ def download_data(
     try:
         path = download_snapshot(repo_id, out, revision, repo_type)
     except ValueError as exc:
-        Console(stderr=True).print(f"error: {exc}", highlight=False, markup=False)
+        Console(stderr=True).print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(2)
-    Console().print(f"downloaded {repo_id} to {path}; {describe_download(path)}", highlight=False, markup=False)
+    Console().print(f"downloaded {repo_id} to {path}; {describe_download(path)}", highlight=False, markup=False, soft_wrap=True)

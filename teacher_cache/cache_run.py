@@ -290,7 +290,7 @@ def run_cache(cfg: CacheConfig, console: Console | None = None) -> RunSummary | 
     worker = resolve_worker(cfg.num_workers, cfg.worker_index)
     if cfg.dry_run:
         for line in dry_run_report(cfg, prep, worker):
-            console.print(line, highlight=False, markup=False)
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
         return None
     out = Path(cfg.out)
     mine = shards_for_worker(prep.plan, worker)
@@ -303,7 +303,7 @@ def run_cache(cfg: CacheConfig, console: Console | None = None) -> RunSummary | 
     summary.seconds = time.monotonic() - start
     if not cfg.quiet:
         for line in summary.lines():
-            console.print(line, highlight=False, markup=False)
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
     return summary
 
 
@@ -343,7 +343,7 @@ def _run_gpus(cfg: CacheConfig, console: Console) -> RunSummary | None:
     node = resolve_worker(cfg.num_workers, cfg.worker_index)
     if cfg.dry_run:
         for line in dry_run_report(cfg, prep, node, workers_per_node=len(cfg.gpus)):
-            console.print(line, highlight=False, markup=False)
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
         return None
     out = Path(cfg.out)
     slots = [node_local_worker(node, local, len(cfg.gpus)) for local in range(len(cfg.gpus))]
@@ -376,7 +376,7 @@ def _run_gpus(cfg: CacheConfig, console: Console) -> RunSummary | None:
                          seconds=time.monotonic() - start, num_gpus=len(cfg.gpus), gpu_hour_price=cfg.gpu_hour_price)
     if not cfg.quiet:
         for line in summary.lines():
-            console.print(line, highlight=False, markup=False)
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
     return summary
 
 

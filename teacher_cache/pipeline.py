@@ -68,8 +68,8 @@ class RunSummary:
         out = [f"wrote {self.shards} shard(s), {self.rows:,} rows, {self.tokens:,} tokens, "
                f"{self.bytes / 1e9:.3f} GB ({self.bytes_per_token:.1f} bytes/token)"
                + (f"; {self.shards_skipped} finished shard(s) verified and kept" if self.shards_skipped else ""),
-               f"{self.seconds:.1f} s, {self.tokens_per_s:,.0f} tokens/s, "
-               f"{self.gpu_hours:.4f} GPU-hours on {self.num_gpus} GPU(s)"]
+               f"{self.seconds:.1f} s, {self.tokens_per_s:,.0f} tokens/s"
+               + (f", {self.gpu_hours:.4f} GPU-hours on {self.num_gpus} GPU(s)" if self.num_gpus else ", no GPU")]
         cost = self.cost_per_million_tokens
         if cost is not None:
             out.append(f"cost {cost:.4f} per million tokens at {self.gpu_hour_price} per GPU-hour")

@@ -1,0 +1,356 @@
+"""cache-teacher end to end on tiny teachers (hf backend): stored targets and hidden
+states against a float64 recomputation from the model itself, sampled draws
+against the teacher distribution, bad input, dry run and refusal rules."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from rich.console import Console
+from scipy import stats
+
+from common import codec
+from common.manifest import MANIFEST_NAME, load_manifest
+from common.shard_reader import ShardReader
+from common.spec import content_hash, hidden_positions
+from common.tiny_models import build_model, save_model, tiny_gpt_oss_config, tiny_llama_config
+from teacher_cache import cache_run
+from teacher_cache.cache_run import CacheConfig, run_cache
+
+VOCAB = 384
+PREFIX = 6  # random tokens, labels -100; then a greedy continuation
+GREEDY_LENGTHS = (10, 25, 40, 33)
+
+
+# ---- helpers shared with test_cache_resume.py -------------------------------------
+
+def float64_reference(model):
+    """The same weights in float64 (GPT-OSS experts through the eager path, which takes float64)."""
+    if hasattr(model, "set_experts_implementation") and model.config.model_type == "gpt_oss":
+        model.set_experts_implementation("eager")
+    return model.double().eval()
+
+
+@torch.no_grad()
+def greedy_rows(model_f64, seed: int, greedy_lengths=GREEDY_LENGTHS) -> list[np.ndarray]:
+    """Random prefix + greedy continuation: input_ids[t + 1] is the argmax of logits[t]."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in greedy_lengths:
+        ids = torch.randint(0, VOCAB, (1, PREFIX), generator=gen)
+        for _ in range(n):
+            ids = torch.cat([ids, model_f64(ids).logits[0, -1].argmax().view(1, 1)], dim=1)
+        rows.append(ids[0].numpy().astype(np.int32))
+    return rows
+
+
+def write_parquet(path: Path, input_ids: list, labels: list | None = None) -> Path:
+    columns = {"input_ids": pa.array([list(map(int, r)) for r in input_ids], type=pa.list_(pa.int32()))}
+    if labels is not None:
+        columns["labels"] = pa.array([list(map(int, r)) for r in labels], type=pa.list_(pa.int32()))
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def prefix_masked_labels(rows: list[np.ndarray]) -> list[np.ndarray]:
+    labels = [r.copy() for r in rows]
+    for lab in labels:
+        lab[:PREFIX] = -100
+    return labels
+
+
+def random_rows(seed: int, count: int, low: int, high: int, vocab: int = VOCAB) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, int(n)).astype(np.int32) for n in rng.integers(low, high, count)]
+
+
+def read_all_rows(cache_dir: Path) -> dict:
+    manifest = load_manifest(cache_dir)
+    rows = {}
+    for entry in manifest.shards:
+        with ShardReader(cache_dir / entry.file, entry=entry, verify_checksum=True) as reader:
+            for row in reader.iter_rows(verify_content=True):
+                assert row.row_id not in rows
+                rows[row.row_id] = row
+    return rows
+
+
+def shard_bytes(cache_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(Path(cache_dir).glob("shard-*.arrow"))}
+
+
+def quiet_console() -> tuple[Console, io.StringIO]:
+    buf = io.StringIO()
+    return Console(file=buf, width=200), buf
+
+
+def cache(model_dir: Path, data: Path, out: Path, **kw) -> cache_run.RunSummary | None:
+    kw.setdefault("show_progress", False)
+    return run_cache(CacheConfig(model=str(model_dir), data=str(data), out=str(out), **kw), quiet_console()[0])
+
+
+# ---- fixtures -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=["llama", "gpt_oss"])
+def teacher(request, tmp_path_factory):
+    """(kind, model dir, float64 model, data file, source rows, labels)."""
+    root = tmp_path_factory.mktemp(request.param)
+    config = tiny_llama_config(VOCAB) if request.param == "llama" else tiny_gpt_oss_config(VOCAB)
+    model = build_model(config, seed=3)
+    save_model(model, root / "model")
+    model_f64 = float64_reference(model)
+    rows = greedy_rows(model_f64, seed=11)
+    labels = prefix_masked_labels(rows)
+    data = write_parquet(root / "train.parquet", rows, labels)
+    return request.param, root / "model", model_f64, data, rows, labels
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llama_sampled")
+    model = build_model(tiny_llama_config(VOCAB), seed=5)
+    save_model(model, root / "model")
+    model_f64 = float64_reference(model)
+    rows = greedy_rows(model_f64, seed=7, greedy_lengths=(30, 12, 41))
+    data = write_parquet(root / "train.parquet", rows)
+    return root / "model", model_f64, data, rows
+
+
+# ---- targets and hidden states vs float64 --------------------------------------------
+
+def test_topk_targets_and_hidden_states_equal_float64_recomputation(teacher, tmp_path):
+    kind, model_dir, model_f64, data, rows, labels = teacher
+    num_layers = model_f64.config.num_hidden_layers
+    # Llama: bf16, every position; GPT-OSS: fp8 on a deterministic half of the positions.
+    hidden_kw = (dict(hidden_layers=(1, num_layers), hidden_dtype="bf16") if kind == "llama" else
+                 dict(hidden_layers=(1, num_layers), hidden_dtype="fp8", hidden_token_fraction=0.5))
+    k, temperatures = 8, (1.0, 2.0)
+    # A budget of 64 padded tokens forces several batches, some padded.
+    cache(model_dir, data, tmp_path / "c", top_k=k, temperatures=temperatures, rows_per_shard=3,
+          max_tokens_per_batch=64, logits_chunk=16, **hidden_kw)
+    stored = read_all_rows(tmp_path / "c")
+    assert sorted(stored) == list(range(len(rows)))
+
+    captured = {}
+    last_layer = model_f64.model.layers[num_layers - 1]
+    hook = last_layer.register_forward_hook(lambda m, a, out: captured.__setitem__("last", out))
+    try:
+        for row_id, ids in enumerate(rows):
+            row = stored[row_id]
+            np.testing.assert_array_equal(row.input_ids_L, ids)
+            np.testing.assert_array_equal(row.labels_L, labels[row_id])
+            assert row.content_hash == content_hash(ids)
+            with torch.no_grad():
+                out = model_f64(torch.from_numpy(ids.astype(np.int64))[None], output_hidden_states=True)
+            logits_LV = out.logits[0].numpy()
+            # Target t is the teacher's distribution of token t + 1: logits of position t, t = 0..L-2.
+            ref_PV = logits_LV[:-1]
+            num_pos = len(ids) - 1
+            assert row.topk_ids_PK.shape == (num_pos, k)
+            order_PV = np.argsort(-ref_PV, axis=1)
+            ref_sorted_PV = np.take_along_axis(ref_PV, order_PV, axis=1)
+            for t in range(num_pos):
+                if ref_sorted_PV[t, k - 1] - ref_sorted_PV[t, k] > 1e-4:  # the k-th id is not tied
+                    assert set(row.topk_ids_PK[t].tolist()) == set(order_PV[t, :k].tolist()), (row_id, t)
+                true_gap_K = ref_PV[t].max() - ref_PV[t, row.topk_ids_PK[t]]
+                stored_gap_K = row.topk_logits_PK[t].max() - row.topk_logits_PK[t]
+                bound_K = codec.value_error_bound(true_gap_K)
+                assert np.all(np.abs(stored_gap_K - true_gap_K) <= bound_K + 1e-4), (row_id, t)
+                assert abs(row.topk_logits_PK[t].max() - ref_PV[t].max()) < 1e-4
+            for j, temp in enumerate(temperatures):
+                lse_P = torch.logsumexp(torch.from_numpy(ref_PV) / temp, dim=-1).numpy()
+                np.testing.assert_allclose(row.lse_PT[:, j], lse_P, atol=1e-4, rtol=0)
+
+            # The shift, explicitly: the greedy continuation makes token t + 1 the
+            # top-1 of position t, so the stored top-1 of target t is input_ids[t + 1].
+            top1_P = row.topk_ids_PK[np.arange(num_pos), row.topk_logits_PK.argmax(axis=1)]
+            clear_P = ref_sorted_PV[:, 0] - ref_sorted_PV[:, 1] > 1e-3
+            greedy_P = np.arange(num_pos) >= PREFIX - 1
+            assert np.all(top1_P[greedy_P & clear_P] == ids[1:][greedy_P & clear_P])
+            # ... and the comparison above would catch an off-by-one either way.
+            lse_next_P = torch.logsumexp(torch.from_numpy(logits_LV[1:]), dim=-1).numpy()
+            assert np.abs(row.lse_PT[:, 0] - lse_next_P).max() > 0.1
+            assert np.abs(row.lse_PT[1:, 0] - torch.logsumexp(torch.from_numpy(ref_PV[:-1]), -1).numpy()).max() > 0.1
+
+            positions = hidden_positions(row_id, len(ids), hidden_kw.get("hidden_token_fraction", 1.0), 0)
+            np.testing.assert_array_equal(row.hidden_positions_H, positions)
+            assert len(positions) < len(ids) if kind == "gpt_oss" else len(positions) == len(ids)
+            # Layer i = residual stream leaving decoder layer i (1-based), before the final norm.
+            refs = {1: out.hidden_states[1][0], num_layers: captured["last"][0]}
+            assert not torch.allclose(refs[num_layers], out.hidden_states[num_layers][0]), "post-norm differs"
+            for layer, ref_LD in refs.items():
+                ref_HD = ref_LD[torch.from_numpy(positions).long()]
+                got_HD = row.hidden[layer].double()
+                if kind == "llama":  # bf16 rounding
+                    tol_HD = 2.0 ** -8 * ref_HD.abs() + 1e-4
+                else:  # fp8 e4m3: 3 mantissa bits, subnormal step 2^-9 of the per-token scale
+                    scale_H = ref_HD.abs().amax(dim=-1, keepdim=True) / codec.FP8_E4M3_MAX
+                    tol_HD = 2.0 ** -4 * ref_HD.abs() + scale_H * 2.0 ** -9 + 1e-5
+                assert torch.all((got_HD - ref_HD).abs() <= tol_HD), (kind, row_id, layer)
+    finally:
+        hook.remove()
+    manifest = load_manifest(tmp_path / "c")
+    assert manifest.teacher["model_type"] == kind
+    assert manifest.total_tokens == sum(len(r) for r in rows)
+
+
+# ---- sampled targets ------------------------------------------------------------------
+
+def test_sampled_counts_follow_the_teacher_distribution_of_the_next_token(llama, tmp_path):
+    model_dir, model_f64, data, rows = llama
+    draws = 4000
+    cache(model_dir, data, tmp_path / "c", sampled=draws, seed=1234, rows_per_shard=8)
+    row = read_all_rows(tmp_path / "c")[0]
+    ids = rows[0]
+    with torch.no_grad():
+        probs_LV = torch.softmax(model_f64(torch.from_numpy(ids.astype(np.int64))[None]).logits[0], -1).numpy()
+    offsets = np.concatenate([[0], np.cumsum(row.sample_sizes_P)])
+    assert len(row.sample_sizes_P) == len(ids) - 1
+
+    def chi_square(positions, shift: int) -> float:
+        chi2 = dof = 0.0
+        for t in positions:
+            counts_V = np.zeros(VOCAB)
+            sl = slice(offsets[t], offsets[t + 1])
+            assert np.all(np.diff(row.sample_ids_S[sl]) > 0), "distinct ids, ascending"
+            counts_V[row.sample_ids_S[sl]] = row.sample_counts_S[sl]
+            assert counts_V.sum() == draws
+            expected_V = draws * probs_LV[t + shift]
+            big = expected_V >= 5  # pool small bins so the chi-square approximation holds
+            obs = np.append(counts_V[big], counts_V[~big].sum())
+            exp = np.append(expected_V[big], expected_V[~big].sum())
+            keep = exp > 0
+            chi2 += float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum())
+            dof += keep.sum() - 1
+        return float(stats.chi2.sf(chi2, dof))
+
+    positions = range(PREFIX, PREFIX + 8)
+    assert chi_square(positions, shift=0) > 1e-3  # target t follows the distribution of token t + 1
+    assert chi_square(positions, shift=1) < 1e-6  # and not the next position's
+
+
+def test_sampled_shards_do_not_depend_on_batching(llama, tmp_path):
+    model_dir, _, data, _ = llama
+    for budget, name in ((16, "one_row_per_batch"), (4096, "all_rows_in_one_batch")):
+        cache(model_dir, data, tmp_path / name, sampled=64, seed=9, rows_per_shard=2, max_tokens_per_batch=budget,
+              logits_chunk=7 if budget == 16 else 1024)
+    a, b = shard_bytes(tmp_path / "one_row_per_batch"), shard_bytes(tmp_path / "all_rows_in_one_batch")
+    assert len(a) == 2 and a == b
+
+
+# ---- plan, dry run, bad input, refusals -----------------------------------------------
+
+def test_dry_run_prints_plan_and_estimate_and_writes_nothing(llama, tmp_path):
+    model_dir, _, data, rows = llama
+    console, buf = quiet_console()
+    out = tmp_path / "never"
+    cfg = CacheConfig(model=str(model_dir), data=str(data), out=str(out), top_k=8, hidden_layers=(2,),
+                      rows_per_shard=2, num_workers=2, worker_index=1, dry_run=True)
+    assert run_cache(cfg, console) is None
+    text = buf.getvalue()
+    assert not out.exists()
+    assert f"{len(rows)} rows, {sum(len(r) for r in rows)} tokens" in text
+    assert "2 shard(s) of 2 rows" in text and "worker 1/2: 1 shard(s)" in text
+    assert "estimated storage" in text and "hidden" in text and "nothing written" in text
+
+
+def _bad_inputs(root: Path, model_dir: Path):
+    good = random_rows(0, 3, 5, 20)
+    bad_id = [r.copy() for r in good]
+    bad_id[2][4] = VOCAB
+    import datasets
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"input_ids": [r.tolist() for r in good]})}) \
+        .save_to_disk(str(root / "saved"))
+    pq.write_table(pa.table({"tokens": [r.tolist() for r in good]}), root / "no_ids.parquet")
+    return [
+        ("missing input_ids", dict(data=root / "no_ids.parquet"), ["no_ids.parquet", "input_ids"]),
+        ("id >= vocab", dict(data=write_parquet(root / "bad_id.parquet", bad_id)),
+         ["bad_id.parquet", "row 2", str(VOCAB)]),
+        ("too long", dict(data=write_parquet(root / "long.parquet", good + random_rows(1, 1, 1100, 1101)),
+                          limit_rows=None), ["long.parquet", "row 3", "1024"]),
+        ("unknown split", dict(data=root / "saved", split="test"), ["saved", "'test'", "train"]),
+        ("missing model", dict(data=root / "saved", model=root / "nowhere"), ["nowhere", "does not exist"]),
+    ]
+
+
+def test_bad_input_is_refused_before_any_model_work_or_write(llama, tmp_path, monkeypatch):
+    model_dir, _, _, _ = llama
+
+    def no_model(*a, **kw):
+        raise AssertionError("a backend was built for bad input")
+
+    monkeypatch.setattr(cache_run, "make_backend", no_model)
+    for name, kw, fragments in _bad_inputs(tmp_path, model_dir):
+        out = tmp_path / f"out_{name.replace(' ', '_')}"
+        kw = dict(kw)
+        cfg = CacheConfig(model=str(kw.pop("model", model_dir)), data=str(kw.pop("data")), out=str(out), **kw)
+        with pytest.raises(ValueError) as err:
+            run_cache(cfg, quiet_console()[0])
+        message = str(err.value)
+        assert "\n" not in message, name
+        for fragment in fragments:
+            assert fragment in message, (name, message)
+        assert not out.exists(), name
+
+
+def test_cli_reports_bad_input_in_one_line(llama, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    model_dir, _, data, _ = llama
+    result = CliRunner().invoke(app, ["cache-teacher", "--model", str(model_dir), "--data", str(data),
+                                      "--split", "train", "--out", str(tmp_path / "o"), "--hidden-layers", "9"])
+    assert result.exit_code == 2
+    assert "--hidden-layers [9]" in result.output and "4 layers" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_changing_targets_or_teacher_is_refused_without_overwrite(llama, tmp_path):
+    model_dir, _, data, _ = llama
+    out = tmp_path / "c"
+    cache(model_dir, data, out, top_k=8, rows_per_shard=2, limit_rows=2)
+    first = shard_bytes(out)
+    with pytest.raises(ValueError, match="targets/hidden spec.*--overwrite"):
+        cache(model_dir, data, out, top_k=4, rows_per_shard=2, limit_rows=2)
+    with pytest.raises(ValueError, match="targets/hidden spec"):
+        cache(model_dir, data, out, top_k=8, temperatures=(1.0,), rows_per_shard=2, limit_rows=2)
+    with pytest.raises(ValueError, match="rows per shard"):
+        cache(model_dir, data, out, top_k=8, rows_per_shard=1, limit_rows=2)
+    save_model(build_model(tiny_llama_config(VOCAB, num_layers=2)), tmp_path / "other_config")
+    with pytest.raises(ValueError, match="teacher config_hash"):
+        cache(tmp_path / "other_config", data, out, top_k=8, rows_per_shard=2, limit_rows=2)
+    save_model(build_model(tiny_llama_config(VOCAB), seed=99), tmp_path / "other_weights")
+    with pytest.raises(ValueError, match="teacher weights_fingerprint"):
+        cache(tmp_path / "other_weights", data, out, top_k=8, rows_per_shard=2, limit_rows=2)
+    other_data = write_parquet(tmp_path / "other.parquet", random_rows(5, 3, 5, 20))
+    with pytest.raises(ValueError, match="source fingerprint"):
+        cache(model_dir, other_data, out, top_k=8, rows_per_shard=2, limit_rows=2)
+    assert shard_bytes(out) == first, "a refused run changes nothing"
+    cache(model_dir, data, out, top_k=4, rows_per_shard=2, limit_rows=2, overwrite=True)
+    manifest = load_manifest(out)
+    assert manifest.spec.targets.k == 4 and manifest.total_rows == 2
+    assert ShardReader(out / manifest.shards[0].file).spec.targets.k == 4
+    assert (out / MANIFEST_NAME).is_file()
+
+
+def test_summary_reports_throughput_and_cost(llama, tmp_path, monkeypatch):
+    model_dir, _, data, rows = llama
+    monkeypatch.setattr(cache_run, "_gpus_in_use", lambda cfg: 2)
+    console, buf = quiet_console()
+    summary = run_cache(CacheConfig(model=str(model_dir), data=str(data), out=str(tmp_path / "c"), top_k=4,
+                                    gpu_hour_price=2.5, show_progress=False), console)
+    assert summary.tokens == sum(len(r) for r in rows) and summary.rows == len(rows)
+    assert summary.bytes == sum(p.stat().st_size for p in (tmp_path / "c").glob("shard-*.arrow"))
+    assert math.isclose(summary.gpu_hours, summary.seconds / 3600 * 2)
+    expected_cost = summary.gpu_hours * 2.5 / (summary.tokens / 1e6)
+    assert math.isclose(summary.cost_per_million_tokens, expected_cost)
+    assert "tokens/s" in buf.getvalue() and "per million tokens" in buf.getvalue()
