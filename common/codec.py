@@ -134,6 +134,28 @@ def decode_float32(blob: bytes, count: int) -> np.ndarray:
     return from_planes(blob, 4, np.float32, count)
 
 
+# Unit roundoff (half the relative spacing) of each stored hidden dtype, and
+# the fp8 e4m3 subnormal half-step, in units of the per-token scale.
+BF16_UNIT_ROUNDOFF = 2.0 ** -8
+FP8_E4M3_UNIT_ROUNDOFF = 2.0 ** -4
+FP8_E4M3_SUBNORMAL_HALF_STEP = 2.0 ** -10
+
+
+def hidden_error_bound(hidden_HD: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Largest |decoded - x| per element for hidden states stored as `dtype`.
+
+    bf16 rounds to nearest: |x| * 2^-8. fp8 e4m3 with scale s = amax / 448:
+    |x| * 2^-4 for normal values, s * 2^-10 below the smallest normal (2^-6 s).
+    Both get a float32 allowance of 1e-6 relative for the scale arithmetic.
+    """
+    x_HD = hidden_HD.double().abs()
+    if dtype == "bf16":
+        return x_HD * BF16_UNIT_ROUNDOFF * (1 + 1e-6)
+    assert dtype == "fp8", dtype
+    scale_H = hidden_HD.float().abs().amax(dim=-1).clamp_min(1e-12).double() / FP8_E4M3_MAX
+    return torch.maximum(x_HD * FP8_E4M3_UNIT_ROUNDOFF, scale_H[:, None] * FP8_E4M3_SUBNORMAL_HALF_STEP) * (1 + 1e-6)
+
+
 def encode_hidden_bf16(hidden_HD: torch.Tensor) -> bytes:
     bits = hidden_HD.to(torch.bfloat16).contiguous().view(torch.int16).numpy()
     return to_planes(bits, 2)

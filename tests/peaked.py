@@ -98,29 +98,37 @@ def _lse_rows(x_PV: np.ndarray) -> np.ndarray:
     return m_P.astype(np.float64) + np.log(np.exp(x_PV - m_P[:, None]).sum(axis=1, dtype=np.float64))
 
 
+CHUNK_POSITIONS = 64  # float64 [chunk, V] work arrays stay near 100 MB at V = 201,088
+
+
 def lse_float64(logits_PV: np.ndarray, temperatures: tuple[float, ...]) -> np.ndarray:
     """[P, T] exact log-sum-exp of logits / T over the full vocabulary."""
-    x_PV = logits_PV.astype(np.float64)
-    out = []
-    for t in temperatures:
-        scaled = x_PV / t
-        m = scaled.max(axis=1, keepdims=True)
-        out.append((m + np.log(np.exp(scaled - m).sum(axis=1, keepdims=True)))[:, 0])
-    return np.stack(out, axis=1)
+    out_PT = np.empty((len(logits_PV), len(temperatures)))
+    for start in range(0, len(logits_PV), CHUNK_POSITIONS):
+        x_pV = logits_PV[start:start + CHUNK_POSITIONS].astype(np.float64)
+        for ti, t in enumerate(temperatures):
+            scaled = x_pV / t
+            m = scaled.max(axis=1, keepdims=True)
+            out_PT[start:start + len(x_pV), ti] = (m + np.log(np.exp(scaled - m).sum(axis=1, keepdims=True)))[:, 0]
+    return out_PT
 
 
 def sample_counts(logits_PV: np.ndarray, uniforms_PM: np.ndarray):
     """Inverse-CDF draws at T=1 in float64 -> (distinct ids ascending, counts, sizes_P)."""
-    x_PV = logits_PV.astype(np.float64)
-    probs_PV = np.exp(x_PV - x_PV.max(axis=1, keepdims=True))
-    cdf_PV = np.cumsum(probs_PV, axis=1)
     ids, counts, sizes = [], [], []
-    for p in range(len(x_PV)):
-        draws = np.searchsorted(cdf_PV[p], uniforms_PM[p] * cdf_PV[p, -1], side="right")
-        u, c = np.unique(np.minimum(draws, x_PV.shape[1] - 1), return_counts=True)
-        ids.append(u)
-        counts.append(c)
-        sizes.append(len(u))
+    vocab_size = logits_PV.shape[1]
+    for start in range(0, len(logits_PV), CHUNK_POSITIONS):
+        x_pV = logits_PV[start:start + CHUNK_POSITIONS].astype(np.float64)
+        cdf_pV = np.cumsum(np.exp(x_pV - x_pV.max(axis=1, keepdims=True)), axis=1)
+        for p in range(len(x_pV)):
+            draws = np.searchsorted(cdf_pV[p], uniforms_PM[start + p] * cdf_pV[p, -1], side="right")
+            u, c = np.unique(np.minimum(draws, vocab_size - 1), return_counts=True)
+            ids.append(u)
+            counts.append(c)
+            sizes.append(len(u))
+    if not sizes:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, empty
     return np.concatenate(ids).astype(np.int64), np.concatenate(counts).astype(np.int64), np.array(sizes, np.int64)
 
 
