@@ -12,3 +12,5 @@ from cli import inspect_cmd  # noqa: E402,F401
 from cli import quickstart_cmd  # noqa: E402,F401
 from cli import cache_cmd  # noqa: E402,F401
 from cli import data_cmd  # noqa: E402,F401
+from cli import train_cmd  # noqa: E402,F401
+from cli import autotune_cmd  # noqa: E402,F401

@@ -1,0 +1,76 @@
+"""`vpmoe train CONFIG.yaml [--set k=v ...] [--resume [PATH]] [--nproc-per-node N]`.
+
+Under torchrun (RANK in the environment) this process is one rank and trains.
+With --nproc-per-node N and no torchrun environment it starts N ranks itself
+through torch.distributed.run, each running this same command.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import typer
+
+from cli.main import app
+
+
+def split_overrides(sets: list[str] | None, extra: list[str] | None) -> list[str]:
+    """`--set a=1 --set b=2`, and also `--set a=1 b=2` (the trailing pairs arrive as arguments)."""
+    overrides = list(sets or [])
+    for item in extra or []:
+        if "=" not in item:
+            raise typer.BadParameter(f"unexpected argument {item!r} (overrides are key=value)")
+        overrides.append(item)
+    return overrides
+
+
+def relaunch(nproc: int, argv: list[str]) -> int:
+    """Runs `python -m cli <argv>` on nproc local ranks under torch.distributed.run; returns its exit code."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "cli", *argv]
+    env = dict(os.environ)
+    # Each rank's decode threads and torch threads share the host's cores.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return subprocess.call(cmd, env=env)
+
+
+@app.command("train", context_settings={"allow_interspersed_args": True})
+def train(
+    config: Path = typer.Argument(..., help="Training config (YAML); see configs/."),
+    extra: list[str] = typer.Argument(None, hidden=True),
+    sets: list[str] = typer.Option(None, "--set", help="Override a config key: section.key=value (repeatable)."),
+    resume: str = typer.Option(None, "--resume", flag_value="", is_flag=False,
+                               help="Resume: alone, from the latest checkpoint (or start fresh if none); "
+                                    "with a PATH, from that checkpoint."),
+    nproc_per_node: int = typer.Option(0, "--nproc-per-node",
+                                       help="Start this many local ranks (when not already under torchrun)."),
+):
+    """Train the student on the teacher cache (FSDP2 over all ranks)."""
+    from student_train.config import load_config
+
+    overrides = split_overrides(sets, extra)
+    try:
+        cfg = load_config(config, overrides)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    if nproc_per_node > 0 and "RANK" not in os.environ:
+        argv = ["train", str(config), *[a for o in overrides for a in ("--set", o)]]
+        if resume is not None:
+            argv += ["--resume", resume] if resume else ["--resume"]
+        raise typer.Exit(relaunch(nproc_per_node, argv))
+
+    from student_train.trainer import NonFiniteError, run
+
+    try:
+        summary = run(cfg, resume)
+    except (ValueError, NonFiniteError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1)
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(f"done: {summary.steps} steps, {summary.tokens:,} tokens, "
+                   f"{summary.tokens_per_s:,.0f} tokens/s; last checkpoint {summary.last_checkpoint}"
+                   + (f"; export {summary.export_dir}" if summary.export_dir else ""))

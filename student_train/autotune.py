@@ -1,0 +1,202 @@
+"""`vpmoe autotune`: the largest micro batch that fits, by real probes.
+
+Each probe runs what a training step runs on one micro batch of synthetic
+inputs shaped like the cache's (seq_len tokens, the cache's top-k width or
+sampled ids, the configured teacher hidden layers): forward with the fused
+loss, backward, gradient clipping and an optimizer step, so optimizer state
+is part of the measured memory. An out-of-memory error marks the size as not
+fitting (agreed over ranks). Sizes double until one fails, then a binary
+search finds the boundary. On CPU nothing runs out of memory in useful time,
+so the search stops at a cap and says so.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from common.manifest import load_manifest
+from common.spec import HiddenSpec, ShardSpec, TargetSpec
+from student_train import parallel
+from student_train.batch import StudentBatch
+from student_train.config import TrainConfig
+from student_train.model import decoder_layers
+from student_train.optim import build_optimizer
+from student_train.parallel import DistEnv, all_reduce_min, print0
+
+CPU_CAP = 4
+GPU_CAP = 256
+
+
+@dataclass
+class Probe:
+    micro_batch: int
+    fits: bool
+    seconds: float
+    peak_mem_gib: float | None
+
+
+@dataclass
+class GbsPlan:
+    target_gbs: int
+    micro_batch: int  # 0 when the target cannot be met at this world size
+    grad_accum: int
+    note: str = ""
+
+
+@dataclass
+class AutotuneResult:
+    seq_len: int
+    world_size: int
+    device: str
+    max_micro_batch: int  # largest that fit (0: not even 1)
+    cap: int
+    capped: bool  # the search stopped at the cap, not at a failure
+    probes: list[Probe] = field(default_factory=list)
+    plans: list[GbsPlan] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def plan_accumulation(target_gbs: int, max_micro_batch: int, world_size: int) -> GbsPlan:
+    """Largest micro batch <= max that splits target_gbs evenly over ranks and accumulation steps."""
+    if target_gbs < 1:
+        raise ValueError(f"--target-gbs must be >= 1, got {target_gbs}")
+    if max_micro_batch < 1:
+        return GbsPlan(target_gbs, 0, 0, "micro batch 1 does not fit")
+    if target_gbs % world_size:
+        return GbsPlan(target_gbs, 0, 0, f"not a multiple of the world size {world_size}")
+    per_rank = target_gbs // world_size
+    micro = max(m for m in range(1, min(max_micro_batch, per_rank) + 1) if per_rank % m == 0)
+    note = "" if micro == min(max_micro_batch, per_rank) else f"{min(max_micro_batch, per_rank)} fits but does not divide {per_rank} sequences per rank"
+    return GbsPlan(target_gbs, micro, per_rank // micro, note)
+
+
+def cache_spec_or_default(cfg: TrainConfig, vocab: int, student_width: int) -> tuple[ShardSpec, str | None]:
+    """The train cache's spec, or a stand-in shaped like the config when the cache is not there."""
+    try:
+        return load_manifest(cfg.data.train_cache).spec, None
+    except (ValueError, OSError):
+        loss = cfg.loss
+        layers = tuple(sorted({t for _, t in loss.layer_pairs})) if loss.hidden_cosine > 0 else ()
+        targets = TargetSpec(mode="sampled", num_samples=50) if loss.kl_mode == "sampled" else \
+            TargetSpec(k=64, temperatures=tuple(sorted({1.0, loss.kl_temperature})))
+        spec = ShardSpec(vocab_size=vocab, targets=targets,
+                         hidden=HiddenSpec(layers=layers, hidden_size=student_width if layers else 0))
+        return spec, (f"{cfg.data.train_cache}: no cache manifest; probing with top-64 targets"
+                      f"{' and teacher width = student width' if layers else ''}")
+
+
+def synthetic_batch(spec: ShardSpec, micro_batch: int, seq_len: int, teacher_layers, gen: torch.Generator) -> StudentBatch:
+    """Every position valid and every target slot filled: the most memory a real batch can take."""
+    B, L, P, V = micro_batch, seq_len, seq_len - 1, spec.vocab_size
+    input_ids_BL = torch.randint(0, V, (B, L), generator=gen)
+    batch = StudentBatch(row_ids_B=torch.arange(B), input_ids_BL=input_ids_BL,
+                         attention_mask_BL=torch.ones(B, L, dtype=torch.int64), labels_BL=input_ids_BL.clone(),
+                         num_tokens=B * L)
+    t = spec.targets
+    if t.mode == "topk":
+        offset_BP1 = torch.randint(0, V, (B, P, 1), generator=gen)
+        batch.topk_ids_BPK = (offset_BP1 + torch.arange(t.k)) % V  # distinct per position
+        batch.topk_logits_BPK = torch.randn(B, P, t.k, generator=gen)
+        batch.lse_BPT = torch.logsumexp(batch.topk_logits_BPK, -1, keepdim=True).expand(B, P, len(t.temperatures)) + 1.0
+    else:
+        m = min(t.num_samples, V)
+        offset_BP1 = torch.randint(0, V, (B, P, 1), generator=gen)
+        batch.sample_ids_BPM = (offset_BP1 + torch.arange(m)) % V
+        batch.sample_counts_BPM = torch.zeros(B, P, m, dtype=torch.int64)
+        batch.sample_counts_BPM[..., 0] = t.num_samples
+    for layer in teacher_layers:
+        batch.teacher_hidden[layer] = torch.randn(B, L, spec.hidden.hidden_size, generator=gen)
+    batch.hidden_mask_BL = torch.ones(B, L, dtype=torch.bool)
+    return batch
+
+
+def autotune(cfg: TrainConfig, seq_len: int, target_gbs: list[int], max_micro_batch: int = 0) -> AutotuneResult:
+    from student_train.trainer import build_distill_model, build_student
+
+    env: DistEnv = parallel.init_distributed(cfg.device)
+    cfg.data.seq_len = seq_len
+    student, _ = build_student(cfg, env)
+    vocab = student.get_output_embeddings().weight.shape[0]
+    spec, note = cache_spec_or_default(cfg, vocab, student.config.hidden_size)
+    loss_cfg = cfg.loss.to_loss_config()
+    teacher_layers = tuple(sorted({t for _, t in loss_cfg.layer_pairs})) if loss_cfg.hidden_cosine_weight > 0 else ()
+    if len(decoder_layers(student)) < max((s for s, _ in loss_cfg.layer_pairs), default=0):
+        raise ValueError("loss.layer_pairs names a student layer the student does not have")
+    model, _ = build_distill_model(cfg, env, student, spec)
+    optimizer = build_optimizer(model, cfg.optim, env.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    on_gpu = env.device.type == "cuda"
+    cap = max_micro_batch or (GPU_CAP if on_gpu else CPU_CAP)
+    result = AutotuneResult(seq_len=seq_len, world_size=env.world_size, device=str(env.device),
+                            max_micro_batch=0, cap=cap, capped=False)
+    if note:
+        result.notes.append(note)
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def probe(m: int) -> bool:
+        batch = synthetic_batch(spec, m, seq_len, teacher_layers, gen)
+        if on_gpu:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(env.device)
+        start = time.perf_counter()
+        fits = True
+        try:
+            with parallel.autocast_context(env, cfg.student.compute_dtype):
+                loss, _ = model(batch.to(env.device), float(m * (seq_len - 1) * env.world_size),
+                                float(m * seq_len * env.world_size))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+        except torch.OutOfMemoryError:
+            fits = False
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+            loss = batch = None
+            gc.collect()
+            if on_gpu:
+                torch.cuda.synchronize(env.device)
+        peak = torch.cuda.max_memory_allocated(env.device) / 2**30 if on_gpu else None
+        fits = bool(all_reduce_min(torch.tensor([int(fits)], device=env.device)).item())
+        result.probes.append(Probe(m, fits, time.perf_counter() - start, peak))
+        print0(f"micro batch {m}: {'fits' if fits else 'out of memory'}"
+               f"{f', peak {peak:.1f} GiB' if peak is not None else ''}")
+        return fits
+
+    # Doubling until a size fails or passes the cap, then bisection between the last fit and that bound.
+    good, bound = 0, None
+    m = 1
+    while m <= cap:
+        if not probe(m):
+            bound = m
+            break
+        good, m = m, m * 2
+    failed = bound is not None
+    bound = bound if failed else cap + 1
+    while bound - good > 1:
+        mid = (good + bound) // 2
+        if probe(mid):
+            good = mid
+        else:
+            bound, failed = mid, True
+    result.capped = not failed and good == cap
+    result.max_micro_batch = good
+    if result.capped:
+        why = "on CPU memory is not the limit in useful time" if not on_gpu else "raise --max-micro-batch"
+        result.notes.append(f"stopped at the cap of micro batch {cap} without running out of memory ({why})")
+    result.plans = [plan_accumulation(g, good, env.world_size) for g in target_gbs]
+    return result
+
+
+def run(cfg: TrainConfig, seq_len: int, target_gbs: list[int], max_micro_batch: int = 0) -> AutotuneResult:
+    clean = False
+    try:
+        result = autotune(cfg, seq_len, target_gbs, max_micro_batch)
+        clean = True
+        return result
+    finally:
+        parallel.shutdown(clean)
+

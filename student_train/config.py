@@ -1,0 +1,371 @@
+"""`vpmoe train` configuration: typed dataclasses loaded from YAML, with
+`--set section.key=value` overrides.
+
+Every key is checked against the dataclasses: an unknown key, or a value of the
+wrong type, is a one-line ValueError that names the key (and the closest known
+key). Values are converted to the declared type, so `--set optim.lr=3e-4` (a
+string to YAML 1.1) still becomes a float.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from student_train.losses import KL_MODES, LossConfig
+
+DTYPES = ("fp32", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "muon")
+DEVICES = ("auto", "cpu", "cuda")
+
+# Phase 1 of the user's plan: attention (incl. GPT-OSS sinks) and the MoE router
+# learn; experts, embeddings, lm_head and norms stay as loaded. `freeze` wins
+# over `train`, so a norm inside attention (q_norm) stays frozen.
+PHASE1_TRAIN = [r"\.self_attn\.", r"\.mlp\.router\."]
+PHASE1_FREEZE = [r"\.experts\.", r"embed_tokens", r"lm_head", r"norm"]
+
+
+@dataclass
+class StudentConfig:
+    path: str | None = None  # HF model directory (or a repo id already in the local HF cache)
+    init_config: str | None = None  # a config.json (or its directory) to initialise randomly from
+    trust_remote_code: bool = False
+    dtype: str = "fp32"  # dtype the weights (and so the optimizer state) are kept in
+    compute_dtype: str = "bf16"  # FSDP2 parameter dtype on GPU; CPU always computes in `dtype`
+    attn_implementation: str | None = None  # e.g. sdpa, eager, flash_attention_2; None: the model's default
+    train: list[str] = field(default_factory=lambda: list(PHASE1_TRAIN))  # regexes; empty = every parameter
+    freeze: list[str] = field(default_factory=lambda: list(PHASE1_FREEZE))  # regexes, applied after `train`
+
+
+@dataclass
+class DataConfig:
+    train_cache: str = ""
+    eval_cache: str | None = None
+    seed: int = 0
+    shuffle: bool = True
+    seq_len: int = 4096
+    micro_batch: int = 1
+    global_batch: int = 0  # sequences per optimizer step over all ranks; 0: micro x world x grad_accum
+    grad_accum: int = 0  # 0: global_batch / (micro_batch x world size)
+    num_threads: int = 2  # decode threads per rank
+    prefetch: int = 4
+    pin_memory: bool = True
+    length_window: int = 64  # rows sorted by length inside windows of this many micro batches
+    max_samples: int = 0  # 0: every row
+    verify_content: bool = True
+
+
+@dataclass
+class LossSection:
+    ce: float = 1.0
+    kl: float = 0.0
+    hidden_cosine: float = 0.0
+    kl_temperature: float = 1.0
+    kl_mode: str = "tail"  # tail | renorm (top-k caches), sampled (sampled caches)
+    scale_by_t2: bool = True
+    chunk_size: int = 1024  # positions per lm_head chunk
+    layer_pairs: list[list[int]] = field(default_factory=list)  # [[student_layer, teacher_layer], ...], 1-based
+
+    def to_loss_config(self) -> LossConfig:
+        return LossConfig(ce_weight=self.ce, kl_weight=self.kl, hidden_cosine_weight=self.hidden_cosine,
+                          kl_temperature=self.kl_temperature, kl_mode=self.kl_mode, scale_by_t2=self.scale_by_t2,
+                          chunk_size=self.chunk_size, layer_pairs=tuple(tuple(p) for p in self.layer_pairs))
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | muon (Muon on 2-D hidden weights, AdamW on the rest)
+    steps: int = 0  # optimizer steps; 0: one epoch of the train cache
+    lr: float = 3e-4
+    min_lr: float = 1e-5
+    warmup_ratio: float = 0.025
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    fused: bool = True  # fused AdamW where the device supports it
+    grad_clip: float = 0.5  # 0: off
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_ns_steps: int = 5
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "runs/train/checkpoints"
+    every: int = 200  # 0: only at the end
+    keep: int = 3
+
+
+@dataclass
+class ExportConfig:
+    dir: str | None = None  # HF export at the end; None: <checkpoint.dir>/../export
+    enabled: bool = True
+    dtype: str | None = None  # fp32 | bf16 | fp16; None: student.dtype
+
+
+@dataclass
+class EvalConfig:
+    every: int = 100  # 0: never
+    samples: int = 64  # eval rows over all ranks; 0: the whole eval cache
+    micro_batch: int = 0  # 0: data.micro_batch
+    early_stop_patience: int = 0  # stop when the eval loss rose this many evals in a row; 0: off
+
+
+@dataclass
+class LogConfig:
+    every: int = 1
+    jsonl: str | None = None  # None: <checkpoint.dir>/../log.jsonl
+    tensorboard: str | None = None  # a directory; needs the tensorboard package
+
+
+@dataclass
+class TrainConfig:
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossSection = field(default_factory=LossSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False  # torch.compile each decoder block
+    activation_checkpointing: bool = False
+    gpu_hour_price: float = 0.0  # per GPU-hour; > 0 adds cost per million tokens to the summary
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.checkpoint.dir).parent
+
+    @property
+    def jsonl_path(self) -> Path:
+        return Path(self.log.jsonl) if self.log.jsonl else self.run_dir / "log.jsonl"
+
+    @property
+    def export_dir(self) -> Path:
+        return Path(self.export.dir) if self.export.dir else self.run_dir / "export"
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """YAML file (or None for the defaults) + `key=value` overrides -> validated TrainConfig."""
+    raw: dict = {}
+    where = "config"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise ValueError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        apply_override(raw, item)
+    config = _build(TrainConfig, raw, "", where)
+    validate(config, where)
+    return config
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """`a.b.c=value` into the raw dict; the value is parsed as YAML (`[1, 2]`, `null`, `true`)."""
+    if "=" not in item:
+        raise ValueError(f"--set {item!r}: expected key=value")
+    key, text = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ValueError(f"--set {item!r}: empty key part")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    if text.strip() == "":
+        value = ""
+    # The key is checked against the dataclasses here so the error says "--set".
+    cls: Any = TrainConfig
+    node = raw
+    for i, part in enumerate(parts):
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in known:
+            raise ValueError(f"--set {key}: unknown config key {'.'.join(parts[:i + 1])!r}"
+                             f"{_suggest(part, known, '.'.join(parts[:i]))}")
+        hint = typing.get_type_hints(cls)[part]
+        if i == len(parts) - 1:
+            node[part] = value
+            return
+        if not dataclasses.is_dataclass(hint):
+            raise ValueError(f"--set {key}: {'.'.join(parts[:i + 1])!r} is not a section")
+        sub = node.setdefault(part, {})
+        if not isinstance(sub, dict):
+            raise ValueError(f"--set {key}: {'.'.join(parts[:i + 1])!r} is not a mapping in the config file")
+        node, cls = sub, hint
+
+
+def _suggest(name: str, known, prefix: str) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
+    if not close:
+        return f" (known: {', '.join(sorted(known))})"
+    full = f"{prefix}.{close[0]}" if prefix else close[0]
+    return f"; did you mean {full!r}?"
+
+
+def _build(cls, raw: Any, prefix: str, where: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: {prefix or 'top level'} must be a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            raise ValueError(f"{where}: unknown config key {name!r}{_suggest(str(key), fields, prefix)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, name, where)
+        else:
+            kwargs[key] = _convert(value, hint, name, where)
+    return cls(**kwargs)
+
+
+def _convert(value: Any, hint: Any, name: str, where: str):
+    """Value from YAML -> the declared type, or a ValueError naming the key."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+
+    def bad(expected: str) -> ValueError:
+        return ValueError(f"{where}: config key {name!r} expects {expected}, got {value!r}")
+
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
+            return None
+        assert len(options) == 1, f"config field {name} has an unsupported union type"
+        return _convert(value, options[0], name, where)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad("true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                as_float = float(value)
+            except ValueError:
+                raise bad("an integer") from None
+            if as_float.is_integer():
+                return int(as_float)
+        raise bad("an integer")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad("a number") from None
+        raise bad("a number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad("a string")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise bad("a list")
+        return [_convert(v, args[0], f"{name}[{i}]", where) for i, v in enumerate(value)]
+    raise AssertionError(f"config field {name} has unsupported type {hint}")
+
+
+def validate(config: TrainConfig, where: str = "config") -> None:
+    """Checks that span keys; each message names the key."""
+    s, d, o = config.student, config.data, config.optim
+
+    def need(cond: bool, key: str, msg: str) -> None:
+        if not cond:
+            raise ValueError(f"{where}: {key}: {msg}")
+
+    need((s.path is None) != (s.init_config is None), "student.path",
+         "set exactly one of student.path and student.init_config")
+    need(s.dtype in DTYPES, "student.dtype", f"must be one of {DTYPES}")
+    need(s.compute_dtype in DTYPES, "student.compute_dtype", f"must be one of {DTYPES}")
+    need(config.export.dtype is None or config.export.dtype in DTYPES, "export.dtype", f"must be one of {DTYPES}")
+    need(bool(d.train_cache), "data.train_cache", "is required")
+    need(d.seq_len >= 2, "data.seq_len", "must be >= 2")
+    need(d.micro_batch >= 1, "data.micro_batch", "must be >= 1")
+    need(d.global_batch >= 0 and d.grad_accum >= 0, "data.global_batch", "global_batch and grad_accum must be >= 0")
+    need(d.num_threads >= 1 and d.prefetch >= 1, "data.num_threads", "num_threads and prefetch must be >= 1")
+    need(config.loss.kl_mode in KL_MODES, "loss.kl_mode", f"must be one of {KL_MODES}")
+    for i, pair in enumerate(config.loss.layer_pairs):
+        need(len(pair) == 2, f"loss.layer_pairs[{i}]", "must be [student_layer, teacher_layer]")
+    try:
+        config.loss.to_loss_config()
+    except ValueError as exc:
+        raise ValueError(f"{where}: loss: {exc}") from None
+    need(o.name in OPTIMIZERS, "optim.name", f"must be one of {OPTIMIZERS}")
+    need(o.steps >= 0, "optim.steps", "must be >= 0")
+    need(o.lr > 0 and 0 <= o.min_lr <= o.lr, "optim.min_lr", "need lr > 0 and 0 <= min_lr <= lr")
+    need(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", "must be in [0, 1)")
+    need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "must be two numbers in [0, 1)")
+    need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    need(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 turns clipping off)")
+    need(o.muon_ns_steps >= 1, "optim.muon_ns_steps", "must be >= 1")
+    need(config.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
+    need(config.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    need(config.eval.every >= 0 and config.eval.samples >= 0, "eval.every", "every and samples must be >= 0")
+    need(config.eval.every == 0 or bool(d.eval_cache), "data.eval_cache", "eval.every > 0 needs an eval cache")
+    need(config.eval.early_stop_patience >= 0, "eval.early_stop_patience", "must be >= 0")
+    need(config.log.every >= 1, "log.every", "must be >= 1")
+    need(config.device in DEVICES, "device", f"must be one of {DEVICES}")
+    need(config.gpu_hour_price >= 0, "gpu_hour_price", "must be >= 0")
+
+
+def grad_accum_steps(data: DataConfig, world_size: int) -> int:
+    """Micro batches per rank per optimizer step."""
+    per_pass = data.micro_batch * world_size
+    if data.global_batch == 0:
+        return max(data.grad_accum, 1)
+    if data.global_batch % per_pass:
+        raise ValueError(f"data.global_batch={data.global_batch} is not a multiple of micro_batch x world size "
+                         f"= {data.micro_batch} x {world_size}")
+    accum = data.global_batch // per_pass
+    if data.grad_accum and data.grad_accum != accum:
+        raise ValueError(f"data.grad_accum={data.grad_accum} disagrees with data.global_batch={data.global_batch} "
+                         f"at micro_batch {data.micro_batch} x world size {world_size} (= {accum})")
+    return accum
+
+
+# ---------------------------------------------------------------- saving
+
+
+def to_dict(config: TrainConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: TrainConfig, path: str | Path) -> Path:
+    """Writes a YAML file that `load_config` reads back to an equal config."""
+    from common.atomic import atomic_write_text
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
+    return path

@@ -1,0 +1,46 @@
+"""Evaluation on the eval cache: token-averaged CE and KL, top-1 agreement with
+the teacher, and hidden-state cosine, summed on each rank and all-reduced."""
+
+from __future__ import annotations
+
+import torch
+
+from student_train.model import LossSums
+from student_train.parallel import DistEnv, all_reduce_sum
+
+
+def summarise(sums_F: torch.Tensor, loss_cfg) -> dict:
+    """All-reduced LossSums.as_tensor() -> averages, and the weighted objective the trainer minimises."""
+    s = dict(zip(LossSums.FIELDS, sums_F.tolist()))
+    tokens = max(s["valid_tokens"], 1.0)
+    out = {"ce": s["ce_sum"] / tokens, "kl": s["kl_sum"] / tokens, "top1": s["top1_agree_sum"] / tokens,
+           "tokens": int(s["valid_tokens"])}
+    kl_scale = loss_cfg.kl_temperature**2 if loss_cfg.scale_by_t2 else 1.0
+    loss = loss_cfg.ce_weight * out["ce"] + loss_cfg.kl_weight * kl_scale * out["kl"]
+    if s["hidden_positions"] > 0:
+        dist = s["hidden_dist_sum"] / s["hidden_positions"]
+        out["hidden_cos"] = 1.0 - dist
+        loss += loss_cfg.hidden_cosine_weight * dist
+    out["loss"] = loss
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, env: DistEnv, loss_cfg, autocast) -> dict:
+    """One pass over the eval loader's epoch (the same rows every time).
+
+    Every rank runs the same number of batches (the loader pads ranks with
+    filler rows), which FSDP's per-layer collectives need.
+    """
+    was_training = model.training
+    model.eval()
+    sums_F = torch.zeros(len(LossSums.FIELDS), dtype=torch.float64, device=env.device)
+    for batch in loader.epoch_batches():
+        batch = batch.to(env.device, non_blocking=True)
+        with autocast:
+            # Normalisers of 1 make the loss parts plain sums; they are divided after the all-reduce.
+            _, sums = model(batch, 1.0, 1.0)
+        sums_F += sums.as_tensor().to(sums_F.device)
+    all_reduce_sum(sums_F)
+    model.train(was_training)
+    return summarise(sums_F.cpu(), loss_cfg)

@@ -1,0 +1,290 @@
+"""The student: loading, choosing what trains, and the distillation wrapper.
+
+`DistillModel.forward` runs the backbone, captures the selected decoder-layer
+outputs with hooks, and computes the whole loss inside forward. Under FSDP2 the
+wrapper is the root module, so the lm_head (a root parameter) is unsharded for
+the whole forward and the fused, chunked lm_head + CE + KL can use it directly.
+
+Shape suffixes: B rows, L tokens, P = L - 1 target positions (position t
+describes token t + 1), N = B * P flattened positions, D student width,
+E teacher width, K top-k width, T cached temperatures, M sampled ids.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from common.spec import ShardSpec
+from student_train.batch import IGNORE_INDEX, StudentBatch
+from student_train.config import StudentConfig
+from student_train.losses import (
+    LossConfig,
+    SampledTargets,
+    TopkTargets,
+    build_hidden_projection,
+    distill_loss,
+    hidden_cosine_loss,
+)
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PROJECTIONS_FILE = "hidden_projections.safetensors"
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_student(cfg: StudentConfig, seed: int = 0) -> nn.Module:
+    """HF causal LM from a directory, or randomly initialised (deterministic in `seed`) from a config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = dict(dtype=TORCH_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.path is not None:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(cfg.path, local_files_only=True, **kwargs)
+        except (OSError, ValueError) as exc:
+            where = "does not exist and is not a model in the local HF cache" if not Path(cfg.path).exists() \
+                else f"could not be loaded ({str(exc).splitlines()[0]})"
+            raise ValueError(f"student.path {cfg.path}: {where}") from exc
+    else:
+        source = Path(cfg.init_config)
+        if not source.exists():
+            raise ValueError(f"student.init_config {source}: not found")
+        try:
+            config = AutoConfig.from_pretrained(str(source), trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"student.init_config {source}: not a model config ({str(exc).splitlines()[0]})") from exc
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    model.config.use_cache = False  # training never decodes; a KV cache only costs memory
+    return model
+
+
+@dataclass
+class ParamCounts:
+    trained: int
+    frozen: int
+    trained_tensors: int
+    frozen_tensors: int
+
+    def describe(self) -> str:
+        total = self.trained + self.frozen
+        return (f"parameters: {self.trained:,} trained ({self.trained_tensors} tensors), "
+                f"{self.frozen:,} frozen ({self.frozen_tensors} tensors), "
+                f"{100 * self.trained / max(total, 1):.1f}% trained")
+
+
+def select_trainable(model: nn.Module, train: list[str], freeze: list[str]) -> ParamCounts:
+    """requires_grad from name regexes (re.search): trained = matches `train` (all if empty) and not `freeze`.
+
+    Must run before FSDP wraps the model: fully_shard groups parameters by their
+    requires_grad and the optimizer is built from the trained ones only.
+    """
+    names = [name for name, _ in model.named_parameters()]
+    patterns = {}
+    for key, regexes in (("student.train", train), ("student.freeze", freeze)):
+        for regex in regexes:
+            try:
+                compiled = re.compile(regex)
+            except re.error as exc:
+                raise ValueError(f"{key}: {regex!r} is not a valid regex ({exc})") from None
+            if not any(compiled.search(n) for n in names):
+                raise ValueError(f"{key}: regex {regex!r} matches no parameter of the student "
+                                 f"(e.g. {names[0]!r}, {names[len(names) // 2]!r})")
+            patterns.setdefault(key, []).append(compiled)
+    train_re, freeze_re = patterns.get("student.train", []), patterns.get("student.freeze", [])
+    counts = ParamCounts(0, 0, 0, 0)
+    for name, param in model.named_parameters():
+        trained = (not train_re or any(r.search(name) for r in train_re)) and not any(r.search(name) for r in freeze_re)
+        param.requires_grad_(trained)
+        if trained:
+            counts.trained += param.numel()
+            counts.trained_tensors += 1
+        else:
+            counts.frozen += param.numel()
+            counts.frozen_tensors += 1
+    if counts.trained == 0:
+        raise ValueError("student.train / student.freeze leave no parameter to train")
+    return counts
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks in order (FSDP units, and the layers hidden states are taken from)."""
+    num_layers = getattr(model.config, "num_hidden_layers", None)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if isinstance(layers, nn.ModuleList) and (num_layers is None or len(layers) == num_layers):
+        return layers
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            return module
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__} "
+                     f"(no ModuleList of num_hidden_layers={num_layers} blocks)")
+
+
+# ---------------------------------------------------------------- the wrapper
+
+
+@dataclass(frozen=True)
+class TargetLayout:
+    """What the cache holds, as the loss needs it."""
+
+    mode: str  # topk | sampled
+    lse_index: int  # column of lse_BPT at the KL temperature (top-k)
+    num_samples: int  # draws per position (sampled)
+    teacher_hidden_size: int
+
+    @classmethod
+    def from_spec(cls, spec: ShardSpec, loss: LossConfig) -> "TargetLayout":
+        temps = spec.targets.temperatures
+        lse_index = 0
+        if spec.targets.mode == "topk":
+            match = [i for i, t in enumerate(temps) if abs(t - loss.kl_temperature) < 1e-6]
+            lse_index = match[0] if match else 0
+        return cls(mode=spec.targets.mode, lse_index=lse_index, num_samples=spec.targets.num_samples,
+                   teacher_hidden_size=spec.hidden.hidden_size)
+
+
+@dataclass
+class LossSums:
+    """Detached sums over this rank's micro batch; divide after all-reducing."""
+
+    ce_sum: torch.Tensor
+    kl_sum: torch.Tensor
+    top1_agree_sum: torch.Tensor
+    valid_tokens: torch.Tensor
+    hidden_dist_sum: torch.Tensor  # sum of (1 - cos) over layer pairs and positions
+    hidden_positions: torch.Tensor  # positions x layer pairs
+
+    def as_tensor(self) -> torch.Tensor:
+        return torch.stack([self.ce_sum, self.kl_sum, self.top1_agree_sum, self.valid_tokens,
+                            self.hidden_dist_sum, self.hidden_positions]).double()
+
+    FIELDS = ("ce_sum", "kl_sum", "top1_agree_sum", "valid_tokens", "hidden_dist_sum", "hidden_positions")
+
+
+class DistillModel(nn.Module):
+    """Student + hidden projections; forward returns (globally normalised loss, LossSums)."""
+
+    def __init__(self, student: nn.Module, loss: LossConfig, layout: TargetLayout):
+        super().__init__()
+        self.student = student
+        self.loss_cfg = loss
+        self.layout = layout
+        width = student.config.hidden_size
+        self.projections = nn.ModuleDict()
+        for s, t in loss.layer_pairs if loss.hidden_cosine_weight > 0 else ():
+            proj = build_hidden_projection(width, layout.teacher_hidden_size)
+            if proj is not None:
+                self.projections[projection_key(s, t)] = proj.to(next(student.parameters()).dtype)
+        layers = decoder_layers(student)
+        self._captured: dict[int, torch.Tensor] = {}
+        self._hooks = []
+        for s in sorted({s for s, _ in loss.layer_pairs}) if loss.hidden_cosine_weight > 0 else ():
+            if not 1 <= s <= len(layers):
+                raise ValueError(f"loss.layer_pairs: student layer {s} outside 1..{len(layers)}")
+            # Layer s (1-based) is the stream leaving decoder block s, as the teacher's is.
+            self._hooks.append(layers[s - 1].register_forward_hook(self._capture_hook(s)))
+        head = student.get_output_embeddings()
+        if getattr(head, "bias", None) is not None:
+            raise ValueError("the student's lm_head has a bias; the fused loss supports a bias-free lm_head only")
+
+    def _capture_hook(self, layer: int):
+        def hook(_module, _inputs, output):
+            self._captured[layer] = output[0] if isinstance(output, (tuple, list)) else output
+        return hook
+
+    def forward(self, batch: StudentBatch, num_valid_global: float, num_hidden_global: float = 0.0):
+        self._captured.clear()
+        backbone = self.student.get_decoder()
+        hidden_BLD = backbone(input_ids=batch.input_ids_BL, attention_mask=batch.attention_mask_BL,
+                              use_cache=False).last_hidden_state
+        b, length, width = hidden_BLD.shape
+        # Student position t predicts token t+1: drop the last position, shift labels left.
+        hidden_ND = hidden_BLD[:, :-1].reshape(-1, width)
+        labels_BP = batch.labels_BL[:, 1:].masked_fill(batch.attention_mask_BL[:, 1:] == 0, IGNORE_INDEX)
+        labels_N = labels_BP.reshape(-1)
+        targets = self._targets(batch, b * (length - 1))
+        weight_VD = self.student.get_output_embeddings().weight
+        cfg = self.loss_cfg
+        if num_valid_global > 0:
+            loss, m = distill_loss(hidden_ND, weight_VD, labels_N, targets, num_valid_global, **cfg.distill_kwargs())
+        else:  # nothing to predict anywhere this step (e.g. a filler micro batch): keep the graph, add 0
+            loss = hidden_ND.sum() * 0.0
+            zero = loss.detach().float()
+            m = dict(ce_sum=zero, kl_sum=zero, top1_agree_sum=zero, valid_tokens=zero)
+
+        zero = loss.detach().new_zeros(())
+        hidden_dist, hidden_positions = zero, zero
+        if cfg.hidden_cosine_weight > 0 and num_hidden_global > 0:
+            mask_N = batch.hidden_mask_BL.reshape(-1).bool()
+            dist_sum = 0.0
+            for s, t in cfg.layer_pairs:
+                student_ND = self._captured[s].reshape(b * length, -1)
+                teacher_NE = batch.teacher_hidden[t].reshape(b * length, -1)
+                proj = self.projections[projection_key(s, t)] if projection_key(s, t) in self.projections else None
+                dist_sum = dist_sum + hidden_cosine_loss(student_ND, teacher_NE, mask_N, proj, 1.0)
+            # Averaged over layer pairs and over every rank's and micro batch's hidden positions.
+            loss = loss + cfg.hidden_cosine_weight * dist_sum / (num_hidden_global * len(cfg.layer_pairs))
+            hidden_dist = dist_sum.detach().to(zero.dtype)
+            hidden_positions = zero + mask_N.sum() * len(cfg.layer_pairs)
+        self._captured.clear()
+        sums = LossSums(ce_sum=m["ce_sum"].detach().float(), kl_sum=m["kl_sum"].detach().float(),
+                        top1_agree_sum=m["top1_agree_sum"].detach().float(),
+                        valid_tokens=m["valid_tokens"].detach().float(), hidden_dist_sum=hidden_dist.float(),
+                        hidden_positions=hidden_positions.float())
+        return loss, sums
+
+    def _targets(self, batch: StudentBatch, n: int):
+        if self.layout.mode == "topk":
+            if batch.topk_ids_BPK is None:
+                return None
+            k = batch.topk_ids_BPK.shape[-1]
+            return TopkTargets(ids_NK=batch.topk_ids_BPK.reshape(n, k), logits_NK=batch.topk_logits_BPK.reshape(n, k),
+                               lse_NT=batch.lse_BPT.reshape(n, -1), lse_index=self.layout.lse_index)
+        if batch.sample_ids_BPM is None:
+            return None
+        m = batch.sample_ids_BPM.shape[-1]
+        return SampledTargets(ids_NM=batch.sample_ids_BPM.reshape(n, m), counts_NM=batch.sample_counts_BPM.reshape(n, m),
+                              num_samples=self.layout.num_samples)
+
+
+def projection_key(student_layer: int, teacher_layer: int) -> str:
+    return f"s{student_layer}_t{teacher_layer}"
+
+
+# ---------------------------------------------------------------- cache vs config
+
+
+def check_cache_fits(spec: ShardSpec, loss: LossConfig, student_vocab: int, num_student_layers: int,
+                     where: str) -> None:
+    """Everything about the cache that would fail mid-run, checked before training."""
+    if spec.vocab_size != student_vocab:
+        raise ValueError(f"{where}: cache vocabulary {spec.vocab_size} != student vocabulary {student_vocab}")
+    mode = spec.targets.mode
+    if loss.kl_mode == "sampled" and mode != "sampled":
+        raise ValueError(f"{where}: loss.kl_mode 'sampled' needs a sampled cache, this one holds {mode} targets")
+    if loss.kl_mode in ("tail", "renorm") and mode != "topk":
+        raise ValueError(f"{where}: loss.kl_mode {loss.kl_mode!r} needs a top-k cache, this one holds {mode} "
+                         "targets (use kl_mode: sampled)")
+    if loss.kl_weight > 0 and loss.kl_mode == "tail":
+        temps = spec.targets.temperatures
+        if not any(abs(t - loss.kl_temperature) < 1e-6 for t in temps):
+            raise ValueError(f"{where}: loss.kl_temperature {loss.kl_temperature} is not among the cached "
+                             f"log-sum-exp temperatures {list(temps)}; the tail bucket needs it")
+    if loss.kl_weight > 0 and loss.kl_mode == "sampled" and abs(loss.kl_temperature - 1.0) > 1e-6:
+        raise ValueError(f"{where}: sampled targets are draws at T=1; set loss.kl_temperature: 1.0")
+    if loss.hidden_cosine_weight > 0:
+        stored = set(spec.hidden.layers)
+        for s, t in loss.layer_pairs:
+            if t not in stored:
+                raise ValueError(f"{where}: loss.layer_pairs asks for teacher layer {t}, the cache stores "
+                                 f"{sorted(stored) or 'no hidden layers'}")
+            if not 1 <= s <= num_student_layers:
+                raise ValueError(f"loss.layer_pairs: student layer {s} outside 1..{num_student_layers}")

@@ -1,0 +1,165 @@
+"""Process group, device, FSDP2 and activation checkpointing.
+
+One process per device. Under torchrun (RANK / WORLD_SIZE in the environment)
+the process group is NCCL on GPUs and gloo on CPU; a plain `python` run is a
+single process with no process group, and every collective here is then a
+no-op, so the trainer has one code path.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from student_train.model import TORCH_DTYPES, decoder_layers
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 or dist.is_initialized()
+
+
+def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistEnv:
+    """torchrun env -> process group; otherwise one process on `device`."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda was asked for but no GPU is visible")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if "RANK" in os.environ and world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=dev if device == "cuda" else None)
+    if dist.is_initialized():
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def shutdown(clean: bool = True) -> None:
+    """Ends the process group; after an error skip the barrier, other ranks may never reach it."""
+    if dist.is_initialized():
+        if clean:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (identity in a single process)."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def print0(*args, **kwargs) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+# ---------------------------------------------------------------- wrapping
+
+
+@dataclass
+class ParallelConfig:
+    compute_dtype: str = "bf16"  # FSDP2 parameter dtype on GPU
+    activation_checkpointing: bool = False
+    compile: bool = False
+
+
+def parallelize(wrapper: nn.Module, env: DistEnv, cfg: ParallelConfig) -> nn.Module:
+    """Activation checkpointing, compile and FSDP2 on a DistillModel whose trainable flags are final.
+
+    FSDP2 units: each decoder block, then the root (embeddings, final norm,
+    lm_head, projections). The root keeps its parameters unsharded from forward
+    through backward, which the fused loss inside forward relies on.
+    """
+    student = wrapper.student
+    layers = decoder_layers(student)
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(student)
+    if cfg.compile:
+        for layer in layers:
+            layer.compile()
+    if not dist.is_initialized():
+        return wrapper.to(env.device)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    if env.device.type == "cuda":
+        mp_dtype = TORCH_DTYPES[cfg.compute_dtype]
+        block_mp = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32)
+        # The root must not cast its inputs: teacher logits and log-sum-exps stay float32.
+        root_mp = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    else:  # gloo reduces in the parameters' own dtype
+        block_mp = root_mp = MixedPrecisionPolicy()
+    # fully_shard moves each unit to the device as it shards it, so no rank ever holds the whole
+    # model on its device.
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=block_mp)
+    fully_shard(wrapper, mesh=mesh, mp_policy=root_mp)
+    for module in wrapper.modules():
+        if isinstance(module, FSDPModule):
+            # The loss is already divided by the global token count: gradients must be summed over
+            # ranks, not averaged.
+            module.set_gradient_divide_factor(1.0)
+    wrapper.to(env.device)  # buffers that belong to no FSDP unit (rotary tables)
+    return wrapper
+
+
+def apply_activation_checkpointing(student: nn.Module) -> None:
+    """Recompute each decoder block in backward (HF's own per-layer checkpointing keeps parameter names)."""
+    if not getattr(student, "supports_gradient_checkpointing", False):
+        raise ValueError(f"activation_checkpointing: {type(student).__name__} does not support gradient "
+                         "checkpointing")
+    student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def autocast_context(env: DistEnv, compute_dtype: str):
+    """bf16 autocast for a single GPU process (no FSDP to cast parameters); a no-op elsewhere."""
+    import contextlib
+
+    if env.device.type == "cuda" and not dist.is_initialized() and compute_dtype != "fp32":
+        return torch.autocast("cuda", dtype=TORCH_DTYPES[compute_dtype])
+    return contextlib.nullcontext()

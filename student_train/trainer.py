@@ -1,0 +1,288 @@
+"""`vpmoe train`: wires the components together and owns the step loop.
+
+One optimizer step: fetch this rank's `grad_accum` micro batches, all-reduce
+the count of valid target tokens (and hidden positions) over ranks and micro
+batches, then forward/backward each micro batch with its loss divided by those
+global counts, so the summed gradient is the gradient of the global
+token-average whatever the split over ranks and micro batches. FSDP2 is told
+not to divide gradients by the world size for the same reason.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.spec import ShardSpec
+from student_train import parallel
+from student_train.checkpoint import Checkpointer, export_hf, resolve_resume
+from student_train.config import TrainConfig, grad_accum_steps
+from student_train.evaluate import evaluate, summarise
+from student_train.loader import CacheLoader, LoaderConfig
+from student_train.metrics import MetricsLogger, Throughput, flops_model, mfu, peak_memory_gib
+from student_train.model import (
+    DistillModel,
+    LossSums,
+    TargetLayout,
+    check_cache_fits,
+    decoder_layers,
+    load_student,
+    select_trainable,
+)
+from student_train.optim import build_optimizer, build_scheduler
+from student_train.parallel import DistEnv, ParallelConfig, all_reduce_sum, print0
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient norm; the step was not applied."""
+
+
+@dataclass
+class TrainSummary:
+    steps: int
+    tokens: int
+    seconds: float  # wall time, evals and checkpoints included
+    tokens_per_s: float  # over step time
+    tokens_per_s_per_device: float
+    mfu: float | None
+    peak_mem_gib: float
+    cost_per_mtok: float | None
+    stopped_early: bool
+    last_checkpoint: str | None
+    export_dir: str | None
+
+
+def loader_config(cfg: TrainConfig, cache_dir: str, for_eval: bool, hidden_layers: tuple[int, ...]) -> LoaderConfig:
+    d = cfg.data
+    return LoaderConfig(
+        cache_dir=cache_dir, micro_batch=(cfg.eval.micro_batch or d.micro_batch) if for_eval else d.micro_batch,
+        seq_len=d.seq_len, seed=d.seed, shuffle=False if for_eval else d.shuffle, hidden_layers=hidden_layers,
+        num_threads=d.num_threads, prefetch=d.prefetch, pin_memory=d.pin_memory and torch.cuda.is_available(),
+        length_window=d.length_window,
+        max_samples=(cfg.eval.samples or None) if for_eval else (d.max_samples or None),
+        verify_content=d.verify_content)
+
+
+def build_student(cfg: TrainConfig, env: DistEnv):
+    """The HF student with its trainable flags set (before any FSDP wrapping), and the counts."""
+    student = load_student(cfg.student, seed=cfg.seed)
+    counts = select_trainable(student, cfg.student.train, cfg.student.freeze)
+    print0(counts.describe())
+    return student, counts
+
+
+def build_distill_model(cfg: TrainConfig, env: DistEnv, student, spec: ShardSpec):
+    """DistillModel around the student, parallelised and in train mode; and its FLOPs per token."""
+    loss_cfg = cfg.loss.to_loss_config()
+    # The same seed on every rank: FSDP shards each rank's own copy of new projections.
+    torch.manual_seed(cfg.seed)
+    model = DistillModel(student, loss_cfg, TargetLayout.from_spec(spec, loss_cfg))
+    flops = flops_model(student, student.config, cfg.data.seq_len)
+    model = parallel.parallelize(model, env, ParallelConfig(
+        compute_dtype=cfg.student.compute_dtype, activation_checkpointing=cfg.activation_checkpointing,
+        compile=cfg.compile))
+    model.train()
+    return model, flops
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: str | None = None):
+        self.cfg = cfg
+        self.env: DistEnv = parallel.init_distributed(cfg.device)
+        env = self.env
+        self.loss_cfg = cfg.loss.to_loss_config()
+        torch.manual_seed(cfg.seed)
+
+        student, self.param_counts = build_student(cfg, env)
+        vocab = student.get_output_embeddings().weight.shape[0]
+        num_layers = len(decoder_layers(student))
+
+        # Data, and every cache/config mismatch, before any training work.
+        teacher_layers = tuple(sorted({t for _, t in self.loss_cfg.layer_pairs})) \
+            if self.loss_cfg.hidden_cosine_weight > 0 else ()
+        self.train_loader = CacheLoader(loader_config(cfg, cfg.data.train_cache, False, teacher_layers),
+                                        env.rank, env.world_size, expected_vocab_size=vocab)
+        check_cache_fits(self.train_loader.spec, self.loss_cfg, vocab, num_layers, cfg.data.train_cache)
+        self.eval_loader = None
+        if cfg.eval.every > 0:
+            self.eval_loader = CacheLoader(loader_config(cfg, cfg.data.eval_cache, True, teacher_layers),
+                                           env.rank, env.world_size, expected_vocab_size=vocab)
+            check_cache_fits(self.eval_loader.spec, self.loss_cfg, vocab, num_layers, cfg.data.eval_cache)
+            if self.eval_loader.spec.targets != self.train_loader.spec.targets:
+                raise ValueError(f"{cfg.data.eval_cache}: its targets ({self.eval_loader.spec.targets}) differ from "
+                                 f"the train cache's ({self.train_loader.spec.targets})")
+
+        self.accum = grad_accum_steps(cfg.data, env.world_size)
+        self.total_steps = cfg.optim.steps or self.train_loader.batches_per_epoch // self.accum
+        if self.total_steps < 1:
+            raise ValueError(f"{cfg.data.train_cache}: one epoch holds {self.train_loader.batches_per_epoch} micro "
+                             f"batches per rank, fewer than grad_accum={self.accum}; set optim.steps")
+
+        self.model, self.flops = build_distill_model(cfg, env, student, self.train_loader.spec)
+        self.autocast = lambda: parallel.autocast_context(env, cfg.student.compute_dtype)
+        self.trained_params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.model, cfg.optim, env.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
+
+        self.checkpointer = Checkpointer(Path(cfg.checkpoint.dir), cfg.checkpoint.keep, env)
+        self.logger = MetricsLogger(cfg.jsonl_path, env.is_main, cfg.log.tensorboard)
+        self.step = 0
+        self.last_checkpoint: Path | None = None
+        self.eval_history: list[float] = []
+        resume_path = resolve_resume(Path(cfg.checkpoint.dir), resume)
+        if resume is not None and resume_path is None:
+            print0(f"--resume: no checkpoint in {cfg.checkpoint.dir} yet; starting from step 0")
+        if resume_path is not None:
+            self.step = self.checkpointer.load(resume_path, self.model, self.optimizer, self.scheduler,
+                                               self.train_loader)
+            self.last_checkpoint = resume_path
+            self.logger.truncate_after(self.step)
+            print0(f"resumed from {resume_path} at step {self.step}")
+        print0(f"world size {env.world_size} x micro batch {cfg.data.micro_batch} x grad accum {self.accum} "
+               f"= {env.world_size * cfg.data.micro_batch * self.accum} sequences per step; "
+               f"{self.total_steps} steps; {self.train_loader.batches_per_epoch} micro batches per rank per epoch")
+
+    # ------------------------------------------------------------ the loop
+
+    def train(self) -> TrainSummary:
+        cfg, env = self.cfg, self.env
+        throughput = Throughput()
+        batches = iter(self.train_loader)
+        stopped_early = False
+        if self.step == 0 and self.eval_loader is not None:
+            self._eval()
+        while self.step < self.total_steps:
+            start = time.perf_counter()
+            micro_batches = [next(batches) for _ in range(self.accum)]
+            record = self._train_step(micro_batches)
+            throughput.add(int(record.pop("_tokens")), time.perf_counter() - start)
+            self.step += 1
+            if self.step % cfg.log.every == 0 or self.step == self.total_steps:
+                self._log_train(record, throughput)
+            if cfg.eval.every and self.eval_loader is not None and self.step % cfg.eval.every == 0:
+                if self._eval() and self.step < self.total_steps:
+                    stopped_early = True
+                    print0(f"early stop at step {self.step}: eval loss rose {cfg.eval.early_stop_patience} "
+                           "evaluations in a row")
+                    break
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                self._save()
+        if self.eval_loader is not None and cfg.eval.every and self.step % cfg.eval.every and not stopped_early:
+            self._eval()
+        if self.last_checkpoint is None or self.last_checkpoint.name != f"step-{self.step:08d}":
+            self._save()
+        export_dir = None
+        if cfg.export.enabled:
+            export_dir = export_hf(self.model, cfg.export_dir, env, cfg.export.dtype, cfg.student.path)
+            print0(f"exported HF model to {cfg.export_dir}")
+        return self._summary(throughput, stopped_early, export_dir)
+
+    def _train_step(self, micro_batches) -> dict:
+        env = self.env
+        # Global normalisers first: every micro batch's loss is divided by the step's totals.
+        counts = torch.zeros(3, dtype=torch.float64)
+        for mb in micro_batches:
+            counts[0] += ((mb.labels_BL[:, 1:] != -100) & (mb.attention_mask_BL[:, 1:] != 0)).sum()
+            if mb.hidden_mask_BL is not None:
+                counts[1] += mb.hidden_mask_BL.sum()
+            counts[2] += mb.num_tokens
+        num_valid, num_hidden, tokens = all_reduce_sum(counts.to(env.device)).tolist()
+
+        sums_F = torch.zeros(len(LossSums.FIELDS) + 1, dtype=torch.float64, device=env.device)
+        for mb in micro_batches:
+            mb = mb.to(env.device, non_blocking=True)
+            with self.autocast():
+                loss, sums = self.model(mb, num_valid, num_hidden)
+            loss.backward()
+            sums_F[0] += loss.detach().double()
+            sums_F[1:] += sums.as_tensor().to(sums_F.device)
+        grad_norm = self._clip_grads()
+        all_reduce_sum(sums_F)
+        loss_value = float(sums_F[0])
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            where = self.last_checkpoint or "none saved yet"
+            raise NonFiniteError(f"step {self.step + 1}: non-finite loss ({loss_value}) or gradient norm "
+                                 f"({grad_norm}); stopped before the optimizer step; last checkpoint: {where}")
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        parts = summarise(sums_F[1:].cpu(), self.loss_cfg)
+        return {"kind": "train", "step": self.step + 1, "loss": loss_value, "ce": parts["ce"], "kl": parts["kl"],
+                "hidden_cos": parts.get("hidden_cos"), "top1": parts["top1"], "grad_norm": grad_norm, "lr": lr,
+                "valid_tokens": int(num_valid), "_tokens": tokens}
+
+    def _clip_grads(self) -> float:
+        clip = self.cfg.optim.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(self.trained_params, clip if clip > 0 else math.inf, foreach=True)
+        if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def _log_train(self, record: dict, throughput: Throughput) -> None:
+        tokens_per_s = throughput.lap()
+        per_device = tokens_per_s / self.env.world_size
+        record.update(tokens_per_s=tokens_per_s, tokens_per_s_per_device=per_device,
+                      mfu=mfu(per_device, self.flops, self.env.device),
+                      peak_mem_gib=peak_memory_gib(self.env.device), elapsed_s=throughput.elapsed)
+        self.logger.log(record)
+
+    def _eval(self) -> bool:
+        """Runs an eval and logs it; True when the early-stop rule fires."""
+        result = evaluate(self.model, self.eval_loader, self.env, self.loss_cfg, self.autocast())
+        self.logger.log({"kind": "eval", "step": self.step, **result})
+        self.eval_history.append(result["loss"])
+        patience = self.cfg.eval.early_stop_patience
+        recent = self.eval_history[-(patience + 1):]
+        return patience > 0 and len(recent) == patience + 1 and all(b > a for a, b in zip(recent, recent[1:]))
+
+    def _save(self) -> None:
+        self.last_checkpoint = self.checkpointer.save(self.step, self.model, self.optimizer, self.scheduler,
+                                                      self.train_loader)
+        print0(f"saved {self.last_checkpoint}")
+
+    def _summary(self, throughput: Throughput, stopped_early: bool, export_dir) -> TrainSummary:
+        seconds = throughput.elapsed  # wall time of the run, evals and checkpoints included
+        tokens = throughput.total_tokens
+        tokens_per_s = tokens / max(throughput.total_seconds, 1e-9)
+        per_device = tokens_per_s / self.env.world_size
+        price = self.cfg.gpu_hour_price
+        cost = None
+        if price > 0 and tokens > 0:
+            cost = price * self.env.world_size * seconds / 3600 / (tokens / 1e6)
+        summary = TrainSummary(steps=self.step, tokens=tokens, seconds=seconds, tokens_per_s=tokens_per_s,
+                               tokens_per_s_per_device=per_device, mfu=mfu(per_device, self.flops, self.env.device),
+                               peak_mem_gib=peak_memory_gib(self.env.device), cost_per_mtok=cost,
+                               stopped_early=stopped_early,
+                               last_checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
+                               export_dir=str(export_dir) if export_dir else None)
+        self.logger.log({"kind": "summary", "step": self.step, **{k: v for k, v in vars(summary).items()
+                                                                   if k != "steps"}})
+        if cost is not None:
+            print0(f"cost: {cost:.4f} per million tokens at {price} per GPU-hour x {self.env.world_size} GPUs")
+        return summary
+
+    def close(self) -> None:
+        for loader in (self.train_loader, self.eval_loader):
+            if loader is not None:
+                loader.close()
+        self.logger.close()
+
+
+def run(cfg: TrainConfig, resume: str | None = None) -> TrainSummary:
+    """Builds, trains, exports, and shuts the process group down (also on errors)."""
+    trainer = None
+    clean = False
+    try:
+        trainer = Trainer(cfg, resume)
+        summary = trainer.train()
+        clean = True
+        return summary
+    finally:
+        if trainer is not None:
+            trainer.close()
+        parallel.shutdown(clean)

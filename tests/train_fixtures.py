@@ -1,0 +1,105 @@
+"""Tiny teacher caches and training configs for the `vpmoe train` tests.
+
+Caches are written with the real shard writer from a tiny random teacher's
+logits (position t holds the teacher's distribution for token t + 1, so the
+targets are shifted exactly as a cache-teacher run shifts them).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.manifest import CacheManifest, refresh_manifest
+from common.shard_format import TeacherRow
+from common.shard_writer import ShardWriter
+from common.spec import HiddenSpec, ShardSpec, TargetSpec
+from common.tiny_models import build_model, save_model, tiny_gpt_oss_config, tiny_llama_config
+from student_train.config import load_config
+
+VOCAB = 300
+
+
+def make_rows(num_rows: int, min_len: int, max_len: int, seed: int, vocab: int = VOCAB):
+    """Random token rows with distinct first tokens; the first 3 labels are masked like a prompt."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    firsts = rng.permutation(vocab)[:num_rows]
+    for i in range(num_rows):
+        length = int(rng.integers(min_len, max_len + 1))
+        ids = rng.integers(0, vocab, size=length).astype(np.int32)
+        ids[0] = firsts[i]
+        labels = ids.copy()
+        labels[:3] = -100
+        rows.append((ids, labels))
+    return rows
+
+
+@torch.no_grad()
+def write_cache(cache_dir: Path, rows, teacher, *, mode: str = "topk", k: int = 16,
+                temperatures=(1.0, 2.0), num_samples: int = 32, hidden_layers=(), rows_per_shard: int = 8,
+                vocab: int | None = None) -> ShardSpec:
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    vocab = vocab or teacher.config.vocab_size
+    hidden_size = teacher.config.hidden_size if hidden_layers else 0
+    targets = (TargetSpec(mode="topk", k=k, temperatures=tuple(temperatures)) if mode == "topk"
+               else TargetSpec(mode="sampled", num_samples=num_samples, seed=0))
+    spec = ShardSpec(vocab_size=vocab, targets=targets, hidden=HiddenSpec(layers=tuple(hidden_layers),
+                                                                          hidden_size=hidden_size))
+    gen = torch.Generator().manual_seed(0)
+    for shard, start in enumerate(range(0, len(rows), rows_per_shard)):
+        chunk = rows[start:start + rows_per_shard]
+        with ShardWriter(cache_dir, shard, spec, start, start + len(chunk)) as writer:
+            for offset, (ids, labels) in enumerate(chunk):
+                out = teacher(input_ids=torch.from_numpy(ids.astype(np.int64))[None], output_hidden_states=True)
+                logits_PV = out.logits[0, :-1].double()  # position t: the distribution of token t + 1
+                row = TeacherRow(row_id=start + offset, input_ids_L=ids, labels_L=labels)
+                if mode == "topk":
+                    top = logits_PV.topk(k, dim=-1)
+                    row.topk_ids_PK = top.indices.numpy()
+                    row.topk_logits_PK = top.values.float().numpy()
+                    row.lse_PT = torch.stack([torch.logsumexp(logits_PV / t, -1) for t in temperatures], -1).float().numpy()
+                else:
+                    draws_PS = torch.multinomial(torch.softmax(logits_PV, -1), num_samples, replacement=True, generator=gen)
+                    ids_S, counts_S, sizes_P = [], [], []
+                    for draws in draws_PS:
+                        u, c = torch.unique(draws, return_counts=True)
+                        ids_S.append(u.numpy())
+                        counts_S.append(c.numpy())
+                        sizes_P.append(len(u))
+                    row.sample_ids_S = np.concatenate(ids_S)
+                    row.sample_counts_S = np.concatenate(counts_S)
+                    row.sample_sizes_P = np.asarray(sizes_P)
+                for layer in hidden_layers:
+                    row.hidden[layer] = out.hidden_states[layer][0].float()  # stream leaving block `layer`
+                writer.add(row)
+            writer.close()
+    header = CacheManifest(spec=spec, teacher={"model": "tiny"}, tokenizer={"vocab_size": vocab},
+                           source={"path": "synthetic"}, work={"rows_per_shard": rows_per_shard})
+    refresh_manifest(cache_dir, header)
+    return spec
+
+
+def tiny_teacher(layers: int = 3, hidden: int = 48, seed: int = 7):
+    return build_model(tiny_llama_config(VOCAB, hidden_size=hidden, num_layers=layers, intermediate_size=96),
+                       seed=seed).eval()
+
+
+def save_tiny_student(out_dir: Path, kind: str = "gpt_oss", seed: int = 1, hidden: int = 64) -> Path:
+    if kind == "gpt_oss":
+        config = tiny_gpt_oss_config(VOCAB, hidden_size=hidden, num_layers=2)
+    else:
+        config = tiny_llama_config(VOCAB, hidden_size=hidden, num_layers=2, intermediate_size=2 * hidden)
+    return save_model(build_model(config, seed=seed, lm_head_scale=1.0), out_dir)
+
+
+def tiny_config(tmp: Path, student: Path, train_cache: Path, eval_cache: Path | None = None, *sets: str):
+    """tiny_cpu.yaml with this test's paths, then `section.key=value` overrides."""
+    base = [f"student.path={student}", f"data.train_cache={train_cache}",
+            f"checkpoint.dir={tmp / 'run' / 'checkpoints'}", f"log.jsonl={tmp / 'run' / 'log.jsonl'}",
+            f"export.dir={tmp / 'run' / 'export'}"]
+    base.append(f"data.eval_cache={eval_cache}" if eval_cache else "eval.every=0")
+    return load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml", [*base, *sets])
