@@ -6,8 +6,10 @@ this module returns (a JSON-ready dict). Two kinds of failure:
 * `ShardFormatError`: the input cannot be read as the format says (truncated
   or unreadable file, unknown version, missing column, a manifest that
   disagrees with its shards in spec, size, rows or tokens). Raised at once.
-* verification problems (`verify=True`): checksum, content-hash and value
-  checks per row. Collected, each one line naming the file and row.
+  With `verify=True` a shard whose sha256 differs from the manifest is one
+  of these too, checked before anything else is read from it.
+* verification problems (`verify=True`): content-hash and value checks per
+  row, manifest totals. Collected, each one line naming the file and row.
 
 Nothing here writes to the cache.
 
@@ -33,8 +35,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from common import codec
-from common.manifest import (MANIFEST_NAME, CacheManifest, ShardEntry, file_sha256, load_manifest,
-                             resolve_inside)
+from common.manifest import MANIFEST_NAME, CacheManifest, ShardEntry, load_manifest, resolve_inside
 from common.shard_format import ShardFormatError, TeacherRow, decode_row
 from common.shard_reader import ShardReader
 from common.spec import ShardSpec, content_hash, hidden_positions
@@ -425,8 +426,9 @@ def _locate(path: Path) -> tuple[str, CacheManifest | None, dict | None, list[tu
     return "shard", manifest, raw, [(path, entry)]
 
 
-def _open_shard(path: Path, entry: ShardEntry | None, manifest: CacheManifest | None) -> _Shard:
-    with ShardReader(path, entry=entry) as reader:
+def _open_shard(path: Path, entry: ShardEntry | None, manifest: CacheManifest | None, verify: bool) -> _Shard:
+    # The checksum comes first: a changed file is named as such, whatever else breaks.
+    with ShardReader(path, entry=entry, verify_checksum=verify) as reader:
         spec = reader.spec
         num_batches = reader.num_batches
     where = f"{path}"
@@ -459,7 +461,7 @@ def inspect_path(path: Path, options: InspectOptions = InspectOptions(),
     """Report on a shard file or a cache directory (see the module docstring)."""
     path = Path(path)
     kind, manifest, raw_manifest, located = _locate(path)
-    shards = [_open_shard(p, e, manifest) for p, e in located]
+    shards = [_open_shard(p, e, manifest, options.verify) for p, e in located]
     if not shards:
         raise ShardFormatError(f"{path / MANIFEST_NAME}: the manifest lists no shards")
     spec = shards[0].spec
@@ -480,7 +482,7 @@ def inspect_path(path: Path, options: InspectOptions = InspectOptions(),
                         "positions": sum(s.positions for s in shards), **totals}
     report["columns"] = columns
 
-    problems: list[str] = _verify_files(shards, kind, raw_manifest, path) if options.verify else []
+    problems: list[str] = _verify_totals(shards, raw_manifest, path) if options.verify and kind == "cache" else []
     stats = DistributionStats(spec)
     for shard in shards:
         if not options.verify and stats.rows >= options.stats_rows:
@@ -520,21 +522,12 @@ def _bytes_report(shards: list[_Shard], tokens: int) -> tuple[list[dict], dict]:
     }
 
 
-def _verify_files(shards: list[_Shard], kind: str, raw_manifest: dict | None, path: Path) -> list[str]:
-    problems = []
-    for shard in shards:
-        if shard.entry is None:
-            continue
-        if file_sha256(shard.path) != shard.entry.sha256:
-            problems.append(f"{shard.path}: sha256 does not match the manifest (file changed or corrupted)")
-    if kind == "cache" and raw_manifest is not None:
-        totals = raw_manifest.get("totals") or {}
-        held = {"rows": sum(s.rows for s in shards), "tokens": sum(s.tokens for s in shards),
-                "bytes": sum(s.path.stat().st_size for s in shards)}
-        for key, value in held.items():
-            if key in totals and totals[key] != value:
-                problems.append(f"{path / MANIFEST_NAME}: totals.{key} is {totals[key]}, the shards hold {value}")
-    return problems
+def _verify_totals(shards: list[_Shard], raw_manifest: dict, path: Path) -> list[str]:
+    totals = raw_manifest.get("totals") or {}
+    held = {"rows": sum(s.rows for s in shards), "tokens": sum(s.tokens for s in shards),
+            "bytes": sum(s.path.stat().st_size for s in shards)}
+    return [f"{path / MANIFEST_NAME}: totals.{key} is {totals[key]}, the shards hold {value}"
+            for key, value in held.items() if key in totals and totals[key] != value]
 
 
 def _scan_shard(shard: _Shard, options: InspectOptions, stats: DistributionStats) -> list[str]:

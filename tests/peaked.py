@@ -15,10 +15,11 @@ vocabularies whose early merges are the frequent ones), which makes sorted id
 deltas small; `False` scatters the ranks over the vocabulary with a random
 permutation, the worst case for id coding.
 
-`teacher_rows` turns such logits into `TeacherRow`s with exact targets:
+`teacher_row` turns such logits into `TeacherRow`s with exact targets:
 top-k by torch.topk, log-sum-exp in float64, sampled draws by inverse CDF in
 float64, and greedy next tokens, so input_ids[t + 1] is position t's top-1 id
-(target t predicts token t + 1).
+(target t predicts token t + 1). `write_cache` writes such rows as a cache
+directory and `rewrite_shard` copies a shard with changes, for corruption tests.
 
 Shape suffixes: P positions, V vocabulary, K top-k width, T temperatures,
 L tokens, H stored hidden positions, D hidden size.
@@ -26,12 +27,19 @@ L tokens, H stored hidden positions, D hidden size.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
 import torch
 
-from common.shard_format import TeacherRow
+from common.manifest import CacheManifest, refresh_manifest
+from common.shard_format import SCHEMA_METADATA_KEY, TeacherRow
+from common.shard_writer import ShardWriter
 from common.spec import ShardSpec, hidden_positions
 
 LABEL_IGNORE = -100
@@ -200,3 +208,45 @@ def topk_tail_kl(logits_true_PK: np.ndarray, lse_true_P: np.ndarray, logits_dec_
     q_tail = np.clip(1.0 - q_PK.sum(axis=1), 1e-30, None)
     p_tail = np.clip(1.0 - p_PK.sum(axis=1), 1e-30, None)
     return (q_PK * (logq_PK - logp_PK)).sum(axis=1) + q_tail * np.log(q_tail / p_tail)
+
+
+# ---------------------------------------------------------------- caches on disk
+
+def write_cache(cache_dir: Path, spec: ShardSpec, lengths_per_shard: list[list[int]], seed: int = 0,
+                batch_rows: int = 2, tweak: Callable[[TeacherRow], None] | None = None):
+    """Shards of teacher rows plus a manifest; returns {row_id: RowTruth}.
+
+    `tweak` may change each row before it is written (to plant a bad value).
+    """
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    truths, row_id = {}, 0
+    for index, lengths in enumerate(lengths_per_shard):
+        start = row_id
+        with ShardWriter(cache_dir, index, spec, start, start + len(lengths), batch_rows=batch_rows) as writer:
+            for length in lengths:
+                truth = teacher_row(spec, row_id, length, seed)
+                truths[row_id] = truth
+                if tweak is not None:
+                    tweak(truth.row)
+                writer.add(truth.row)
+                row_id += 1
+            writer.close()
+    refresh_manifest(cache_dir, CacheManifest(spec=spec, teacher={"model": "peaked-synthetic"},
+                                              tokenizer={"vocab_size": spec.vocab_size}, source={"path": "synthetic"}))
+    return truths
+
+
+def rewrite_shard(src: Path, dst: Path, transform, spec_change: dict | None = None) -> None:
+    """Copy a shard through Arrow, changing its table and/or its spec metadata."""
+    with pa.memory_map(str(src)) as source:
+        table = ipc.open_file(source).read_all()
+    table = transform(table)
+    metadata = dict(table.schema.metadata)
+    if spec_change:
+        spec_dict = json.loads(metadata[SCHEMA_METADATA_KEY])
+        spec_dict.update(spec_change)
+        metadata[SCHEMA_METADATA_KEY] = json.dumps(spec_dict).encode()
+    table = table.replace_schema_metadata(metadata)
+    options = ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=3))
+    with ipc.new_file(str(dst), table.schema, options=options) as writer:
+        writer.write_table(table)

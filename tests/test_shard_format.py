@@ -18,41 +18,20 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.ipc as ipc
 import pytest
 import torch
 
 from common import codec
-from common.manifest import (MANIFEST_NAME, CacheManifest, load_manifest, refresh_manifest, resolve_inside,
-                             shard_file_name)
-from common.shard_format import SCHEMA_METADATA_KEY, ShardFormatError
+from common.manifest import MANIFEST_NAME, load_manifest, refresh_manifest, resolve_inside, shard_file_name
+from common.shard_format import ShardFormatError
 from common.shard_reader import ShardReader
 from common.shard_writer import ShardWriter
 from common.spec import HiddenSpec, ShardSpec, TargetSpec, content_hash, hidden_positions
-from peaked import hidden_like, teacher_row, topk_tail_kl
+from peaked import hidden_like, rewrite_shard, teacher_row, topk_tail_kl, write_cache
 
 REPO = Path(__file__).resolve().parents[1]
 BIG_V = 201_088  # the teacher's padded vocabulary: 18-bit ids
 SMALL_V = 5_000
-
-
-def write_cache(cache_dir: Path, spec: ShardSpec, lengths_per_shard: list[list[int]], seed: int = 0,
-                batch_rows: int = 2):
-    """Shards of teacher rows plus a manifest; returns {row_id: RowTruth}."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    truths, row_id = {}, 0
-    for index, lengths in enumerate(lengths_per_shard):
-        start = row_id
-        with ShardWriter(cache_dir, index, spec, start, start + len(lengths), batch_rows=batch_rows) as writer:
-            for length in lengths:
-                truth = teacher_row(spec, row_id, length, seed)
-                truths[row_id] = truth
-                writer.add(truth.row)
-                row_id += 1
-            writer.close()
-    refresh_manifest(cache_dir, CacheManifest(spec=spec, teacher={"model": "peaked-synthetic"},
-                                              tokenizer={"vocab_size": spec.vocab_size}, source={"path": "synthetic"}))
-    return truths
 
 
 def read_all(path: Path):
@@ -292,22 +271,6 @@ def test_manifest_names_escaping_the_directory_are_refused(small_cache, name):
     with pytest.raises(ShardFormatError, match=r"manifest.json: shard file .* resolves outside"):
         load_manifest(cache)
     assert resolve_inside(cache, "shard-00001.arrow") == (cache / "shard-00001.arrow").resolve()
-
-
-def rewrite_shard(src: Path, dst: Path, transform, spec_change: dict | None = None) -> None:
-    """Copy a shard through Arrow, changing its table and/or its spec metadata."""
-    with pa.memory_map(str(src)) as source:
-        table = ipc.open_file(source).read_all()
-    table = transform(table)
-    metadata = dict(table.schema.metadata)
-    if spec_change:
-        spec_dict = json.loads(metadata[SCHEMA_METADATA_KEY])
-        spec_dict.update(spec_change)
-        metadata[SCHEMA_METADATA_KEY] = json.dumps(spec_dict).encode()
-    table = table.replace_schema_metadata(metadata)
-    options = ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=3))
-    with ipc.new_file(str(dst), table.schema, options=options) as writer:
-        writer.write_table(table)
 
 
 # ---------------------------------------------------------------- a killed writer
