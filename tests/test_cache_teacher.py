@@ -98,6 +98,16 @@ def cache(model_dir: Path, data: Path, out: Path, **kw) -> cache_run.RunSummary 
 
 # ---- fixtures -----------------------------------------------------------------------
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny matmuls on 2 shared cores run far faster on one thread (module scope:
+    # the model fixtures need it too).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module", params=["llama", "gpt_oss"])
 def teacher(request, tmp_path_factory):
     """(kind, model dir, float64 model, data file, source rows, labels)."""
