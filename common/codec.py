@@ -57,8 +57,17 @@ def from_planes(blob: bytes, nbytes: int, dtype: np.dtype, count: int) -> np.nda
 
 def sort_groups(ids_S: np.ndarray, group_sizes: np.ndarray, *payloads: np.ndarray):
     """Sort ids ascending within each group, carrying payload arrays along."""
-    group_of_S = np.repeat(np.arange(len(group_sizes)), group_sizes)
-    order = np.lexsort((ids_S, group_of_S))
+    group_sizes = np.asarray(group_sizes)
+    if len(group_sizes) and (group_sizes == group_sizes[0]).all() and group_sizes[0] > 0:
+        # Equal groups (top-k): one short sort per row, far faster than a global sort.
+        width = int(group_sizes[0])
+        order = np.argsort(ids_S.reshape(-1, width), axis=1, kind="stable")
+        order = (order + np.arange(0, len(ids_S), width)[:, None]).reshape(-1)
+    else:
+        # Ragged groups (sampled): one sort on (group, id) packed into an int64 key.
+        group_of_S = np.repeat(np.arange(len(group_sizes), dtype=np.int64), group_sizes)
+        span = int(ids_S.max()) + 1 if len(ids_S) else 1
+        order = np.argsort(group_of_S * span + ids_S, kind="stable")
     return (ids_S[order],) + tuple(p[order] for p in payloads)
 
 
