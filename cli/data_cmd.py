@@ -18,21 +18,25 @@ def download_snapshot(repo_id: str, out: Path, revision: str | None = None, repo
     import huggingface_hub
     from huggingface_hub import errors
 
+    offline_hint = "Copy the dataset directory to this machine and pass it to --data instead"
     try:
         path = huggingface_hub.snapshot_download(repo_id, repo_type=repo_type, revision=revision, local_dir=out)
-    except (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError, ConnectionError, OSError) as exc:
-        raise ValueError(f"cannot reach the Hugging Face Hub to download {repo_type} {repo_id} (offline?): "
-                         f"{_first_line(exc)}. Copy the dataset directory to this machine and pass it to --data "
-                         f"instead") from exc
-    except (errors.RepositoryNotFoundError, errors.GatedRepoError) as exc:
+    # The hub's errors all derive from OSError: most specific first.
+    except errors.RepositoryNotFoundError as exc:  # includes gated repositories
         raise ValueError(f"{repo_type} {repo_id} not found on the Hugging Face Hub or not accessible "
                          f"(private or gated: log in with `hf auth login`): {_first_line(exc)}") from exc
     except errors.RevisionNotFoundError as exc:
         raise ValueError(f"{repo_type} {repo_id} has no revision {revision!r}") from exc
+    except errors.HfHubHTTPError as exc:
+        raise ValueError(f"download of {repo_type} {repo_id} failed: {_first_line(exc)}") from exc
+    except (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError, ConnectionError, TimeoutError) as exc:
+        raise ValueError(f"cannot reach the Hugging Face Hub to download {repo_type} {repo_id} (offline?): "
+                         f"{_first_line(exc)}. {offline_hint}") from exc
     except Exception as exc:
-        # httpx / requests transport errors do not share a base class with the hub errors.
-        if type(exc).__module__.split(".")[0] in ("httpx", "httpcore", "requests", "urllib3", "huggingface_hub"):
-            raise ValueError(f"download of {repo_type} {repo_id} failed: {_first_line(exc)}") from exc
+        # httpx transport errors (no connection, DNS, proxy) share no base class with the above.
+        if type(exc).__module__.split(".")[0] in ("httpx", "httpcore"):
+            raise ValueError(f"cannot reach the Hugging Face Hub to download {repo_type} {repo_id} (offline?): "
+                             f"{_first_line(exc)}. {offline_hint}") from exc
         raise
     return Path(path)
 
