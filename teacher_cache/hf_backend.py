@@ -110,24 +110,36 @@ class HFBackend:
         return logits_nV
 
     def run(self, rows: Sequence[SourceRow]) -> Iterator[TeacherRow]:
+        # One batch of lookahead: batch i+1 is launched before batch i's results are
+        # split into rows, so the device computes while the host copies and encodes.
+        pending = None
         for batch in token_budget_batches(rows, self.options.max_tokens_per_batch):
-            yield from self._run_batch(batch)
+            launched = self._launch(batch)
+            if pending is not None:
+                yield from self._finish(*pending)
+            pending = launched
+        if pending is not None:
+            yield from self._finish(*pending)
 
     @torch.no_grad()
-    def _run_batch(self, batch: list[SourceRow]) -> list[TeacherRow]:
-        lengths_B = torch.tensor([r.num_tokens for r in batch])
-        max_len = int(lengths_B.max())
+    def _launch(self, batch: list[SourceRow]):
+        """Forward, target selection and hidden gathers for one batch, then an async
+        copy of the (small) results to host memory. Index tensors are built on the
+        host so nothing here waits for the device."""
+        lengths = [r.num_tokens for r in batch]
+        max_len = max(lengths)
         input_ids_BL = torch.zeros((len(batch), max_len), dtype=torch.long)
+        attention_mask_BL = torch.zeros((len(batch), max_len), dtype=torch.long)
         for b, row in enumerate(batch):
             input_ids_BL[b, :row.num_tokens] = torch.from_numpy(row.input_ids.astype("int64"))
-        attention_mask_BL = (torch.arange(max_len)[None, :] < lengths_B[:, None]).long()
+            attention_mask_BL[b, :row.num_tokens] = 1
+        # Target t is the distribution of token t+1: positions 0..L-2 of each row.
+        target_index_N = torch.cat([torch.arange(n - 1) + b * max_len for b, n in enumerate(lengths)])
         self._captured.clear()
         out = self.decoder(input_ids=input_ids_BL.to(self.device), attention_mask=attention_mask_BL.to(self.device),
                            use_cache=False)
         final_BLD = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        # Target t is the distribution of token t+1: positions 0..L-2 of each row.
-        target_mask_BL = torch.arange(max_len)[None, :] < (lengths_B[:, None] - 1)
-        final_ND = final_BLD[target_mask_BL.to(self.device)]
+        final_ND = final_BLD.reshape(-1, final_BLD.shape[-1])[target_index_N.to(self.device)]
         targets = compute_targets(final_ND, self._logits, self.spec.targets, flat_uniforms(batch, self.spec),
                                   chunk_size=self.options.logits_chunk)
         hidden_by_layer = {}
@@ -137,6 +149,17 @@ class HFBackend:
             for layer in self.spec.hidden.layers:
                 hidden_by_layer[layer] = self._captured[layer].reshape(-1, self.info.hidden_size)[flat_index_H]
         self._captured.clear()
+        on_device = self.device.type == "cuda"
+        targets = targets.to("cpu", non_blocking=on_device)
+        hidden_by_layer = {layer: h.to("cpu", non_blocking=on_device) for layer, h in hidden_by_layer.items()}
+        copied = torch.cuda.Event() if on_device else None
+        if copied is not None:
+            copied.record()
+        return batch, targets, hidden_by_layer, copied
+
+    def _finish(self, batch, targets, hidden_by_layer, copied) -> list[TeacherRow]:
+        if copied is not None:
+            copied.synchronize()
         return assemble_rows(batch, targets, hidden_by_layer, self.spec)
 
     def close(self) -> None:
