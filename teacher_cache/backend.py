@@ -186,7 +186,9 @@ def read_teacher_info(model_path: str, trust_remote_code: bool = False) -> Teach
         config = AutoConfig.from_pretrained(str(local) if local.exists() else model_path,
                                             trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"model {model_path}: cannot load its config ({str(exc).splitlines()[0]})") from exc
+        where = "" if local.exists() else "not a local directory, and from the Hugging Face Hub: "
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"model {model_path}: cannot load its config ({where}{reason})") from exc
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     config_file = _config_path(model_path)
     raw = json.loads(config_file.read_text()) if config_file else config.to_dict()

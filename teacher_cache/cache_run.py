@@ -246,7 +246,14 @@ def _format_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def dry_run_report(cfg: CacheConfig, prep: Prepared, worker: WorkerSlot, workers_per_node: int = 1) -> list[str]:
+def _free_bytes(path: Path) -> int:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def plan_report(cfg: CacheConfig, prep: Prepared, worker: WorkerSlot, workers_per_node: int = 1) -> list[str]:
+    """The plan and storage estimate, printed before any model work (and alone by --dry-run)."""
     spec = prep.spec
     lengths = prep.source.lengths_R
     tokens = int(lengths.sum())
@@ -277,8 +284,15 @@ def dry_run_report(cfg: CacheConfig, prep: Prepared, worker: WorkerSlot, workers
                  f"{estimate.target_bytes_per_token:,.1f}"
                  + (f", hidden {estimate.hidden_bytes_per_token_per_layer:,.1f} per layer" if spec.hidden.layers else "")
                  + ")")
-    lines.append("dry run: nothing written")
+    free = _free_bytes(Path(cfg.out).resolve())
+    lines.append(f"free space at {cfg.out}: {_format_bytes(free)}"
+                 + (" -- WARNING: less than the estimate" if free < estimate.total_bytes else ""))
     return lines
+
+
+def _print(console: Console, lines: list[str]) -> None:
+    for line in lines:
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 def run_cache(cfg: CacheConfig, console: Console | None = None) -> RunSummary | None:
@@ -288,9 +302,10 @@ def run_cache(cfg: CacheConfig, console: Console | None = None) -> RunSummary | 
         return _run_gpus(cfg, console)
     prep = prepare(cfg)
     worker = resolve_worker(cfg.num_workers, cfg.worker_index)
+    if not cfg.quiet:
+        _print(console, plan_report(cfg, prep, worker))
     if cfg.dry_run:
-        for line in dry_run_report(cfg, prep, worker):
-            console.print(line, highlight=False, markup=False, soft_wrap=True)
+        _print(console, ["dry run: nothing written"])
         return None
     out = Path(cfg.out)
     mine = shards_for_worker(prep.plan, worker)
@@ -302,8 +317,7 @@ def run_cache(cfg: CacheConfig, console: Console | None = None) -> RunSummary | 
     refresh_manifest(out, prep.header)
     summary.seconds = time.monotonic() - start
     if not cfg.quiet:
-        for line in summary.lines():
-            console.print(line, highlight=False, markup=False, soft_wrap=True)
+        _print(console, summary.lines())
     return summary
 
 
@@ -341,9 +355,10 @@ def _run_gpus(cfg: CacheConfig, console: Console) -> RunSummary | None:
         raise ValueError(f"--gpus lists a GPU twice: {cfg.gpus}")
     prep = prepare(cfg)
     node = resolve_worker(cfg.num_workers, cfg.worker_index)
+    if not cfg.quiet:
+        _print(console, plan_report(cfg, prep, node, workers_per_node=len(cfg.gpus)))
     if cfg.dry_run:
-        for line in dry_run_report(cfg, prep, node, workers_per_node=len(cfg.gpus)):
-            console.print(line, highlight=False, markup=False, soft_wrap=True)
+        _print(console, ["dry run: nothing written"])
         return None
     out = Path(cfg.out)
     slots = [node_local_worker(node, local, len(cfg.gpus)) for local in range(len(cfg.gpus))]
@@ -375,8 +390,7 @@ def _run_gpus(cfg: CacheConfig, console: Console) -> RunSummary | None:
                          bytes=sum(e.bytes for e in written), shards_skipped=len(node_shards & before),
                          seconds=time.monotonic() - start, num_gpus=len(cfg.gpus), gpu_hour_price=cfg.gpu_hour_price)
     if not cfg.quiet:
-        for line in summary.lines():
-            console.print(line, highlight=False, markup=False, soft_wrap=True)
+        _print(console, summary.lines())
     return summary
 
 

@@ -158,9 +158,10 @@ class SourceData:
                 h.update(b"no-labels")
                 continue
             for chunk in column.chunks:
-                h.update(np.diff(chunk.offsets_R1).astype("<i8").tobytes())
+                h.update(np.diff(chunk.offsets_R1).astype("<i8"))
                 values_F = chunk.values_F[chunk.offsets_R1[0]:chunk.offsets_R1[-1]]
-                h.update(values_F.astype("<i4", copy=False).tobytes())
+                # Hashed through the buffer protocol: no copy of memory-mapped int32 ids.
+                h.update(np.ascontiguousarray(values_F, dtype="<i4"))
         return h.hexdigest()
 
     def describe(self) -> dict:
