@@ -154,22 +154,22 @@ class VllmBackend:
                                              _sampling_params(row.row_id))
                     in_flight[row.row_id] = (request_id, row)
                     in_flight_tokens += row.num_tokens
-                outputs = self._engine.step()
-                if not any(o.finished for o in outputs):
-                    if not self._engine.has_unfinished_requests():
-                        raise RuntimeError(f"vLLM finished without returning rows {sorted(in_flight)[:8]}")
-                    continue
-                for result in self._take_finished():
+                self._engine.step()
+                idle = not self._engine.has_unfinished_requests()
+                results = self._take_finished(final=idle)
+                for result in results:
                     request_id, row = in_flight.pop(result["row_id"])
                     in_flight_tokens -= row.num_tokens
                     yield self._assemble(row, result)
+                if idle and not queue and in_flight:
+                    raise RuntimeError(f"vLLM finished without returning rows {sorted(in_flight)[:8]}")
         finally:
             if in_flight:  # stopped early (error or the consumer closed the generator)
                 self._engine.abort_request([request_id for request_id, _ in in_flight.values()])
                 self.llm.collective_rpc("vpmoe_reset")
 
-    def _take_finished(self) -> list[dict]:
-        results = self.llm.collective_rpc("vpmoe_take_finished", args=(self._packed,))[0]
+    def _take_finished(self, final: bool) -> list[dict]:
+        results = self.llm.collective_rpc("vpmoe_take_finished", args=(final, self._packed))[0]
         return [unpack_arrays(r) for r in results] if self._packed else results
 
     def _assemble(self, row: SourceRow, result: dict | None) -> TeacherRow:

@@ -20,7 +20,8 @@ and turns each engine step into targets without per-token Python objects:
   handled by that mapping. Rows are identified by the row id carried in the
   request's `SamplingParams.extra_args`, never by vLLM's request id.
 
-The driver collects finished rows with `collective_rpc("vpmoe_take_finished")`.
+The driver collects finished rows with `collective_rpc("vpmoe_take_finished")`
+after each engine step.
 
 Layer numbering: vLLM's aux id i is `hidden + residual` after decoder layer i
 (0-based index i - 1), i.e. the residual stream leaving layer i (1-based),
@@ -248,7 +249,9 @@ class StepCapture:
         hidden_FD, aux = (output[0], output[1]) if isinstance(output, tuple) else (output, [])
         if self.runner.input_batch.num_reqs == 0:
             return
-        self._drain(block=False)
+        # The forward just queued keeps the GPU busy while the host sorts the
+        # previous step's results into their rows.
+        self._drain()
         pieces, target_rows_N, hidden_rows_H = self._plan(hidden_FD.shape[0])
         if not pieces:
             return
@@ -256,22 +259,22 @@ class StepCapture:
         spec = self.config.spec
         uniforms_NM = None
         if spec.targets.mode == "sampled":
-            uniforms_NM = torch.from_numpy(np.concatenate(
-                [p.row.uniforms_PM[p.start:p.start + p.num_targets] for p in pieces])).to(device)
-        rows_N = torch.from_numpy(target_rows_N).to(device)
+            uniforms_NM = _to_device(np.concatenate([p.row.uniforms_PM[p.start:p.start + p.num_targets]
+                                                     for p in pieces]), device)
+        rows_N = _to_device(target_rows_N, device)
         targets = compute_targets(hidden_FD.index_select(0, rows_N), self._logits, spec.targets,
                                   uniforms_NM, self.config.logits_chunk)
         device_out = self._compact(targets)
         if spec.hidden.layers:
             assert len(aux) == len(spec.hidden.layers), (len(aux), spec.hidden.layers)
-            rows_H = torch.from_numpy(hidden_rows_H).to(device)
+            rows_H = _to_device(hidden_rows_H, device)
             for layer, aux_FD in zip(sorted(spec.hidden.layers), aux):
                 device_out[f"hidden_{layer}"] = aux_FD.index_select(0, rows_H)
         self.pending.append(self._to_host(pieces, device_out))
         self.steps += 1
         self.tokens += sum(p.num_tokens for p in pieces)
         if device.type == "cpu":
-            self._drain(block=True)
+            self._drain()
 
     def _logits(self, hidden_nD: torch.Tensor) -> torch.Tensor:
         logits_nV = self.runner.model.compute_logits(hidden_nD)
@@ -304,16 +307,13 @@ class StepCapture:
         event.record()
         return PendingStep(pieces, host, event)
 
-    def _drain(self, block: bool) -> None:
-        """Move landed step results into their rows; finished rows go to `finished`."""
+    def _drain(self) -> None:
+        """Move step results into their rows, in step order, once their copies
+        have landed; finished rows go to `finished`."""
         while self.pending:
-            step = self.pending[0]
+            step = self.pending.pop(0)
             if step.event is not None:
-                if block:
-                    step.event.synchronize()
-                elif not step.event.query():
-                    return
-            self.pending.pop(0)
+                step.event.synchronize()
             self._distribute(step)
 
     def _distribute(self, step: PendingStep) -> None:
@@ -343,16 +343,29 @@ class StepCapture:
                 self.finished.append(row)
                 del self.active[row.req_id]
 
-    def take_finished(self) -> list[dict]:
-        self._drain(block=True)
+    def take_finished(self, final: bool = False) -> list[dict]:
+        """Rows completed so far. Between steps the last step's results stay
+        pending (they are sorted in during the next forward); `final` waits
+        for and sorts in everything."""
+        if final:
+            self._drain()
         done, self.finished = self.finished, []
         return [row.finish() for row in done]
 
     def reset(self) -> None:
         """Forget partial rows (after an aborted run)."""
-        self._drain(block=True)
+        self._drain()
         self.active.clear()
         self.finished.clear()
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    tensor = torch.from_numpy(array)
+    if device.type == "cpu":
+        return tensor
+    # From pinned memory the copy is queued behind the forward instead of
+    # making the host wait for it.
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def pack_arrays(result: dict) -> dict:
@@ -400,8 +413,8 @@ class CaptureWorkerMixin:
             raise ValueError("the vllm capture runs one engine per GPU (tensor/pipeline parallel size 1)")
         self.vpmoe_capture = StepCapture.install(self.model_runner, CaptureConfig.from_dict(raw))
 
-    def vpmoe_take_finished(self, packed: bool = False) -> list[dict]:
-        rows = self.vpmoe_capture.take_finished()
+    def vpmoe_take_finished(self, final: bool = False, packed: bool = False) -> list[dict]:
+        rows = self.vpmoe_capture.take_finished(final)
         return [pack_arrays(r) for r in rows] if packed else rows
 
     def vpmoe_reset(self) -> None:
