@@ -40,6 +40,7 @@ class StudentConfig:
     dtype: str = "fp32"  # dtype the weights (and so the optimizer state) are kept in
     compute_dtype: str = "bf16"  # FSDP2 parameter dtype on GPU; CPU always computes in `dtype`
     attn_implementation: str | None = None  # e.g. sdpa, eager, flash_attention_2; None: the model's default
+    experts_implementation: str | None = None  # MoE experts kernel (e.g. eager, grouped_mm); None: the default
     train: list[str] = field(default_factory=lambda: list(PHASE1_TRAIN))  # regexes; empty = every parameter
     freeze: list[str] = field(default_factory=lambda: list(PHASE1_FREEZE))  # regexes, applied after `train`
 

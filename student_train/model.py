@@ -45,6 +45,8 @@ def load_student(cfg: StudentConfig, seed: int = 0) -> nn.Module:
     kwargs = dict(dtype=TORCH_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.experts_implementation:
+        kwargs["experts_implementation"] = cfg.experts_implementation
     if cfg.path is not None:
         try:
             model = AutoModelForCausalLM.from_pretrained(cfg.path, local_files_only=True, **kwargs)

@@ -144,6 +144,8 @@ def parallelize(wrapper: nn.Module, env: DistEnv, cfg: ParallelConfig) -> nn.Mod
             # The loss is already divided by the global token count: gradients must be summed over
             # ranks, not averaged.
             module.set_gradient_divide_factor(1.0)
+            if env.device.type == "cpu":  # gloo has no PREMUL_SUM: plain SUM, then a division by 1
+                module.set_force_sum_reduction_for_comms(True)
     wrapper.to(env.device)  # buffers that belong to no FSDP unit (rotary tables)
     return wrapper
 
