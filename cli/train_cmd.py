@@ -1,4 +1,4 @@
-"""`vpmoe train CONFIG.yaml [--set k=v ...] [--resume [PATH]] [--nproc-per-node N]`.
+"""`vpmoe train CONFIG.yaml [--set k=v ...] [--resume | --resume-from PATH] [--nproc-per-node N]`.
 
 Under torchrun (RANK in the environment) this process is one rank and trains.
 With --nproc-per-node N and no torchrun environment it starts N ranks itself
@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -42,15 +43,17 @@ def train(
     config: Path = typer.Argument(..., help="Training config (YAML); see configs/."),
     extra: list[str] = typer.Argument(None, hidden=True),
     sets: list[str] = typer.Option(None, "--set", help="Override a config key: section.key=value (repeatable)."),
-    resume: str = typer.Option(None, "--resume", flag_value="", is_flag=False,
-                               help="Resume: alone, from the latest checkpoint (or start fresh if none); "
-                                    "with a PATH, from that checkpoint."),
+    resume_latest: bool = typer.Option(False, "--resume",
+                                       help="Resume from the latest checkpoint (or start fresh if there is none)."),
+    resume_from: Optional[Path] = typer.Option(None, "--resume-from", help="Resume from this checkpoint."),
     nproc_per_node: int = typer.Option(0, "--nproc-per-node",
                                        help="Start this many local ranks (when not already under torchrun)."),
 ):
     """Train the student on the teacher cache (FSDP2 over all ranks)."""
     from student_train.config import load_config
 
+    # The trainer takes "" for the latest checkpoint, a path for that one, None for a fresh start.
+    resume = str(resume_from) if resume_from is not None else ("" if resume_latest else None)
     overrides = split_overrides(sets, extra)
     try:
         cfg = load_config(config, overrides)
@@ -60,7 +63,7 @@ def train(
     if nproc_per_node > 0 and "RANK" not in os.environ:
         argv = ["train", str(config), *[a for o in overrides for a in ("--set", o)]]
         if resume is not None:
-            argv += ["--resume", resume] if resume else ["--resume"]
+            argv += ["--resume-from", resume] if resume else ["--resume"]
         raise typer.Exit(relaunch(nproc_per_node, argv))
 
     from student_train.trainer import NonFiniteError, run
