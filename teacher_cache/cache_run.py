@@ -222,6 +222,7 @@ def open_cache(cache_dir: Path, header: CacheManifest, plan: list[ShardPlan], mi
     for shard in mine:
         entry = finished_entry(cache_dir, shard)
         if entry is not None:
+            remove_stale_tmp(cache_dir, shard_file_name(shard.index))  # an interrupted rewrite of it
             kept.append(entry)
         else:
             _remove_shard(cache_dir, shard.index)
