@@ -38,7 +38,9 @@ def print_summary(summary: dict, out: Path) -> None:
     table.add_row("teacher training tokens/s", f"{teacher['tokens_per_s']:,.0f}")
     totals = summary["inspect"].get("totals", {})
     if "bytes_per_token" in totals:
-        table.add_row("cache bytes/token", f"{totals['bytes_per_token']:.1f}")
+        table.add_row("cache bytes/token (all)", f"{totals['bytes_per_token']:.1f}")
+        table.add_row("  of which targets / hidden states",
+                      f"{totals['target_bytes_per_token']:.1f} / {totals['hidden_bytes_per_token']:.1f}")
     cache_s = summary["cache"]["train"]["seconds"]
     table.add_row("cache-teacher tokens/s (incl. start-up)", f"{data['train_tokens'] / cache_s:,.0f}")
     if train.get("tokens_per_s"):
