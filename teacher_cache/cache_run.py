@@ -61,7 +61,7 @@ class CacheConfig:
     hidden_layers: tuple[int, ...] = ()
     hidden_dtype: str = "bf16"
     hidden_token_fraction: float = 1.0
-    rows_per_shard: int = 1024
+    rows_per_shard: int = 256
     max_tokens_per_batch: int = 16384
     limit_rows: int | None = None
     num_workers: int | None = None
