@@ -74,7 +74,9 @@ def _decoder_layers(decoder: nn.Module, num_layers: int) -> nn.ModuleList:
 
 
 class HFBackend:
-    def __init__(self, spec: ShardSpec, options: BackendOptions):
+    def __init__(self, spec: ShardSpec, options: BackendOptions, model: nn.Module | None = None):
+        """`model`: an already loaded teacher whose config is `options.model`'s
+        (benchmarks and notebooks); loaded from `options.model` when None."""
         from transformers import AutoModelForCausalLM
 
         if options.tensor_parallel_size != 1:
@@ -86,8 +88,9 @@ class HFBackend:
             raise ValueError(f"hidden layers {bad_layers} exceed the teacher's {self.info.num_layers} layers")
         self.device = resolve_device(options.device)
         self.dtype = resolve_dtype(options.dtype, self.device)
-        model = AutoModelForCausalLM.from_pretrained(options.model, dtype=self.dtype,
-                                                     trust_remote_code=options.trust_remote_code)
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(options.model, dtype=self.dtype,
+                                                         trust_remote_code=options.trust_remote_code)
         self.model = model.to(self.device).eval()
         self.decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
         self.lm_head = model.get_output_embeddings()
