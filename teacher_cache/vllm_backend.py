@@ -119,7 +119,8 @@ class VllmBackend:
 
     def _check_rows(self, rows: Sequence[SourceRow]) -> None:
         seen = set()
-        limit = self.info.max_context - 1  # vLLM keeps one slot for the sampled token
+        context = self._engine.model_config.max_model_len
+        limit = context - 1  # vLLM keeps one slot for the sampled token
         for row in rows:
             if row.row_id in seen:
                 raise ValueError(f"row {row.row_id} is given twice")
@@ -129,7 +130,7 @@ class VllmBackend:
                 raise ValueError(f"row {row.row_id}: input_ids and labels must be 1-D of equal length")
             if len(ids) > limit:
                 raise ValueError(f"row {row.row_id} has {len(ids)} tokens; the vllm backend takes at most {limit} "
-                                 f"for this teacher (context {self.info.max_context})")
+                                 f"(engine context {context})")
             if len(ids) and (ids.min() < 0 or ids.max() >= self.info.vocab_size):
                 raise ValueError(f"row {row.row_id}: token id outside the teacher's vocabulary [0, {self.info.vocab_size})")
 

@@ -411,6 +411,8 @@ class CaptureWorkerMixin:
             raise RuntimeError(f"{type(self).__name__} needs additional_config[{CAPTURE_CONFIG_KEY!r}]")
         if self.parallel_config.tensor_parallel_size != 1 or self.parallel_config.pipeline_parallel_size != 1:
             raise ValueError("the vllm capture runs one engine per GPU (tensor/pipeline parallel size 1)")
+        if getattr(self, "use_v2_model_runner", False):
+            raise ValueError("the vllm capture needs the V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER")
         self.vpmoe_capture = StepCapture.install(self.model_runner, CaptureConfig.from_dict(raw))
 
     def vpmoe_take_finished(self, final: bool = False, packed: bool = False) -> list[dict]:
