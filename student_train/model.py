@@ -12,6 +12,7 @@ E teacher width, K top-k width, T cached temperatures, M sampled ids.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +39,12 @@ PROJECTIONS_FILE = "hidden_projections.safetensors"
 # ---------------------------------------------------------------- loading
 
 
-def load_student(cfg: StudentConfig, seed: int = 0) -> nn.Module:
-    """HF causal LM from a directory, or randomly initialised (deterministic in `seed`) from a config."""
+def load_student(cfg: StudentConfig, seed: int = 0, on_meta: bool = False) -> nn.Module:
+    """HF causal LM from a directory, or randomly initialised (deterministic in `seed`) from a config.
+
+    on_meta: only the structure, on the meta device, for ranks that receive the weights from rank 0
+    (so a node holds one copy of the full weights in host memory, not one per rank).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs = dict(dtype=TORCH_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
@@ -49,7 +54,13 @@ def load_student(cfg: StudentConfig, seed: int = 0) -> nn.Module:
         kwargs["experts_implementation"] = cfg.experts_implementation
     if cfg.path is not None:
         try:
-            model = AutoModelForCausalLM.from_pretrained(cfg.path, local_files_only=True, **kwargs)
+            if on_meta:
+                config = AutoConfig.from_pretrained(cfg.path, local_files_only=True,
+                                                    trust_remote_code=cfg.trust_remote_code)
+                with torch.device("meta"):
+                    model = AutoModelForCausalLM.from_config(config, **kwargs)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(cfg.path, local_files_only=True, **kwargs)
         except (OSError, ValueError) as exc:
             where = "does not exist and is not a model in the local HF cache" if not Path(cfg.path).exists() \
                 else f"could not be loaded ({str(exc).splitlines()[0]})"
@@ -63,7 +74,8 @@ def load_student(cfg: StudentConfig, seed: int = 0) -> nn.Module:
         except (OSError, ValueError) as exc:
             raise ValueError(f"student.init_config {source}: not a model config ({str(exc).splitlines()[0]})") from exc
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, **kwargs)
+        with torch.device("meta") if on_meta else contextlib.nullcontext():
+            model = AutoModelForCausalLM.from_config(config, **kwargs)
     model.config.use_cache = False  # training never decodes; a KV cache only costs memory
     return model
 

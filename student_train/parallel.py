@@ -107,12 +107,16 @@ class ParallelConfig:
     compile: bool = False
 
 
-def parallelize(wrapper: nn.Module, env: DistEnv, cfg: ParallelConfig) -> nn.Module:
+def parallelize(wrapper: nn.Module, env: DistEnv, cfg: ParallelConfig, rank0_state: dict | None = None) -> nn.Module:
     """Activation checkpointing, compile and FSDP2 on a DistillModel whose trainable flags are final.
 
     FSDP2 units: each decoder block, then the root (embeddings, final norm,
     lm_head, projections). The root keeps its parameters unsharded from forward
     through backward, which the fused loss inside forward relies on.
+
+    With several ranks, only rank 0 holds real weights (`rank0_state`, its full
+    state dict); the others are built on the meta device and receive their
+    shards, and every buffer, from rank 0 after sharding.
     """
     student = wrapper.student
     layers = decoder_layers(student)
@@ -146,7 +150,18 @@ def parallelize(wrapper: nn.Module, env: DistEnv, cfg: ParallelConfig) -> nn.Mod
             module.set_gradient_divide_factor(1.0)
             if env.device.type == "cpu":  # gloo has no PREMUL_SUM: plain SUM, then a division by 1
                 module.set_force_sum_reduction_for_comms(True)
-    wrapper.to(env.device)  # buffers that belong to no FSDP unit (rotary tables)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    on_meta = any(t.is_meta for t in (*wrapper.parameters(), *wrapper.buffers()))
+    if on_meta:
+        wrapper.to_empty(device=env.device)
+    else:
+        wrapper.to(env.device)  # buffers that belong to no FSDP unit (rotary tables)
+    assert env.is_main == (rank0_state is not None), "rank 0, and only rank 0, passes the full state"
+    set_model_state_dict(wrapper, rank0_state or {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buf in wrapper.buffers():  # non-persistent buffers (rotary tables) are in no state dict
+        dist.broadcast(buf, src=0)
     return wrapper
 
 

@@ -69,7 +69,8 @@ def loader_config(cfg: TrainConfig, cache_dir: str, for_eval: bool, hidden_layer
 
 def build_student(cfg: TrainConfig, env: DistEnv):
     """The HF student with its trainable flags set (before any FSDP wrapping), and the counts."""
-    student = load_student(cfg.student, seed=cfg.seed)
+    # Ranks other than 0 build the structure only; rank 0 sends them the weights after sharding.
+    student = load_student(cfg.student, seed=cfg.seed, on_meta=env.world_size > 1 and not env.is_main)
     counts = select_trainable(student, cfg.student.train, cfg.student.freeze)
     print0(counts.describe())
     return student, counts
@@ -82,9 +83,11 @@ def build_distill_model(cfg: TrainConfig, env: DistEnv, student, spec: ShardSpec
     torch.manual_seed(cfg.seed)
     model = DistillModel(student, loss_cfg, TargetLayout.from_spec(spec, loss_cfg))
     flops = flops_model(student, student.config, cfg.data.seq_len)
+    rank0_state = model.state_dict() if env.world_size > 1 and env.is_main else None
     model = parallel.parallelize(model, env, ParallelConfig(
         compute_dtype=cfg.student.compute_dtype, activation_checkpointing=cfg.activation_checkpointing,
-        compile=cfg.compile))
+        compile=cfg.compile), rank0_state)
+    del rank0_state
     model.train()
     return model, flops
 
