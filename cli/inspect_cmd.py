@@ -24,8 +24,8 @@ EXIT_BAD_INPUT = 2
 def inspect_shard(
     path: Path = typer.Argument(..., help="A shard file (shard-NNNNN.arrow) or a cache directory."),
     verify: bool = typer.Option(False, "--verify", help="Check checksums, content hashes and every row's values."),
-    row: int = typer.Option(None, "--row", help="Show row N (0-based, shards in index order) with its targets."),
-    tokenizer: Path = typer.Option(None, "--tokenizer", help="tokenizer.json (or its directory) to decode tokens."),
+    row: int | None = typer.Option(None, "--row", help="Show row N (0-based, shards in index order) with its targets."),
+    tokenizer: Path | None = typer.Option(None, "--tokenizer", help="tokenizer.json (or its directory) to decode tokens."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     stats_rows: int = typer.Option(256, "--stats-rows", help="Rows used for distribution statistics."),
     top: int = typer.Option(5, "--top", help="Targets shown per position with --row (human output)."),

@@ -431,9 +431,8 @@ def _open_shard(path: Path, entry: ShardEntry | None, manifest: CacheManifest | 
     with ShardReader(path, entry=entry, verify_checksum=verify) as reader:
         spec = reader.spec
         num_batches = reader.num_batches
-    where = f"{path}"
     if manifest is not None and spec != manifest.spec:
-        raise ShardFormatError(f"{where}: shard spec differs from the manifest's spec")
+        raise ShardFormatError(f"{path}: shard spec differs from the manifest's spec")
     rows = tokens = positions = 0
     with ShardReader(path, columns=["input_ids"]) as reader:
         for b in range(reader.num_batches):
@@ -444,7 +443,7 @@ def _open_shard(path: Path, entry: ShardEntry | None, manifest: CacheManifest | 
     if entry is not None:
         for name, held in (("rows", rows), ("tokens", tokens), ("positions", positions)):
             if getattr(entry, name) != held:
-                raise ShardFormatError(f"{where}: manifest says {getattr(entry, name)} {name}, the shard holds {held}")
+                raise ShardFormatError(f"{path}: manifest says {getattr(entry, name)} {name}, the shard holds {held}")
     return _Shard(path, entry, spec, rows, tokens, positions, num_batches, column_bytes(path))
 
 
