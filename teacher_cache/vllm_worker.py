@@ -118,7 +118,7 @@ class RowCapture:
             self.uniforms_PM = row_uniforms(tspec.seed, row_id, num_positions, tspec.num_samples)
             # start position -> (sizes, ids, counts) of the positions computed in one step
             self.samples: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        self.layers = tuple(hspec.layers)
+        self.layers = tuple(sorted(set(hspec.layers)))
         if self.layers:
             self.kept_H = hidden_positions(row_id, num_tokens, hspec.token_fraction, hspec.seed)
             self.slot_of_position_L = np.full(num_tokens, -1, dtype=np.int64)
@@ -266,9 +266,10 @@ class StepCapture:
                                   uniforms_NM, self.config.logits_chunk)
         device_out = self._compact(targets)
         if spec.hidden.layers:
-            assert len(aux) == len(spec.hidden.layers), (len(aux), spec.hidden.layers)
+            aux_layers = sorted(set(spec.hidden.layers))  # the order vLLM returns them in
+            assert len(aux) == len(aux_layers), (len(aux), aux_layers)
             rows_H = _to_device(hidden_rows_H, device)
-            for layer, aux_FD in zip(sorted(spec.hidden.layers), aux):
+            for layer, aux_FD in zip(aux_layers, aux):
                 device_out[f"hidden_{layer}"] = aux_FD.index_select(0, rows_H)
         self.pending.append(self._to_host(pieces, device_out))
         self.steps += 1
@@ -390,8 +391,9 @@ def unpack_arrays(packed: dict) -> dict:
 
 
 def _pack_one(t: torch.Tensor) -> list:
-    t = t.contiguous()
-    return [str(t.dtype).removeprefix("torch."), list(t.shape), t.view(torch.uint8).numpy().tobytes()]
+    # Empty tensors may carry zero strides, which a byte view refuses.
+    data = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return [str(t.dtype).removeprefix("torch."), list(t.shape), data]
 
 
 def _unpack_one(blob: list) -> torch.Tensor:

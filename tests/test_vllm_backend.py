@@ -149,10 +149,12 @@ def test_request_without_row_id_is_refused():
         runner.step([("x", 0, 5)])
 
 
-def test_packed_rows_round_trip_bytes_only():
-    result = {"row_id": 7, "num_tokens": 4, "topk_ids": np.arange(12, dtype=np.int32).reshape(3, 4),
-              "topk_logits": np.linspace(-3, 5, 12, dtype=np.float32).reshape(3, 4),
-              "lse": np.ones((3, 2), np.float32), "hidden": {2: torch.randn(4, 8).to(torch.bfloat16)}}
+@pytest.mark.parametrize("num_tokens", [4, 1])
+def test_packed_rows_round_trip_bytes_only(num_tokens):
+    p = num_tokens - 1
+    result = {"row_id": 7, "num_tokens": num_tokens, "topk_ids": np.arange(4 * p, dtype=np.int32).reshape(p, 4),
+              "topk_logits": np.linspace(-3, 5, 4 * p, dtype=np.float32).reshape(p, 4),
+              "lse": np.full((p, 2), 2.5, np.float32), "hidden": {2: torch.randn(num_tokens, 8).to(torch.bfloat16)}}
     packed = pack_arrays(result)
 
     def native(value):
@@ -165,6 +167,7 @@ def test_packed_rows_round_trip_bytes_only():
     assert native(packed)  # nothing vLLM would have to pickle
     back = unpack_arrays(packed)
     for name in ("topk_ids", "topk_logits", "lse"):
+        assert back[name].dtype == result[name].dtype
         np.testing.assert_array_equal(back[name], result[name])
     assert back["hidden"][2].dtype == torch.bfloat16
     torch.testing.assert_close(back["hidden"][2], result["hidden"][2], rtol=0, atol=0)
