@@ -37,7 +37,10 @@ class StudentConfig:
     path: str | None = None  # HF model directory (or a repo id already in the local HF cache)
     init_config: str | None = None  # a config.json (or its directory) to initialise randomly from
     trust_remote_code: bool = False
-    dtype: str = "fp32"  # dtype the weights (and so the optimizer state) are kept in
+    dtype: str = "fp32"  # dtype trained weights (and so the optimizer state) are kept in
+    # Frozen weights never update, so an fp32 copy buys nothing: e.g. bf16 halves the experts' memory.
+    # Needs a GPU (FSDP2 or autocast computes in bf16 anyway); None: the same as dtype.
+    frozen_dtype: str | None = None
     compute_dtype: str = "bf16"  # FSDP2 parameter dtype on GPU; CPU always computes in `dtype`
     attn_implementation: str | None = None  # e.g. sdpa, eager, flash_attention_2; None: the model's default
     experts_implementation: str | None = None  # MoE experts kernel (e.g. eager, grouped_mm); None: the default
@@ -309,6 +312,9 @@ def validate(config: TrainConfig, where: str = "config") -> None:
          "set exactly one of student.path and student.init_config")
     need(s.dtype in DTYPES, "student.dtype", f"must be one of {DTYPES}")
     need(s.compute_dtype in DTYPES, "student.compute_dtype", f"must be one of {DTYPES}")
+    need(s.frozen_dtype is None or s.frozen_dtype in DTYPES, "student.frozen_dtype", f"must be one of {DTYPES}")
+    need(s.frozen_dtype in (None, s.dtype) or config.device != "cpu", "student.frozen_dtype",
+         "a dtype other than student.dtype needs device cuda (CPU matmuls need one dtype)")
     need(config.export.dtype is None or config.export.dtype in DTYPES, "export.dtype", f"must be one of {DTYPES}")
     need(bool(d.train_cache), "data.train_cache", "is required")
     need(d.seq_len >= 2, "data.seq_len", "must be >= 2")

@@ -47,7 +47,9 @@ def load_student(cfg: StudentConfig, seed: int = 0, on_meta: bool = False) -> nn
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kwargs = dict(dtype=TORCH_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
+    # Loaded in the frozen dtype when one is set (usually the checkpoint's), so host memory never holds
+    # an fp32 copy of the frozen majority; `cast_trained` then upcasts what trains.
+    kwargs = dict(dtype=TORCH_DTYPES[cfg.frozen_dtype or cfg.dtype], trust_remote_code=cfg.trust_remote_code)
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.experts_implementation:
@@ -128,6 +130,13 @@ def select_trainable(model: nn.Module, train: list[str], freeze: list[str]) -> P
     return counts
 
 
+def cast_trained(model: nn.Module, dtype: str) -> None:
+    """Trained parameters to `dtype` (frozen ones keep the dtype they were loaded in)."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != TORCH_DTYPES[dtype]:
+            p.data = p.data.to(TORCH_DTYPES[dtype])
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder blocks in order (FSDP units, and the layers hidden states are taken from)."""
     num_layers = getattr(model.config, "num_hidden_layers", None)
@@ -192,11 +201,13 @@ class DistillModel(nn.Module):
         self.loss_cfg = loss
         self.layout = layout
         width = student.config.hidden_size
+        # Projections train: they take the trained parameters' dtype.
+        dtype = next((p.dtype for p in student.parameters() if p.requires_grad), next(student.parameters()).dtype)
         self.projections = nn.ModuleDict()
         for s, t in loss.layer_pairs if loss.hidden_cosine_weight > 0 else ():
             proj = build_hidden_projection(width, layout.teacher_hidden_size)
             if proj is not None:
-                self.projections[projection_key(s, t)] = proj.to(next(student.parameters()).dtype)
+                self.projections[projection_key(s, t)] = proj.to(dtype)
         layers = decoder_layers(student)
         self._captured: dict[int, torch.Tensor] = {}
         self._hooks = []

@@ -28,6 +28,7 @@ from student_train.model import (
     DistillModel,
     LossSums,
     TargetLayout,
+    cast_trained,
     check_cache_fits,
     decoder_layers,
     load_student,
@@ -72,6 +73,9 @@ def build_student(cfg: TrainConfig, env: DistEnv):
     # Ranks other than 0 build the structure only; rank 0 sends them the weights after sharding.
     student = load_student(cfg.student, seed=cfg.seed, on_meta=env.world_size > 1 and not env.is_main)
     counts = select_trainable(student, cfg.student.train, cfg.student.freeze)
+    if env.device.type != "cuda" and cfg.student.frozen_dtype not in (None, cfg.student.dtype):
+        raise ValueError("student.frozen_dtype other than student.dtype needs a GPU")
+    cast_trained(student, cfg.student.dtype)
     print0(counts.describe())
     return student, counts
 

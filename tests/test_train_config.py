@@ -71,6 +71,8 @@ def test_cross_key_errors_name_the_key(tmp_path):
         load_config(write(tmp_path, MINIMAL), ["loss.kl_mode=full"])
     with pytest.raises(ValueError, match="loss: hidden_cosine_weight > 0 needs layer_pairs"):
         load_config(write(tmp_path, MINIMAL), ["loss.hidden_cosine=0.5"])
+    with pytest.raises(ValueError, match="student.frozen_dtype: a dtype other than student.dtype needs device cuda"):
+        load_config(write(tmp_path, MINIMAL), ["student.frozen_dtype=bf16", "device=cpu"])
 
 
 def test_grad_accumulation_from_global_batch_and_world_size(tmp_path):
