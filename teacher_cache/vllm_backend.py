@@ -107,6 +107,8 @@ class VllmBackend:
         self.spec, self.options = spec, options
         self.info = read_teacher_info(options.model, options.trust_remote_code)
         check_spec_against_teacher(spec, self.info, options.model)
+        # Engine core in this process: finished rows reach us as the worker's
+        # own arrays instead of being serialised (the caller may choose otherwise).
         os.environ.setdefault(_MULTIPROC_ENV, "0")
         self._packed = os.environ[_MULTIPROC_ENV] != "0"
         from vllm import LLM
@@ -151,7 +153,7 @@ class VllmBackend:
                     row = queue.popleft()
                     request_id = f"vpmoe-{self._submitted}-{row.row_id}"
                     self._submitted += 1
-                    self._engine.add_request(request_id, {"prompt_token_ids": row.input_ids.tolist()},
+                    self._engine.add_request(request_id, {"prompt_token_ids": np.asarray(row.input_ids).tolist()},
                                              _sampling_params(row.row_id))
                     in_flight[row.row_id] = (request_id, row)
                     in_flight_tokens += row.num_tokens

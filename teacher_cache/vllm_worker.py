@@ -57,7 +57,8 @@ CAPTURE_CONFIG_KEY = "vpmoe_capture"
 # Key of `SamplingParams.extra_args` holding the row id of a request.
 ROW_ID_KEY = "vpmoe_row_id"
 
-_RUNNER_SEAMS = ("_model_forward", "input_batch", "query_start_loc", "requests", "model")
+# What the capture reads from vLLM's V1 model runner (the same in 0.26 and 0.32).
+_RUNNER_SEAMS = ("_model_forward", "input_batch", "query_start_loc", "requests", "model", "model_config")
 
 
 @dataclass(frozen=True)
