@@ -54,6 +54,10 @@ def train(
 
     # The trainer takes "" for the latest checkpoint, a path for that one, None for a fresh start.
     resume = str(resume_from) if resume_from is not None else ("" if resume_latest else None)
+    # `--resume PATH` arrives as `--resume` plus a trailing argument (the option's value is optional).
+    extra = list(extra or [])
+    if resume == "" and extra and "=" not in extra[0]:
+        resume = extra.pop(0)
     overrides = split_overrides(sets, extra)
     try:
         cfg = load_config(config, overrides)

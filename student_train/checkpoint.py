@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from common.atomic import atomic_write_text, fsync_dir
@@ -90,7 +91,7 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
         rank_state = {"rank": self.env.rank, "loader": loader.state_dict(), "rng": rng_state()}
         atomic_write_text(tmp / rank_file(self.env.rank), json.dumps(_jsonable(rank_state)))
         barrier()
@@ -122,7 +123,7 @@ class Checkpointer:
             raise ValueError(f"{rank_path}: missing (checkpoint incomplete for rank {self.env.rank})")
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         scheduler.load_state_dict(trainer["scheduler"])
         rank_state = json.loads(rank_path.read_text())

@@ -99,6 +99,15 @@ def build_distill_model(cfg: TrainConfig, env: DistEnv, student, spec: ShardSpec
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: str | None = None):
         self.cfg = cfg
+        self.train_loader = self.eval_loader = self.logger = None
+        try:
+            self._build(resume)
+        except BaseException:
+            self.close()  # loader threads of a half-built trainer
+            raise
+
+    def _build(self, resume: str | None) -> None:
+        cfg = self.cfg
         self.env: DistEnv = parallel.init_distributed(cfg.device)
         env = self.env
         self.loss_cfg = cfg.loss.to_loss_config()
@@ -114,7 +123,6 @@ class Trainer:
         self.train_loader = CacheLoader(loader_config(cfg, cfg.data.train_cache, False, teacher_layers),
                                         env.rank, env.world_size, expected_vocab_size=vocab)
         check_cache_fits(self.train_loader.spec, self.loss_cfg, vocab, num_layers, cfg.data.train_cache)
-        self.eval_loader = None
         if cfg.eval.every > 0:
             self.eval_loader = CacheLoader(loader_config(cfg, cfg.data.eval_cache, True, teacher_layers),
                                            env.rank, env.world_size, expected_vocab_size=vocab)
@@ -277,7 +285,8 @@ class Trainer:
         for loader in (self.train_loader, self.eval_loader):
             if loader is not None:
                 loader.close()
-        self.logger.close()
+        if self.logger is not None:
+            self.logger.close()
 
 
 def run(cfg: TrainConfig, resume: str | None = None) -> TrainSummary:

@@ -121,3 +121,22 @@ def test_train_command_reports_a_typo_and_exits_before_training(tmp_path):
     assert "unknown config key 'optim.wd'" in result.output
     result = CliRunner().invoke(app, ["autotune", str(path), "--set", "optim.lr=abc"])
     assert result.exit_code == 2 and "'optim.lr' expects a number" in result.output
+
+
+def test_train_command_parses_resume_and_overrides(tmp_path, monkeypatch):
+    import student_train.trainer as trainer_mod
+    from cli.main import app
+
+    seen = []
+
+    class Summary:
+        steps, tokens, tokens_per_s, last_checkpoint, export_dir = 0, 0, 0.0, None, None
+
+    monkeypatch.setattr(trainer_mod, "run", lambda cfg, resume: seen.append((cfg.optim.lr, resume)) or Summary())
+    path = write(tmp_path, MINIMAL)
+    for args, expected in ((["--resume"], (3e-4, "")), (["--resume", "/ck/step-00000002"], (3e-4, "/ck/step-00000002")),
+                           (["--resume", "--set", "optim.lr=0.1"], (0.1, "")), ([], (3e-4, None)),
+                           (["--set", "optim.lr=0.2", "optim.steps=3"], (0.2, None))):
+        result = CliRunner().invoke(app, ["train", str(path), *args])
+        assert result.exit_code == 0, result.output
+        assert seen[-1] == expected, args

@@ -70,7 +70,7 @@ def dcp_model_state(trainer: Trainer, checkpoint: Path) -> dict:
     import torch.distributed.checkpoint as dcp
 
     state = {k: torch.full_like(v, float("nan")) for k, v in trainer.model.state_dict().items()}
-    dcp.load({"model": state}, checkpoint_id=str(checkpoint))
+    dcp.load({"model": state}, checkpoint_id=str(checkpoint), no_dist=True)
     return state
 
 
@@ -259,12 +259,12 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint_usable(caches, tmp_path
     real_save = dcp.save
     calls = []
 
-    def crashing_save(state, checkpoint_id):
+    def crashing_save(state, checkpoint_id, **kwargs):
         calls.append(checkpoint_id)
         if len(calls) == 2:
             (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"half")
             raise OSError("disk full")
-        return real_save(state, checkpoint_id=checkpoint_id)
+        return real_save(state, checkpoint_id=checkpoint_id, **kwargs)
 
     monkeypatch.setattr(dcp, "save", crashing_save)
     with pytest.raises(OSError, match="disk full"):
