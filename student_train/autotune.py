@@ -12,6 +12,7 @@ so the search stops at a cap and says so.
 
 from __future__ import annotations
 
+import copy
 import gc
 import time
 from dataclasses import dataclass, field
@@ -118,6 +119,7 @@ def autotune(cfg: TrainConfig, seq_len: int, target_gbs: list[int], max_micro_ba
     from student_train.trainer import build_distill_model, build_student
 
     env: DistEnv = parallel.init_distributed(cfg.device)
+    cfg = copy.deepcopy(cfg)
     cfg.data.seq_len = seq_len
     student, _ = build_student(cfg, env)
     vocab = student.get_output_embeddings().weight.shape[0]
@@ -153,6 +155,10 @@ def autotune(cfg: TrainConfig, seq_len: int, target_gbs: list[int], max_micro_ba
             optimizer.step()
         except torch.OutOfMemoryError:
             fits = False
+            # An OOM mid-forward can leave FSDP units gathered; put every unit back in its sharded state.
+            for module in model.modules():
+                if hasattr(module, "reshard") and hasattr(module, "unshard"):
+                    module.reshard()
         finally:
             optimizer.zero_grad(set_to_none=True)
             loss = batch = None
