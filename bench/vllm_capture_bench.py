@@ -118,7 +118,8 @@ def parse_args(argv=None) -> tuple[BenchArgs, argparse.Namespace]:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.80)
     p.add_argument("--rows-per-shard", type=int, default=32)
     p.add_argument("--encode-threads", type=int, default=8)
-    p.add_argument("--enforce-eager", action="store_true", help="no torch.compile / CUDA graphs (default on with --tiny)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="no torch.compile / CUDA graphs (default on with --tiny)")
     p.add_argument("--warmup-prompts", type=int, default=4)
     p.add_argument("--variants", type=str, default=",".join(VARIANTS))
     p.add_argument("--prefill-tokens-per-s", type=float,
@@ -132,7 +133,8 @@ def parse_args(argv=None) -> tuple[BenchArgs, argparse.Namespace]:
     tiny = ns.tiny
     layers = ns.hidden_layers or ("1,2" if tiny else "12,24")
     args = BenchArgs(
-        tiny=tiny, num_prompts=ns.num_prompts or (8 if tiny else 128), prompt_len=ns.prompt_len or (200 if tiny else 4096),
+        tiny=tiny, num_prompts=ns.num_prompts or (8 if tiny else 128),
+        prompt_len=ns.prompt_len or (200 if tiny else 4096),
         top_k=ns.top_k, hidden_layers=tuple(int(x) for x in layers.split(",") if x),
         max_batched_tokens=ns.max_batched_tokens or (256 if tiny else 16384),
         gpu_memory_utilization=ns.gpu_memory_utilization, rows_per_shard=ns.rows_per_shard,
@@ -320,7 +322,8 @@ def main(argv=None) -> int:
         vllm_version = "unknown"
     lines = table(results, flops, ns.prefill_tokens_per_s)
     lines.append("")
-    lines.append(f"{args.num_prompts} prompts x {args.prompt_len} tokens, {'tiny 2-layer' if args.tiny else 'gpt-oss-20b'} "
+    shape = "tiny 2-layer" if args.tiny else "gpt-oss-20b"
+    lines.append(f"{args.num_prompts} prompts x {args.prompt_len} tokens, {shape} "
                  f"shape, dummy weights, vLLM {vllm_version}; capture = top-{args.top_k} + lse at T=1,2 + hidden "
                  f"layers {list(args.hidden_layers)} (fp8 in shards). Roofline at {ROOFLINE_TFLOPS:.0f} TFLOP/s: "
                  f"{ROOFLINE_TFLOPS * 1e12 / full:,.0f} tokens/s with the lm_head on every position.")

@@ -134,7 +134,8 @@ class VllmBackend:
                 raise ValueError(f"row {row.row_id} has {len(ids)} tokens; the vllm backend takes at most {limit} "
                                  f"(engine context {context})")
             if len(ids) and (ids.min() < 0 or ids.max() >= self.info.vocab_size):
-                raise ValueError(f"row {row.row_id}: token id outside the teacher's vocabulary [0, {self.info.vocab_size})")
+                raise ValueError(f"row {row.row_id}: token id outside the teacher's vocabulary "
+                                 f"[0, {self.info.vocab_size})")
 
     def run(self, rows: Sequence[SourceRow]) -> Iterator[TeacherRow]:
         """TeacherRows in completion order; the engine keeps a few steps' worth of prompts queued."""

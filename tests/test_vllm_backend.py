@@ -329,7 +329,8 @@ def test_target_t_predicts_token_t_plus_1(engines, teacher):
     trow = run_rows(backend, [row])[row.row_id]
     for t in (0, 1, STEP_TOKENS - 1, STEP_TOKENS, row.num_tokens - 2):
         with torch.no_grad():
-            prefix_logits = teacher.reference(torch.as_tensor(row.input_ids[:t + 1], dtype=torch.long)[None]).logits[0, -1]
+            prefix_LV = teacher.reference(torch.as_tensor(row.input_ids[:t + 1], dtype=torch.long)[None]).logits[0]
+        prefix_logits = prefix_LV[-1]
         lse = float(torch.logsumexp(prefix_logits, dim=-1))
         assert abs(trow.lse_PT[t, 0] - lse) < ATOL
         assert int(trow.topk_ids_PK[t][np.argmax(trow.topk_logits_PK[t])]) == int(prefix_logits.argmax())
