@@ -71,7 +71,8 @@ def plan_accumulation(target_gbs: int, max_micro_batch: int, world_size: int) ->
         return GbsPlan(target_gbs, 0, 0, f"not a multiple of the world size {world_size}")
     per_rank = target_gbs // world_size
     micro = max(m for m in range(1, min(max_micro_batch, per_rank) + 1) if per_rank % m == 0)
-    note = "" if micro == min(max_micro_batch, per_rank) else f"{min(max_micro_batch, per_rank)} fits but does not divide {per_rank} sequences per rank"
+    largest = min(max_micro_batch, per_rank)
+    note = "" if micro == largest else f"{largest} fits but does not divide {per_rank} sequences per rank"
     return GbsPlan(target_gbs, micro, per_rank // micro, note)
 
 
@@ -90,7 +91,8 @@ def cache_spec_or_default(cfg: TrainConfig, vocab: int, student_width: int) -> t
                       f"{' and teacher width = student width' if layers else ''}")
 
 
-def synthetic_batch(spec: ShardSpec, micro_batch: int, seq_len: int, teacher_layers, gen: torch.Generator) -> StudentBatch:
+def synthetic_batch(spec: ShardSpec, micro_batch: int, seq_len: int, teacher_layers,
+                    gen: torch.Generator) -> StudentBatch:
     """Every position valid and every target slot filled: the most memory a real batch can take."""
     B, L, P, V = micro_batch, seq_len, seq_len - 1, spec.vocab_size
     input_ids_BL = torch.randint(0, V, (B, L), generator=gen)

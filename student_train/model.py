@@ -276,7 +276,8 @@ class DistillModel(nn.Module):
         if batch.sample_ids_BPM is None:
             return None
         m = batch.sample_ids_BPM.shape[-1]
-        return SampledTargets(ids_NM=batch.sample_ids_BPM.reshape(n, m), counts_NM=batch.sample_counts_BPM.reshape(n, m),
+        return SampledTargets(ids_NM=batch.sample_ids_BPM.reshape(n, m),
+                              counts_NM=batch.sample_counts_BPM.reshape(n, m),
                               num_samples=self.layout.num_samples)
 
 

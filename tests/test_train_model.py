@@ -105,7 +105,8 @@ def test_loss_and_gradients_match_a_float64_reference():
 
     ref, valid, positions = reference_loss(student, proj.weight, batch, cfg, teacher_layer=2, student_layer=1)
     ref.backward()
-    watched = {"q_proj": student.model.layers[0].self_attn.q_proj.weight, "sinks": student.model.layers[1].self_attn.sinks,
+    watched = {"q_proj": student.model.layers[0].self_attn.q_proj.weight,
+               "sinks": student.model.layers[1].self_attn.sinks,
                "lm_head": student.lm_head.weight, "projection": proj.weight}
     ref_grads = {k: p.grad.clone() for k, p in watched.items()}
     model.zero_grad(set_to_none=True)

@@ -61,9 +61,11 @@ def write_cache(cache_dir: Path, rows, teacher, *, mode: str = "topk", k: int = 
                     top = logits_PV.topk(k, dim=-1)
                     row.topk_ids_PK = top.indices.numpy()
                     row.topk_logits_PK = top.values.float().numpy()
-                    row.lse_PT = torch.stack([torch.logsumexp(logits_PV / t, -1) for t in temperatures], -1).float().numpy()
+                    lse_PT = torch.stack([torch.logsumexp(logits_PV / t, -1) for t in temperatures], -1)
+                    row.lse_PT = lse_PT.float().numpy()
                 else:
-                    draws_PS = torch.multinomial(torch.softmax(logits_PV, -1), num_samples, replacement=True, generator=gen)
+                    draws_PS = torch.multinomial(torch.softmax(logits_PV, -1), num_samples, replacement=True,
+                                                 generator=gen)
                     ids_S, counts_S, sizes_P = [], [], []
                     for draws in draws_PS:
                         u, c = torch.unique(draws, return_counts=True)
