@@ -306,3 +306,20 @@ def test_eval_logs_token_averaged_metrics(caches, tmp_path):
         assert r["loss"] == pytest.approx(0.2 * r["ce"] + 0.2 * 4 * r["kl"] + 0.6 * (1 - r["hidden_cos"]))
     summary = records(t, "summary")[-1]
     assert summary["tokens"] > 0 and summary["cost_per_mtok"] is None
+
+
+def test_early_stop_after_the_eval_loss_rises_patience_times_in_a_row(caches, tmp_path, monkeypatch):
+    import student_train.trainer as trainer_mod
+
+    losses = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8, 2.9])
+    monkeypatch.setattr(trainer_mod, "evaluate", lambda *a: {"loss": next(losses), "ce": 0.0, "kl": 0.0, "top1": 0.0,
+                                                             "tokens": 1})
+    trainer = trainer_for(tmp_path, caches, "optim.steps=6", "eval.every=1", "eval.early_stop_patience=2",
+                          "checkpoint.every=0", eval_cache=caches.eval)
+    try:
+        summary = trainer.train()
+    finally:
+        trainer.close()
+    assert summary.stopped_early and summary.steps == 3  # evals at steps 0..3: 3.0, 2.0, 2.5 (up), 2.6 (up)
+    assert [r["loss"] for r in records(trainer, "eval")] == [3.0, 2.0, 2.5, 2.6]
+    assert latest_checkpoint(Path(trainer.cfg.checkpoint.dir)).name == "step-00000003"
