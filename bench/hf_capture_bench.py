@@ -90,6 +90,7 @@ def main():
                 entry = pipeline.write_shard(shard, backend.run(rows[shard.row_start:shard.row_end]))
         finally:
             pipeline.close()
+        capture.busy = dict(pipeline.busy)
         return entry
 
     # Warm-up both paths (flex attention compiles per shape), then time each twice, interleaved.
@@ -114,6 +115,7 @@ def main():
         "flop_rate_ratio": (capture_tps * capture_flops) / (bare_tps * bare_flops),
         "capture_bytes_per_token": entry.bytes / entry.tokens, "times": times,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "pipeline_busy_last": capture.busy,
     }
     print(json.dumps(result, indent=1))
     print(f"| hf, GPT-OSS-20B shape, {args.layers} layers, {args.rows} x {args.seq_len} | bare {bare_tps:,.0f} tok/s "

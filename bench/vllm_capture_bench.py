@@ -226,6 +226,7 @@ def run_capture(args: BenchArgs, model_dir: str, variant: str, config: dict) -> 
             entries = [pipeline.write_shard(shard, backend.run(sources[shard.row_start:shard.row_end]))
                        for shard in plan_shards(len(sources), args.rows_per_shard)]
             result["seconds"] = time.perf_counter() - start
+            result["pipeline_busy"] = dict(pipeline.busy)
             pipeline.close()
             result["shard_bytes"] = sum(e.bytes for e in entries)
             result["bytes_per_token"] = result["shard_bytes"] / result["tokens"]

@@ -176,12 +176,25 @@ def decode_hidden_bf16(blob: bytes, rows: int, dim: int) -> torch.Tensor:
     return torch.from_numpy(bits.copy()).view(torch.bfloat16)
 
 
-def encode_hidden_fp8(hidden_HD: torch.Tensor) -> tuple[bytes, np.ndarray]:
-    """fp8 e4m3 with one float32 scale per token (amax / 448)."""
+def quantize_fp8(hidden_HD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8 e4m3 with one float32 scale per token (amax / 448), on the tensor's device.
+
+    Backends call this on the GPU before copying to the host: it halves the
+    copy and keeps the conversion off the CPU.
+    """
     hidden_HD = hidden_HD.float()
     scale_H = hidden_HD.abs().amax(dim=-1).clamp_min(1e-12) / FP8_E4M3_MAX
-    q_HD = (hidden_HD / scale_H[:, None]).to(torch.float8_e4m3fn)
-    return q_HD.contiguous().view(torch.uint8).numpy().tobytes(), scale_H.numpy().astype(np.float32)
+    return (hidden_HD / scale_H[:, None]).to(torch.float8_e4m3fn), scale_H
+
+
+def encode_hidden_fp8(hidden_HD: torch.Tensor, scale_H: torch.Tensor | np.ndarray | None = None,
+                      ) -> tuple[bytes, np.ndarray]:
+    """fp8 bytes and per-token scales; `hidden_HD` may already be quantized (then pass its scales)."""
+    if hidden_HD.dtype != torch.float8_e4m3fn:
+        hidden_HD, scale_H = quantize_fp8(hidden_HD)
+    assert scale_H is not None, "quantized hidden states need their per-token scales"
+    scale_H = scale_H.cpu().numpy() if isinstance(scale_H, torch.Tensor) else np.asarray(scale_H)
+    return hidden_HD.cpu().contiguous().view(torch.uint8).numpy().tobytes(), scale_H.astype(np.float32)
 
 
 def decode_hidden_fp8(blob: bytes, scale_H: np.ndarray, rows: int, dim: int) -> torch.Tensor:

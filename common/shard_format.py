@@ -42,6 +42,8 @@ class TeacherRow:
     # hidden states: layer -> [H, D] (float32 after decode), at hidden_positions_H
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     hidden_positions_H: np.ndarray | None = None
+    # fp8 caches: per-token scales of hidden states that arrive already quantized
+    hidden_scales: dict[int, np.ndarray] = field(default_factory=dict)
     content_hash: bytes | None = None
 
     @property
@@ -176,7 +178,7 @@ def encode_row(row: TeacherRow, spec: ShardSpec) -> dict:
             if hspec.dtype == "bf16":
                 cells[hidden_column(layer)] = codec.encode_hidden_bf16(h_HD)
             else:
-                blob, scale_H = codec.encode_hidden_fp8(h_HD)
+                blob, scale_H = codec.encode_hidden_fp8(h_HD, row.hidden_scales.get(layer))
                 cells[hidden_column(layer)] = blob
                 cells[hidden_scale_column(layer)] = codec.encode_float32(scale_H)
     return cells

@@ -154,7 +154,8 @@ def distill_loss(
     kl_scale = kl_temperature**2 if scale_by_t2 else 1.0
     loss, ce_sum, kl_sum, agree_sum, valid = _FusedLinearDistill.apply(
         hidden_ND, weight_VD, labels_N, targets, kl_mode, float(kl_temperature),
-        ce_weight / num_valid_tokens_global, kl_weight * kl_scale / num_valid_tokens_global, chunk_size)
+        ce_weight / num_valid_tokens_global, kl_weight * kl_scale / num_valid_tokens_global, chunk_size,
+        torch.is_grad_enabled() and (hidden_ND.requires_grad or weight_VD.requires_grad))
     metrics = dict(ce_sum=ce_sum, kl_sum=kl_sum, valid_tokens=valid, top1_agree_sum=agree_sum)
     return loss, metrics
 
@@ -193,12 +194,13 @@ class _FusedLinearDistill(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden_ND, weight_VD, labels_N, targets, kl_mode, temperature, ce_coef, kl_coef,
-                chunk_size):
+                chunk_size, need_grads=True):
         # float64 inputs get a float64 loss (tests); everything else computes in float32.
         compute_dtype = torch.float64 if torch.float64 in (hidden_ND.dtype, weight_VD.dtype) else torch.float32
         # The weight is the big operand: never copy it, bring the hidden rows to its dtype instead.
         mm_dtype = weight_VD.dtype
-        want_weight_grad = ctx.needs_input_grad[1]
+        # Under no_grad (eval) nothing will call backward: skip both gradient matmuls.
+        want_weight_grad = ctx.needs_input_grad[1] and need_grads
 
         # Masked positions skip the lm_head entirely; their gradient rows stay exactly zero.
         rows_R = (labels_N != IGNORE_INDEX).nonzero().squeeze(1)
@@ -224,6 +226,9 @@ class _FusedLinearDistill(torch.autograd.Function):
             kl_sum += kl_C.sum()
             agree_sum += agree_C.sum()
 
+            if not need_grads:
+                del logits_CV, grad_logits_CV
+                continue
             grad_logits_CV = grad_logits_CV.to(mm_dtype)
             grad_hidden_ND.index_copy_(0, rows_R[chunk], (grad_logits_CV @ weight_VD).to(hidden_ND.dtype))
             if want_weight_grad:
@@ -248,7 +253,7 @@ class _FusedLinearDistill(torch.autograd.Function):
         grad_hidden_ND = grad_hidden_ND * grad_loss.to(grad_hidden_ND.dtype)
         if grad_weight_VD is not None:
             grad_weight_VD = grad_weight_VD * grad_loss.to(grad_weight_VD.dtype)
-        return grad_hidden_ND, grad_weight_VD, None, None, None, None, None, None, None
+        return grad_hidden_ND, grad_weight_VD, None, None, None, None, None, None, None, None
 
 
 def _chunk_loss_and_grad(logits_CV, labels_C, targets, kl_mode, temperature, ce_coef, kl_coef):

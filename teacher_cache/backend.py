@@ -23,6 +23,7 @@ from typing import Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
+from common.codec import quantize_fp8
 from common.shard_format import TeacherRow
 from common.spec import ShardSpec, hidden_positions
 from teacher_cache.targets import PositionTargets, row_uniforms
@@ -103,7 +104,15 @@ def assemble_rows(rows: Sequence[SourceRow], targets: PositionTargets, hidden_by
     """Split targets computed for the concatenation of each row's positions 0..L-2 (and hidden states for each row's
     kept positions, see common.spec.hidden_positions) into TeacherRows. Shared by every backend."""
     targets = targets.to("cpu")
-    hidden_cpu = {layer: h.detach().to("cpu") for layer, h in hidden_by_layer.items()}
+    # Quantize on the compute device: the host copy halves and the CPU is spared the conversion.
+    scales_cpu: dict[int, np.ndarray] = {}
+    hidden_cpu = {}
+    for layer, h in hidden_by_layer.items():
+        if spec.hidden.dtype == "fp8":
+            q, scale = quantize_fp8(h.detach())
+            hidden_cpu[layer], scales_cpu[layer] = q.to("cpu"), scale.to("cpu").numpy()
+        else:
+            hidden_cpu[layer] = h.detach().to(torch.bfloat16).to("cpu")
     num_positions = [max(r.num_tokens - 1, 0) for r in rows]
     total_positions = sum(num_positions)
     mode = spec.targets.mode
@@ -141,6 +150,7 @@ def assemble_rows(rows: Sequence[SourceRow], targets: PositionTargets, hidden_by
         if kept is not None:
             h = len(kept[i])
             trow.hidden = {layer: hidden_cpu[layer][hid:hid + h] for layer in spec.hidden.layers}
+            trow.hidden_scales = {layer: scales[hid:hid + h] for layer, scales in scales_cpu.items()}
             trow.hidden_positions_H = kept[i]
             hid += h
         pos += n

@@ -128,6 +128,16 @@ class WriterPipeline:
         self.cache_dir = Path(cache_dir)
         self.spec, self.config, self.progress = spec, config, progress
         self._pool = ThreadPoolExecutor(max_workers=max(1, config.encode_threads), thread_name_prefix="encode")
+        # Busy seconds of each stage, summed over threads: where a slow run spends its time.
+        self.busy = {"backend_s": 0.0, "encode_s": 0.0, "write_s": 0.0}
+        self._busy_lock = threading.Lock()
+
+    def _timed_encode(self, row: TeacherRow) -> dict:
+        start = time.perf_counter()
+        cells = encode_row(row, self.spec)
+        with self._busy_lock:
+            self.busy["encode_s"] += time.perf_counter() - start
+        return cells
 
     def write_shard(self, plan: ShardPlan, rows: Iterable[TeacherRow]) -> ShardEntry:
         """Encode and write one shard's rows (any order); returns its entry once the
@@ -147,7 +157,9 @@ class WriterPipeline:
                     if future is None:  # the producer finished without this row
                         return
                     cells = future.result()
+                    start = time.perf_counter()
                     writer.add_cells(cells)
+                    self.busy["write_s"] += time.perf_counter() - start
                     self.progress.row_written(len(cells["input_ids"]))
             except BaseException as exc:  # handed to the producer thread, which raises it
                 state["error"] = exc
@@ -155,13 +167,19 @@ class WriterPipeline:
         thread = threading.Thread(target=write_in_order, name=f"shard-writer-{plan.index}", daemon=True)
         thread.start()
         seen: set[int] = set()
+        rows = iter(rows)
         try:
-            for row in rows:
+            while True:
+                start = time.perf_counter()
+                row = next(rows, None)
+                self.busy["backend_s"] += time.perf_counter() - start
+                if row is None:
+                    break
                 if not (plan.row_start <= row.row_id < plan.row_end) or row.row_id in seen:
                     raise ValueError(f"shard {plan.index}: backend returned row {row.row_id}, expected each of rows "
                                      f"[{plan.row_start}, {plan.row_end}) once")
                 seen.add(row.row_id)
-                future = self._pool.submit(encode_row, row, self.spec)
+                future = self._pool.submit(self._timed_encode, row)
                 with ready:
                     encoded[row.row_id] = future
                     ready.notify_all()
@@ -185,7 +203,9 @@ class WriterPipeline:
             writer.abort()
             missing = sorted(set(range(plan.row_start, plan.row_end)) - seen)
             raise ValueError(f"shard {plan.index}: backend returned no result for rows {missing[:10]}")
+        start = time.perf_counter()
         entry = writer.close()
+        self.busy["write_s"] += time.perf_counter() - start
         self.progress.shard_written(entry)
         return entry
 

@@ -492,3 +492,44 @@ def test_user_errors_are_value_errors():
     bad_labels[0] = V
     with pytest.raises(ValueError, match="labels"):
         distill_loss(case["hidden"], case["weight"], bad_labels, None, 10, kl_weight=0.0)
+
+
+def test_no_grad_gives_the_same_loss_and_metrics_without_gradient_work():
+    """Eval runs under no_grad: same values, and no gradient buffers are kept."""
+    torch.manual_seed(3)
+    n, d, v, k = 29, 16, 97, 5
+    hidden = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
+    weight = (torch.randn(v, d, dtype=torch.float64) * 0.5).requires_grad_(True)
+    labels = torch.randint(0, v, (n,))
+    labels[::4] = -100
+    teacher = torch.randn(n, v, dtype=torch.float64) * 3
+    logits_K, ids_K = teacher.topk(k, dim=-1)
+    targets = TopkTargets(ids_NK=ids_K, logits_NK=logits_K, lse_NT=torch.logsumexp(teacher, -1)[:, None], lse_index=0)
+    with_grad, metrics = distill_loss(hidden, weight, labels, targets, 20, kl_mode="tail", chunk_size=7)
+    with torch.no_grad():
+        no_grad, metrics_ng = distill_loss(hidden, weight, labels, targets, 20, kl_mode="tail", chunk_size=7)
+    assert torch.equal(with_grad.detach(), no_grad)
+    for key in metrics:
+        assert torch.equal(metrics[key], metrics_ng[key])
+    assert not no_grad.requires_grad and no_grad.grad_fn is None
+
+    # Gradient work is skipped: one lm_head product per chunk instead of three.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMatmuls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    chunks = -(-int((labels != -100).sum()) // 7)
+    with CountMatmuls() as counted_grad:
+        distill_loss(hidden, weight, labels, targets, 20, kl_mode="tail", chunk_size=7)
+    with torch.no_grad(), CountMatmuls() as counted_eval:
+        distill_loss(hidden, weight, labels, targets, 20, kl_mode="tail", chunk_size=7)
+    assert counted_eval.count == chunks
+    assert counted_grad.count == 3 * chunks, (counted_grad.count, chunks)
