@@ -100,7 +100,7 @@ def kept_positions(row: SourceRow, spec: ShardSpec) -> np.ndarray:
 
 
 def assemble_rows(rows: Sequence[SourceRow], targets: PositionTargets, hidden_by_layer: dict[int, torch.Tensor],
-                  spec: ShardSpec) -> list[TeacherRow]:
+                  spec: ShardSpec, hidden_scales: dict[int, torch.Tensor] | None = None) -> list[TeacherRow]:
     """Split targets computed for the concatenation of each row's positions 0..L-2 (and hidden states for each row's
     kept positions, see common.spec.hidden_positions) into TeacherRows. Shared by every backend."""
     targets = targets.to("cpu")
@@ -108,11 +108,14 @@ def assemble_rows(rows: Sequence[SourceRow], targets: PositionTargets, hidden_by
     scales_cpu: dict[int, np.ndarray] = {}
     hidden_cpu = {}
     for layer, h in hidden_by_layer.items():
-        if spec.hidden.dtype == "fp8":
+        if spec.hidden.dtype == "fp8" and h.dtype == torch.float8_e4m3fn:  # quantized by the backend already
+            q, scale = h, hidden_scales[layer]
+            hidden_cpu[layer], scales_cpu[layer] = q.to("cpu"), scale.to("cpu").numpy()
+        elif spec.hidden.dtype == "fp8":
             q, scale = quantize_fp8(h.detach())
             hidden_cpu[layer], scales_cpu[layer] = q.to("cpu"), scale.to("cpu").numpy()
         else:
-            hidden_cpu[layer] = h.detach().to(torch.bfloat16).to("cpu")
+            hidden_cpu[layer] = h.detach().to("cpu")
     num_positions = [max(r.num_tokens - 1, 0) for r in rows]
     total_positions = sum(num_positions)
     mode = spec.targets.mode

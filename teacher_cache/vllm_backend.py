@@ -191,7 +191,7 @@ class VllmBackend:
             targets = PositionTargets(sample_ids_S=torch.from_numpy(result["sample_ids"]),
                                       sample_counts_S=torch.from_numpy(result["sample_counts"]),
                                       sample_sizes_N=torch.from_numpy(result["sample_sizes"]))
-        return assemble_rows([row], targets, result["hidden"], spec)[0]
+        return assemble_rows([row], targets, result["hidden"], spec, result.get("hidden_scales"))[0]
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)

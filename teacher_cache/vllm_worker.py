@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from common.codec import quantize_fp8
 from common.spec import ShardSpec, hidden_positions
 from teacher_cache.targets import DEFAULT_CHUNK, PositionTargets, compute_targets, row_uniforms
 
@@ -125,12 +126,19 @@ class RowCapture:
             self.slot_of_position_L = np.full(num_tokens, -1, dtype=np.int64)
             self.slot_of_position_L[self.kept_H] = np.arange(len(self.kept_H))
             # Normal (not inference-mode) tensors: the driver may use them freely.
+            # fp8 caches arrive quantized on the device: bytes + one scale per token.
+            self.fp8 = hspec.dtype == "fp8"
+            store_dtype = torch.uint8 if self.fp8 else hidden_dtype
             with torch.inference_mode(False):
-                self.hidden = {layer: torch.empty((len(self.kept_H), hspec.hidden_size), dtype=hidden_dtype)
+                self.hidden = {layer: torch.empty((len(self.kept_H), hspec.hidden_size), dtype=store_dtype)
                                for layer in self.layers}
+                self.hidden_scale = ({layer: torch.empty(len(self.kept_H), dtype=torch.float32)
+                                      for layer in self.layers} if self.fp8 else {})
         else:
             self.kept_H = np.zeros(0, dtype=np.int32)
             self.hidden = {}
+            self.hidden_scale = {}
+            self.fp8 = False
 
     @property
     def done(self) -> bool:
@@ -153,7 +161,10 @@ class RowCapture:
     def finish(self) -> dict:
         """The row's arrays; hidden tensors keep the model's dtype."""
         out: dict = {"row_id": self.row_id, "num_tokens": self.num_tokens,
-                     "hidden": {layer: h for layer, h in self.hidden.items()}}
+                     "hidden": {layer: (h.view(torch.float8_e4m3fn) if self.fp8 else h)
+                                for layer, h in self.hidden.items()}}
+        if self.fp8:
+            out["hidden_scales"] = dict(self.hidden_scale)
         if self.uniforms_PM is None:
             out.update(topk_ids=self.topk_ids_PK, topk_logits=self.topk_logits_PK, lse=self.lse_PT)
             return out
@@ -271,7 +282,14 @@ class StepCapture:
             assert len(aux) == len(aux_layers), (len(aux), aux_layers)
             rows_H = _to_device(hidden_rows_H, device)
             for layer, aux_FD in zip(aux_layers, aux):
-                device_out[f"hidden_{layer}"] = aux_FD.index_select(0, rows_H)
+                hidden_HD = aux_FD.index_select(0, rows_H)
+                if spec.hidden.dtype == "fp8":
+                    # Quantized here: half the host copy, and no fp8 conversion on the CPU.
+                    q_HD, scale_H = quantize_fp8(hidden_HD)
+                    device_out[f"hidden_{layer}"] = q_HD.view(torch.uint8)
+                    device_out[f"hidden_scale_{layer}"] = scale_H
+                else:
+                    device_out[f"hidden_{layer}"] = hidden_HD
         self.pending.append(self._to_host(pieces, device_out))
         self.steps += 1
         self.tokens += sum(p.num_tokens for p in pieces)
@@ -340,6 +358,8 @@ class StepCapture:
                 h0, h1 = piece.hidden_offset, piece.hidden_offset + len(piece.hidden_slots_h)
                 for layer in row.layers:
                     row.hidden[layer][slots] = host[f"hidden_{layer}"][h0:h1]
+                    if row.fp8:
+                        row.hidden_scale[layer][slots] = host[f"hidden_scale_{layer}"][h0:h1]
             row.next_position = piece.start + piece.num_tokens
             if row.done:
                 self.finished.append(row)
@@ -376,10 +396,12 @@ def pack_arrays(result: dict) -> dict:
     only when they are built from native types."""
     packed = {"row_id": int(result["row_id"]), "num_tokens": int(result["num_tokens"]), "arrays": {}}
     for name, value in result.items():
-        if name in ("row_id", "num_tokens", "hidden"):
+        if name in ("row_id", "num_tokens", "hidden", "hidden_scales"):
             continue
         packed["arrays"][name] = _pack_one(torch.from_numpy(np.ascontiguousarray(value)))
-    packed["hidden"] = {int(layer): _pack_one(h) for layer, h in result["hidden"].items()}
+    for key in ("hidden", "hidden_scales"):
+        if key in result:
+            packed[key] = {int(layer): _pack_one(t) for layer, t in result[key].items()}
     return packed
 
 
@@ -387,7 +409,9 @@ def unpack_arrays(packed: dict) -> dict:
     out = {"row_id": packed["row_id"], "num_tokens": packed["num_tokens"]}
     for name, blob in packed["arrays"].items():
         out[name] = _unpack_one(blob).numpy()
-    out["hidden"] = {int(layer): _unpack_one(blob) for layer, blob in packed["hidden"].items()}
+    for key in ("hidden", "hidden_scales"):
+        if key in packed:
+            out[key] = {int(layer): _unpack_one(blob) for layer, blob in packed[key].items()}
     return out
 
 

