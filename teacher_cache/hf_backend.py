@@ -115,8 +115,11 @@ class HFBackend:
     def run(self, rows: Sequence[SourceRow]) -> Iterator[TeacherRow]:
         # One batch of lookahead: batch i+1 is launched before batch i's results are
         # split into rows, so the device computes while the host copies and encodes.
+        empty = [r for r in rows if r.num_tokens == 0]  # no targets, no hidden states: nothing to run
+        if empty:
+            yield from self._empty_rows(empty)
         pending = None
-        for batch in token_budget_batches(rows, self.options.max_tokens_per_batch):
+        for batch in token_budget_batches([r for r in rows if r.num_tokens], self.options.max_tokens_per_batch):
             launched = self._launch(batch)
             if pending is not None:
                 yield from self._finish(*pending)
@@ -164,6 +167,12 @@ class HFBackend:
         if copied is not None:
             copied.synchronize()
         return assemble_rows(batch, targets, hidden_by_layer, self.spec)
+
+    def _empty_rows(self, rows: list[SourceRow]) -> list[TeacherRow]:
+        targets = compute_targets(torch.zeros((0, self.info.hidden_size), device=self.device), self._logits,
+                                  self.spec.targets, flat_uniforms(rows, self.spec))
+        hidden = {layer: torch.zeros((0, self.info.hidden_size)) for layer in self.spec.hidden.layers}
+        return assemble_rows(rows, targets, hidden, self.spec)
 
     def close(self) -> None:
         for hook in self._hooks:

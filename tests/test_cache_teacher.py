@@ -19,7 +19,7 @@ from scipy import stats
 from common import codec
 from common.manifest import MANIFEST_NAME, load_manifest
 from common.shard_reader import ShardReader
-from common.spec import content_hash, hidden_positions
+from common.spec import HiddenSpec, ShardSpec, TargetSpec, content_hash, hidden_positions
 from common.tiny_models import build_model, save_model, tiny_gpt_oss_config, tiny_llama_config
 from teacher_cache import cache_run
 from teacher_cache.cache_run import CacheConfig, run_cache
@@ -253,6 +253,25 @@ def test_sampled_shards_do_not_depend_on_batching(llama, tmp_path):
               logits_chunk=7 if budget == 16 else 1024)
     a, b = shard_bytes(tmp_path / "one_row_per_batch"), shard_bytes(tmp_path / "all_rows_in_one_batch")
     assert len(a) == 2 and a == b
+
+
+def test_hf_backend_returns_an_empty_row_without_running_the_model(llama):
+    """cache-teacher refuses empty rows up front (data.validate); the backend still answers one."""
+    from teacher_cache.backend import BackendOptions, SourceRow
+    from teacher_cache.hf_backend import HFBackend
+
+    model_dir, model_f64, _, rows = llama
+    spec = ShardSpec(vocab_size=VOCAB, targets=TargetSpec(k=4),
+                     hidden=HiddenSpec(layers=(1,), hidden_size=model_f64.config.hidden_size, dtype="fp8"))
+    backend = HFBackend(spec, BackendOptions(model=str(model_dir), device="cpu", dtype="float32"))
+    source = [SourceRow(0, rows[1].astype(np.int32), rows[1].astype(np.int32)),
+              SourceRow(1, np.zeros(0, np.int32), np.zeros(0, np.int32))]
+    got = {r.row_id: r for r in backend.run(source)}
+    backend.close()
+    assert got[1].num_tokens == 0 and got[1].topk_ids_PK.shape == (0, 4) and got[1].hidden[1].shape[0] == 0
+    logits = model_f64(torch.as_tensor(rows[1][None], dtype=torch.long)).logits[0]
+    np.testing.assert_array_equal(np.sort(got[0].topk_ids_PK, axis=1),
+                                  np.sort(logits[:-1].topk(4).indices.numpy(), axis=1))
 
 
 # ---- plan, dry run, bad input, refusals -----------------------------------------------
