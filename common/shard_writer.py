@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
@@ -65,9 +66,7 @@ class ShardWriter:
     def _flush(self) -> None:
         if not self._pending:
             return
-        columns = {name: [cells.get(name) for cells in self._pending] for name in self.schema.names}
-        batch = pa.RecordBatch.from_pydict(columns, schema=self.schema)
-        self._writer.write_batch(batch)
+        self._writer.write_batch(build_batch(self._pending, self.schema))
         self._pending = []
         self._pending_bytes = 0
 
@@ -96,6 +95,33 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
             self.abort()
+
+
+def build_batch(rows: list[dict], schema: pa.Schema) -> pa.RecordBatch:
+    """Encoded cells -> one record batch, straight from buffers.
+
+    `RecordBatch.from_pydict` converts numpy list cells element by element
+    (about 40 ms for one 4096-token row); building offsets and values
+    directly costs one copy of the bytes.
+    """
+    arrays = []
+    for f in schema:
+        values = [cells.get(f.name) for cells in rows]
+        if pa.types.is_binary(f.type) or pa.types.is_list(f.type):
+            lengths = np.fromiter((len(v) for v in values), dtype=np.int64, count=len(values))
+            offsets = np.zeros(len(values) + 1, dtype=np.int64)
+            np.cumsum(lengths, out=offsets[1:])
+            assert offsets[-1] < 2**31, f"record batch column {f.name} exceeds 2 GiB"
+            offsets = offsets.astype(np.int32)
+            if pa.types.is_binary(f.type):
+                arrays.append(pa.Array.from_buffers(f.type, len(values), [None, pa.py_buffer(offsets),
+                                                                           pa.py_buffer(b"".join(values))]))
+            else:
+                flat = np.concatenate([np.asarray(v, dtype=np.int32) for v in values]) if values else []
+                arrays.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=f.type.value_type)))
+        else:
+            arrays.append(pa.array(values, type=f.type))
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
 def _raw_bytes(cells: dict) -> int:
