@@ -45,7 +45,7 @@ class QuickstartSize:
 
 SIZES = {
     "default": QuickstartSize(corpus_bytes=3_000_000, vocab_size=2048, seq_len=128, train_rows=1536,
-                              validation_rows=128, teacher_hidden=128, teacher_layers=4, teacher_steps=300,
+                              validation_rows=128, teacher_hidden=128, teacher_layers=4, teacher_steps=800,
                               student_hidden=96, student_layers=2, train_steps=120, global_batch=16,
                               eval_every=40),
     # CI: the same stages in well under a minute of compute.
