@@ -40,15 +40,20 @@ def main():
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--busy-thread", action="store_true",
+                    help="a pure-Python thread spins beside the writer (like an in-process engine); compares the "
+                         "default GIL switch interval with the pipeline's")
     args = ap.parse_args()
+    if args.busy_thread:
+        return busy_thread_comparison(args)
     cases = {
         "top-64": ShardSpec(vocab_size=VOCAB, targets=TargetSpec(k=64)),
         "top-64 + 2 fp8 layers": ShardSpec(vocab_size=VOCAB, targets=TargetSpec(k=64),
                                            hidden=HiddenSpec(layers=(12, 24), dtype="fp8", hidden_size=WIDTH)),
     }
-    print(f"| targets | rows x tokens | from_pydict ms/row | build_batch ms/row | writer tok/s (build, compress, "
-          f"write, sha256, fsync) |")
-    print("|---|---|---|---|---|")
+    print(f"| targets | rows x tokens | from_pydict ms/row | build_batch ms/row | compression | writer tok/s (build, "
+          f"compress, write, sha256, fsync) | file B/token |")
+    print("|---|---|---|---|---|---|---|")
     for name, spec in cases.items():
         cells = [encode_row(synthetic_row(i, args.seq_len, spec, np.random.default_rng(i)), spec)
                  for i in range(args.rows)]
@@ -57,15 +62,62 @@ def main():
                                   for c in cells], args.repeats) / args.rows
         direct = best_of(lambda: [build_batch([c], schema) for c in cells], args.repeats) / args.rows
 
-        def write():
-            with tempfile.TemporaryDirectory() as out:
-                writer = ShardWriter(Path(out), 0, spec, 0, args.rows)
-                for c in cells:
-                    writer.add_cells(c)
-                writer.close()
+        for compression in ("zstd", "lz4", "none"):
+            written = {}
 
-        tok_s = args.rows * args.seq_len / best_of(write, args.repeats)
-        print(f"| {name} | {args.rows} x {args.seq_len} | {pydict * 1e3:.1f} | {direct * 1e3:.1f} | {tok_s:,.0f} |")
+            def write():
+                with tempfile.TemporaryDirectory() as out:
+                    writer = ShardWriter(Path(out), 0, spec, 0, args.rows, compression=compression)
+                    for c in cells:
+                        writer.add_cells(c)
+                    written["bytes"] = writer.close().bytes
+
+            tokens = args.rows * args.seq_len
+            tok_s = tokens / best_of(write, args.repeats)
+            print(f"| {name} | {args.rows} x {args.seq_len} | {pydict * 1e3:.1f} | {direct * 1e3:.1f} | {compression} "
+                  f"| {tok_s:,.0f} | {written['bytes'] / tokens:,.1f} |")
+
+
+def busy_thread_comparison(args) -> None:
+    import threading
+
+    from teacher_cache.pipeline import GIL_SWITCH_INTERVAL_S
+
+    spec = ShardSpec(vocab_size=VOCAB, targets=TargetSpec(k=64),
+                     hidden=HiddenSpec(layers=(12, 24), dtype="fp8", hidden_size=WIDTH))
+    cells = [encode_row(synthetic_row(i, args.seq_len, spec, np.random.default_rng(i)), spec) for i in range(args.rows)]
+
+    def write():
+        with tempfile.TemporaryDirectory() as out:
+            writer = ShardWriter(Path(out), 0, spec, 0, args.rows)
+            for c in cells:
+                writer.add_cells(c)
+            writer.close()
+
+    tokens = args.rows * args.seq_len
+    rows = [("alone", sys.getswitchinterval(), tokens / best_of(write, args.repeats))]
+    stop = threading.Event()
+
+    def spin():
+        x = 0
+        while not stop.is_set():
+            x += 1
+
+    spinner = threading.Thread(target=spin, daemon=True)
+    spinner.start()
+    default = sys.getswitchinterval()
+    try:
+        for interval in (default, GIL_SWITCH_INTERVAL_S):
+            sys.setswitchinterval(interval)
+            rows.append(("beside a busy Python thread", interval, tokens / best_of(write, args.repeats)))
+    finally:
+        sys.setswitchinterval(default)
+        stop.set()
+        spinner.join()
+    print("| writer (top-64 + 2 fp8 layers) | GIL switch interval | tok/s |")
+    print("|---|---|---|")
+    for name, interval, tok_s in rows:
+        print(f"| {name} | {interval * 1e3:.1f} ms | {tok_s:,.0f} |")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,9 @@ def cache_teacher(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache made with other settings."),
     gpu_hour_price: Optional[float] = typer.Option(None, "--gpu-hour-price", help="Price per GPU-hour for the summary."),
     encode_threads: int = typer.Option(2, "--encode-threads", help="Threads encoding rows for the writer."),
+    compression: str = typer.Option("zstd", "--compression",
+                                    help="Shard buffer compression: zstd | lz4 (faster writes) | none."),
+    zstd_level: int = typer.Option(3, "--zstd-level", help="zstd level when --compression zstd."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No live progress bar."),
     merge: bool = typer.Option(False, "--merge", help="Join the caches DIR... (written by separate workers) into --out."),
     merge_dirs: Optional[list[Path]] = typer.Argument(None, metavar="[DIR]...", help="Caches to join with --merge."),
@@ -82,7 +85,8 @@ def cache_teacher(
             hidden_token_fraction=hidden_token_fraction, rows_per_shard=rows_per_shard,
             max_tokens_per_batch=max_tokens_per_batch, limit_rows=limit_rows, num_workers=num_workers,
             worker_index=worker_index, gpus=_parse_list(gpus, int, "--gpus"), dry_run=dry_run, overwrite=overwrite,
-            gpu_hour_price=gpu_hour_price, encode_threads=encode_threads, show_progress=not no_progress,
+            gpu_hour_price=gpu_hour_price, encode_threads=encode_threads, compression=compression,
+            zstd_level=zstd_level, show_progress=not no_progress,
         )
         run_cache(cfg, console)
     except (ValueError, RuntimeError) as exc:

@@ -77,22 +77,25 @@ def _fb_field(buf: bytes, table: int, index: int) -> int | None:
     return table + offset if offset else None
 
 
-def _batch_buffers(metadata: bytes) -> list[tuple[int, int]]:
-    """(offset, length) of every body buffer of an IPC RecordBatch message.
+def _batch_buffers(metadata: bytes) -> tuple[list[tuple[int, int]], bool]:
+    """(offset, length) of every body buffer of an IPC RecordBatch message, and
+    whether its buffers are compressed.
 
     Message: field 2 is the header table; RecordBatch: field 2 is the vector
-    of Buffer structs {offset: int64, length: int64} (Arrow's Message.fbs).
+    of Buffer structs {offset: int64, length: int64}, field 3 the optional
+    BodyCompression table (Arrow's Message.fbs).
     """
     root = struct.unpack_from("<I", metadata, 0)[0]
     header_at = _fb_field(metadata, root, 2)
     assert header_at is not None, "record batch message without a header"
     header = header_at + struct.unpack_from("<I", metadata, header_at)[0]
+    compressed = _fb_field(metadata, header, 3) is not None
     buffers_at = _fb_field(metadata, header, 2)
     if buffers_at is None:
-        return []
+        return [], compressed
     vector = buffers_at + struct.unpack_from("<I", metadata, buffers_at)[0]
     count = struct.unpack_from("<I", metadata, vector)[0]
-    return [struct.unpack_from("<qq", metadata, vector + 4 + 16 * i) for i in range(count)]
+    return [struct.unpack_from("<qq", metadata, vector + 4 + 16 * i) for i in range(count)], compressed
 
 
 def column_bytes(path: Path) -> list[ColumnBytes]:
@@ -114,7 +117,7 @@ def column_bytes(path: Path) -> list[ColumnBytes]:
                 if message.type != "record batch":
                     continue
                 body = message.body
-                buffers = _batch_buffers(message.metadata.to_pybytes())
+                buffers, compressed = _batch_buffers(message.metadata.to_pybytes())
                 if len(buffers) != len(owner):
                     raise ShardFormatError(f"{path}: record batch has {len(buffers)} buffers, schema needs {len(owner)}")
                 for (offset, length), field_index in zip(buffers, owner):
@@ -122,6 +125,10 @@ def column_bytes(path: Path) -> list[ColumnBytes]:
                         continue
                     stored = out[field_index]
                     stored.compressed += length
+                    if not compressed:  # --compression none: buffers are stored as they are
+                        stored.uncompressed += length
+                        continue
+                    # Each compressed buffer starts with its uncompressed length (-1: stored as is).
                     prefix = struct.unpack_from("<q", body.slice(offset, 8).to_pybytes())[0]
                     stored.uncompressed += length - 8 if prefix == -1 else prefix
         except (pa.ArrowInvalid, struct.error) as exc:

@@ -30,6 +30,7 @@ from common.manifest import (LOCK_NAME, MANIFEST_NAME, SIDECAR_SUFFIX, CacheMani
 from common.spec import HiddenSpec, ShardSpec, TargetSpec
 from teacher_cache.backend import BackendOptions, TeacherInfo, default_backend_name, make_backend, read_teacher_info
 from teacher_cache.data import SourceData, open_source
+from common.shard_writer import buffer_codec
 from teacher_cache.pipeline import PipelineConfig, ProgressView, RunSummary, WriterPipeline
 from teacher_cache.plan import (ShardPlan, WorkerSlot, estimate_storage, node_local_worker, plan_shards,
                                 resolve_worker, shards_for_worker)
@@ -71,6 +72,8 @@ class CacheConfig:
     overwrite: bool = False
     gpu_hour_price: float | None = None
     encode_threads: int = 2
+    compression: str = "zstd"
+    zstd_level: int = 3
     show_progress: bool = True
     quiet: bool = False
 
@@ -78,6 +81,7 @@ class CacheConfig:
         self.temperatures = tuple(float(t) for t in self.temperatures)
         self.hidden_layers = tuple(int(layer) for layer in self.hidden_layers)
         self.gpus = tuple(int(g) for g in self.gpus)
+        buffer_codec(self.compression, self.zstd_level)  # ValueError naming a bad --compression
 
     def backend_options(self) -> BackendOptions:
         return BackendOptions(model=self.model, device=self.device, dtype=self.dtype,
@@ -327,7 +331,9 @@ def _write_shards(cfg: CacheConfig, prep: Prepared, out: Path, todo: list[ShardP
 
     hf_logging.disable_progress_bar()
     progress = ProgressView(sum(s.num_rows for s in todo), enabled=cfg.show_progress and not cfg.quiet)
-    pipeline = WriterPipeline(out, prep.spec, PipelineConfig(encode_threads=cfg.encode_threads), progress)
+    pipeline = WriterPipeline(out, prep.spec, PipelineConfig(encode_threads=cfg.encode_threads,
+                                                             compression=cfg.compression, zstd_level=cfg.zstd_level),
+                              progress)
     backend = None
     try:
         backend = make_backend(prep.backend, prep.spec, cfg.backend_options())

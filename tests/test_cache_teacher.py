@@ -274,6 +274,24 @@ def test_hf_backend_returns_an_empty_row_without_running_the_model(llama):
                                   np.sort(logits[:-1].topk(4).indices.numpy(), axis=1))
 
 
+def test_compression_choice_reaches_the_shards_and_not_their_content(llama, tmp_path):
+    from common.inspect import column_bytes
+
+    model_dir, _, data, _ = llama
+    cache(model_dir, data, tmp_path / "zstd", top_k=8, rows_per_shard=2)
+    cache(model_dir, data, tmp_path / "none", top_k=8, rows_per_shard=2, compression="none")
+    a, b = read_all_rows(tmp_path / "zstd"), read_all_rows(tmp_path / "none")
+    assert sorted(a) == sorted(b)
+    for row_id in a:
+        np.testing.assert_array_equal(a[row_id].topk_ids_PK, b[row_id].topk_ids_PK)
+        np.testing.assert_array_equal(a[row_id].lse_PT, b[row_id].lse_PT)
+    for shard in sorted((tmp_path / "none").glob("shard-*.arrow")):
+        assert all(col.compressed == col.uncompressed for col in column_bytes(shard))
+    with pytest.raises(ValueError, match="compression must be one of"):
+        cache(model_dir, data, tmp_path / "bad", top_k=8, compression="brotli")
+    assert not (tmp_path / "bad").exists()
+
+
 # ---- plan, dry run, bad input, refusals -----------------------------------------------
 
 def test_dry_run_prints_plan_and_estimate_and_writes_nothing(llama, tmp_path):
