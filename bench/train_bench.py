@@ -8,7 +8,7 @@ teacher cache (top-64 + log-sum-exp at T=1,2 + two fp8 hidden layers) at 4096
 tokens per row is written with the product's shard writer, and the product's
 Trainer runs the steps:
 
-    python bench/train_bench.py [--layers 4] [--rows 48] [--steps 6]
+    python bench/train_bench.py [--layers 2] [--rows 48] [--steps 6]
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def write_cache(out: Path, rows: int, seq_len: int, hidden_layers: tuple[int, ..
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=2)  # the student is built on the CPU first: keep it small
     ap.add_argument("--rows", type=int, default=48)
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--micro-batch", type=int, default=1)
