@@ -52,7 +52,9 @@ def row_uniforms(seed: int, row_id: int, num_positions: int, num_samples: int) -
 
 def _topk_chunk(logits_nV: torch.Tensor, spec: TargetSpec):
     topk_logits_nK, topk_ids_nK = logits_nV.topk(spec.k, dim=-1)
-    lse_nT = torch.stack([torch.logsumexp(logits_nV / t, dim=-1) for t in spec.temperatures], dim=-1)
+    # T=1 needs no scaled copy of the [chunk, V] logits.
+    lse_nT = torch.stack([torch.logsumexp(logits_nV if t == 1 else logits_nV / t, dim=-1)
+                          for t in spec.temperatures], dim=-1)
     return topk_ids_nK, topk_logits_nK, lse_nT
 
 
