@@ -50,7 +50,6 @@ from teacher_cache.targets import row_uniforms  # noqa: E402
 from tests.peaked import PeakedConfig, hidden_like, lse_float64, peaked_logits, sample_counts, topk_tail_kl  # noqa: E402
 
 TEMPERATURES = (1.0, 2.0)
-TOKEN_COLUMNS = ("row_id", "content_hash", "input_ids", "labels")
 GEN_CHUNK = 256  # positions per generated [chunk, V] logits block
 DISTILLKIT_BYTES = {128: 344, 50: 127}  # their published bytes/token (design notes, section 3)
 

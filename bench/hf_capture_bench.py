@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.train_bench import gpt_oss_student_config  # noqa: E402
+from bench.gpt_oss_shape import flop_per_token, gpt_oss_config  # noqa: E402
 from common.spec import HiddenSpec, ShardSpec, TargetSpec  # noqa: E402
 from teacher_cache.backend import BackendOptions, SourceRow  # noqa: E402
 from teacher_cache.hf_backend import HFBackend, token_budget_batches  # noqa: E402
@@ -36,14 +36,6 @@ from teacher_cache.pipeline import PipelineConfig, ProgressView, WriterPipeline 
 from teacher_cache.plan import plan_shards  # noqa: E402
 
 VOCAB, WIDTH = 201_088, 2880
-ATTN_PARAMS, EXPERT4_PARAMS, LM_HEAD = 26.55e6, 99.55e6, 0.579e9  # per layer / lm_head (DESIGN.md numbers)
-
-
-def flops_per_token(layers: int, all_positions: bool) -> float:
-    body = 2 * layers * (ATTN_PARAMS + EXPERT4_PARAMS)
-    return body + (2 * LM_HEAD if all_positions else 0.0)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=8)
@@ -57,7 +49,7 @@ def main():
 
     work = Path(tempfile.mkdtemp(prefix="hf_capture_"))
     (work / "teacher").mkdir()
-    config_dict = gpt_oss_student_config(args.layers)
+    config_dict = gpt_oss_config(args.layers, mxfp4=False)
     (work / "teacher" / "config.json").write_text(json.dumps(config_dict))
     config = AutoConfig.from_pretrained(str(work / "teacher"))
     config._attn_implementation = args.attn
@@ -107,7 +99,7 @@ def main():
         times["capture"].append(time.perf_counter() - start)
     bare_tps = tokens / min(times["bare"])
     capture_tps = tokens / min(times["capture"])
-    bare_flops, capture_flops = flops_per_token(args.layers, False), flops_per_token(args.layers, True)
+    bare_flops, capture_flops = flop_per_token(config_dict)
     result = {
         "gpu": torch.cuda.get_device_name(0), "layers": args.layers, "rows": args.rows, "seq_len": args.seq_len,
         "attn": args.attn, "bare_tokens_per_s": bare_tps, "capture_tokens_per_s": capture_tps,

@@ -27,26 +27,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.gpt_oss_shape import gpt_oss_config  # noqa: E402
 from common.manifest import CacheManifest, refresh_manifest  # noqa: E402
 from common.shard_format import TeacherRow  # noqa: E402
 from common.shard_writer import ShardWriter  # noqa: E402
 from common.spec import HiddenSpec, ShardSpec, TargetSpec, hidden_positions  # noqa: E402
 
 VOCAB, WIDTH, K = 201_088, 2880, 64
-
-
-def gpt_oss_student_config(layers: int) -> dict:
-    return {
-        "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "vocab_size": VOCAB,
-        "hidden_size": WIDTH, "intermediate_size": WIDTH, "num_hidden_layers": layers,
-        "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64, "num_local_experts": 32,
-        "num_experts_per_tok": 4, "sliding_window": 128, "max_position_embeddings": 131072,
-        "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
-        "rope_parameters": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
-                            "truncate": False, "original_max_position_embeddings": 4096, "rope_theta": 150000.0},
-        "rms_norm_eps": 1e-5, "attention_bias": True, "tie_word_embeddings": False, "swiglu_limit": 7.0,
-        "router_aux_loss_coef": 0.9, "output_router_logits": False, "use_cache": False,
-    }
 
 
 def synthetic_row(row_id: int, length: int, spec: ShardSpec, rng: np.random.Generator) -> TeacherRow:
@@ -105,7 +92,7 @@ def main():
     write_cache(work / "cache", args.rows, args.seq_len, teacher_layers)
     cache_s = time.perf_counter() - t0
     (work / "student").mkdir()
-    (work / "student" / "config.json").write_text(json.dumps(gpt_oss_student_config(args.layers)))
+    (work / "student" / "config.json").write_text(json.dumps(gpt_oss_config(args.layers, mxfp4=False)))
     overrides = [
         f"student.init_config={work / 'student'}", "student.path=null", "student.dtype=bf16",
         "student.compute_dtype=bf16", f"student.attn_implementation={args.attn}",

@@ -44,50 +44,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench.gpt_oss_shape import flop_per_token, gpt_oss_config  # noqa: E402
+
 VARIANTS = ("prefill", "prompt_logprobs", "capture", "capture_write")
 ROOFLINE_TFLOPS = 800.0  # H100 SXM dense bf16, what the issue measures against
 _MULTIPROC_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
-
-
-def gpt_oss_config(tiny: bool) -> dict:
-    """openai/gpt-oss-20b's config.json (MXFP4 experts), or a 2-layer miniature without quantization."""
-    if tiny:
-        layers, hidden, heads, kv_heads, experts, top_k, vocab, window = 2, 128, 2, 1, 4, 2, 1024, 16
-    else:
-        layers, hidden, heads, kv_heads, experts, top_k, vocab, window = 24, 2880, 64, 8, 32, 4, 201088, 128
-    config = {
-        "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss",
-        "attention_bias": True, "attention_dropout": 0.0, "head_dim": 64, "hidden_act": "silu",
-        "hidden_size": hidden, "intermediate_size": hidden, "initial_context_length": 4096,
-        "initializer_range": 0.02, "layer_types": ["sliding_attention", "full_attention"] * (layers // 2),
-        "max_position_embeddings": 131072, "num_attention_heads": heads, "num_hidden_layers": layers,
-        "num_key_value_heads": kv_heads, "num_local_experts": experts,
-        "experts_per_token": top_k, "num_experts_per_tok": top_k, "output_router_logits": False,
-        "rms_norm_eps": 1e-05, "rope_theta": 150000, "router_aux_loss_coef": 0.9,
-        "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0, "original_max_position_embeddings": 4096,
-                         "rope_type": "yarn", "truncate": False},
-        "sliding_window": window, "swiglu_limit": 7.0, "tie_word_embeddings": False, "use_cache": True,
-        "vocab_size": vocab, "eos_token_id": 200002 if not tiny else 2, "pad_token_id": 199999 if not tiny else 1,
-    }
-    if not tiny:
-        config["quantization_config"] = {
-            "quant_method": "mxfp4",
-            "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
-                                       "model.embed_tokens", "lm_head"],
-        }
-    return config
-
-
-def flop_per_token(config: dict) -> tuple[float, float]:
-    """(bare prefill, lm_head on every position) FLOP per token: 2 x active parameters."""
-    h, head = config["hidden_size"], config["head_dim"]
-    q, kv = config["num_attention_heads"] * head, config["num_key_value_heads"] * head
-    attention = h * q + 2 * h * kv + q * h
-    experts = config["num_experts_per_tok"] * 3 * h * config["intermediate_size"]
-    router = h * config["num_local_experts"]
-    body = config["num_hidden_layers"] * (attention + experts + router)
-    lm_head = h * config["vocab_size"]
-    return 2.0 * body, 2.0 * (body + lm_head)
 
 
 @dataclass
@@ -303,7 +264,7 @@ def main(argv=None) -> int:
     if ns.child:
         child_main(args, ns.child, ns.model_dir, ns.result_file)
         return 0
-    config = gpt_oss_config(args.tiny)
+    config = gpt_oss_config(tiny=args.tiny)
     bare, full = flop_per_token(config)
     flops = {"prefill": bare, "prompt_logprobs": full, "capture": full, "capture_write": full}
     model_dir = tempfile.mkdtemp(prefix="gpt-oss-shape-")

@@ -36,12 +36,11 @@ import pyarrow.ipc as ipc
 
 from common import codec
 from common.manifest import MANIFEST_NAME, CacheManifest, ShardEntry, load_manifest, resolve_inside
-from common.shard_format import ShardFormatError, TeacherRow, decode_row
-from common.shard_reader import ShardReader
+from common.shard_format import TOKEN_COLUMNS, ShardFormatError, TeacherRow, decode_row
+from common.shard_reader import ShardReader, row_cells
 from common.spec import ShardSpec, content_hash, hidden_positions
 
 LABEL_IGNORE = -100
-TOKEN_COLUMNS = ("row_id", "content_hash", "input_ids", "labels")
 # float32 rounding allowance for log-sum-exp comparisons (relative).
 LSE_TOLERANCE = 1e-5
 
@@ -454,14 +453,6 @@ def _open_shard(path: Path, entry: ShardEntry | None, manifest: CacheManifest | 
     return _Shard(path, entry, spec, rows, tokens, positions, num_batches, column_bytes(path))
 
 
-def _row_cells(batch: pa.RecordBatch, r: int) -> dict:
-    cells = {}
-    for name, column in zip(batch.schema.names, batch.columns):
-        value = column[r]
-        cells[name] = value.values.to_numpy(zero_copy_only=False) if pa.types.is_list(column.type) else value.as_py()
-    return cells
-
-
 def inspect_path(path: Path, options: InspectOptions = InspectOptions(),
                  decode_token: Callable[[int], str] | None = None) -> dict:
     """Report on a shard file or a cache directory (see the module docstring)."""
@@ -553,7 +544,7 @@ def _scan_shard(shard: _Shard, options: InspectOptions, stats: DistributionStats
                 break
             for r in range(batch.num_rows):
                 try:
-                    row = decode_row(_row_cells(batch, r), shard.spec, where=where)
+                    row = decode_row(row_cells(batch, r), shard.spec, where=where)
                 except ValueError as exc:
                     problems.append(str(exc))
                     continue

@@ -20,6 +20,8 @@ from common import codec
 from common.spec import FORMAT_VERSION, ShardSpec, content_hash
 
 SCHEMA_METADATA_KEY = b"vpmoe.shard_spec"
+# Columns every shard has, whatever its targets and hidden states.
+TOKEN_COLUMNS = ("row_id", "content_hash", "input_ids", "labels")
 
 
 class ShardFormatError(ValueError):
@@ -92,6 +94,18 @@ def build_schema(spec: ShardSpec) -> pa.Schema:
                 fields.append(pa.field(hidden_scale_column(layer), pa.binary()))
     metadata = {SCHEMA_METADATA_KEY: json.dumps(spec.to_dict(), sort_keys=True).encode()}
     return pa.schema(fields, metadata=metadata)
+
+
+def read_columns(spec: ShardSpec, hidden_layers=(), content_hash: bool = True) -> list[str]:
+    """The columns a reader needs for tokens, targets and the given hidden layers
+    (`ShardReader` adds `row_id` itself)."""
+    wanted_hidden = {hidden_column(layer) for layer in hidden_layers}
+    wanted_hidden |= {hidden_scale_column(layer) for layer in hidden_layers}
+    if hidden_layers:
+        wanted_hidden.add("hidden_positions")
+    return [name for name in build_schema(spec).names
+            if name != "row_id" and (content_hash or name != "content_hash")
+            and (not name.startswith("hidden_") or name in wanted_hidden)]
 
 
 def spec_from_schema(schema: pa.Schema, where: str) -> ShardSpec:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
@@ -14,8 +13,6 @@ from common.manifest import ShardEntry, file_sha256
 from common.shard_format import ShardFormatError, TeacherRow, decode_row, spec_from_schema
 from common.spec import ShardSpec, content_hash
 
-# Columns a trainer needs for each kind of work (the reader adds row_id always).
-TOKEN_COLUMNS = ("row_id", "content_hash", "input_ids", "labels")
 
 
 class ShardReader:
@@ -81,9 +78,8 @@ class ShardReader:
     def iter_cells(self) -> Iterator[dict]:
         for b in range(self.num_batches):
             batch = self.read_batch(b)
-            cols = {name: batch.column(name) for name in batch.schema.names}
             for r in range(batch.num_rows):
-                yield {name: _cell(col, r) for name, col in cols.items()}
+                yield row_cells(batch, r)
 
     def iter_rows(self, verify_content: bool = False) -> Iterator[TeacherRow]:
         for cells in self.iter_cells():
@@ -100,10 +96,14 @@ class ShardReader:
         for b, n in enumerate(lengths):
             if index < n:
                 batch = self.read_batch(b)
-                cells = {name: _cell(batch.column(name), index) for name in batch.schema.names}
-                return decode_row(cells, self.spec, where=f"{self.path}: ")
+                return decode_row(row_cells(batch, index), self.spec, where=f"{self.path}: ")
             index -= n
         raise AssertionError("unreachable")
+
+
+def row_cells(batch: pa.RecordBatch, r: int) -> dict:
+    """Row r of a record batch as {column: cell} for `decode_row`."""
+    return {name: _cell(column, r) for name, column in zip(batch.schema.names, batch.columns)}
 
 
 def _cell(column: pa.Array, r: int):
@@ -119,6 +119,3 @@ def check_content_hash(row: TeacherRow, path: Path) -> None:
     if content_hash(row.input_ids_L) != row.content_hash:
         raise ShardFormatError(f"{path}: row {row.row_id}: content hash does not match its input_ids")
 
-
-def row_tokens(rows: Sequence[TeacherRow]) -> int:
-    return int(np.sum([r.num_tokens for r in rows]))

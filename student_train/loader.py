@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from common.manifest import CacheManifest, ShardEntry, load_manifest, resolve_inside
-from common.shard_format import ShardFormatError, TeacherRow, hidden_column, hidden_scale_column
+from common.shard_format import ShardFormatError, TeacherRow, read_columns
 from common.shard_reader import ShardReader, check_content_hash
 from common.spec import ShardSpec
 from student_train.batch import IGNORE_INDEX, PAD_TOKEN_ID, StudentBatch
@@ -171,21 +171,6 @@ def _build_row_map(cache_dir: Path, manifest: CacheManifest, seq_len: int, execu
         row_id_N=row_id_N,
         length_N=np.concatenate([lengths for _, lengths in scans]),
     )
-
-
-def _columns(spec: ShardSpec, hidden_layers: tuple[int, ...], verify_content: bool) -> list[str]:
-    columns = ["input_ids", "labels"] + (["content_hash"] if verify_content else [])
-    if spec.targets.mode == "topk":
-        columns += ["topk_ids", "topk_values", "topk_max", "lse"]
-    else:
-        columns += ["sample_sizes", "sample_ids", "sample_counts"]
-    if hidden_layers and spec.hidden.subset:
-        columns.append("hidden_positions")
-    for layer in hidden_layers:
-        columns.append(hidden_column(layer))
-        if spec.hidden.dtype == "fp8":
-            columns.append(hidden_scale_column(layer))
-    return columns
 
 
 class _BatchDecoder:
@@ -351,7 +336,7 @@ class CacheLoader:
             self.close()
             raise ValueError(f"{cache_dir}: {num_rows} rows are fewer than one step of world_size x micro_batch "
                              f"= {rows_per_step} rows")
-        self._decoder = _BatchDecoder(rows, self.spec, _columns(self.spec, config.hidden_layers, config.verify_content),
+        self._decoder = _BatchDecoder(rows, self.spec, read_columns(self.spec, config.hidden_layers, config.verify_content),
                                       config.hidden_layers, config.verify_content, pin)
         self._plans: OrderedDict[int, np.ndarray] = OrderedDict()
         self._epoch = self._position = 0

@@ -19,6 +19,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from common.codec import quantize_fp8
 from common.shard_format import TeacherRow
 from common.spec import ShardSpec
 from teacher_cache.backend import (BackendOptions, SourceRow, assemble_rows, flat_uniforms, kept_positions,
@@ -148,25 +149,30 @@ class HFBackend:
         final_ND = final_BLD.reshape(-1, final_BLD.shape[-1])[target_index_N.to(self.device)]
         targets = compute_targets(final_ND, self._logits, self.spec.targets, flat_uniforms(batch, self.spec),
                                   chunk_size=self.options.logits_chunk)
-        hidden_by_layer = {}
+        hidden_by_layer, hidden_scales = {}, {}
         if self.spec.hidden.layers:
             flat_index_H = torch.cat([torch.from_numpy(kept_positions(row, self.spec)).long() + b * max_len
                                       for b, row in enumerate(batch)]).to(self.device)
             for layer in self.spec.hidden.layers:
-                hidden_by_layer[layer] = self._captured[layer].reshape(-1, self.info.hidden_size)[flat_index_H]
+                hidden_HD = self._captured[layer].reshape(-1, self.info.hidden_size)[flat_index_H]
+                if self.spec.hidden.dtype == "fp8":
+                    # Quantized before the copy: half the bytes to the host, no fp8 conversion on the CPU.
+                    hidden_HD, hidden_scales[layer] = quantize_fp8(hidden_HD)
+                hidden_by_layer[layer] = hidden_HD
         self._captured.clear()
         on_device = self.device.type == "cuda"
         targets = targets.to("cpu", non_blocking=on_device)
         hidden_by_layer = {layer: h.to("cpu", non_blocking=on_device) for layer, h in hidden_by_layer.items()}
+        hidden_scales = {layer: s.to("cpu", non_blocking=on_device) for layer, s in hidden_scales.items()}
         copied = torch.cuda.Event() if on_device else None
         if copied is not None:
             copied.record()
-        return batch, targets, hidden_by_layer, copied
+        return batch, targets, hidden_by_layer, hidden_scales, copied
 
-    def _finish(self, batch, targets, hidden_by_layer, copied) -> list[TeacherRow]:
+    def _finish(self, batch, targets, hidden_by_layer, hidden_scales, copied) -> list[TeacherRow]:
         if copied is not None:
             copied.synchronize()
-        return assemble_rows(batch, targets, hidden_by_layer, self.spec)
+        return assemble_rows(batch, targets, hidden_by_layer, self.spec, hidden_scales)
 
     def _empty_rows(self, rows: list[SourceRow]) -> list[TeacherRow]:
         targets = compute_targets(torch.zeros((0, self.info.hidden_size), device=self.device), self._logits,

@@ -19,7 +19,7 @@ import pyarrow.ipc as ipc
 import torch
 
 from common.shard_format import TeacherRow, build_schema, encode_row
-from common.shard_writer import DEFAULT_ZSTD_LEVEL
+from common.shard_writer import buffer_codec, build_batch
 from common.spec import ShardSpec, hidden_positions
 from teacher_cache.targets import compute_targets, row_uniforms
 
@@ -148,9 +148,8 @@ def _compressed_size(spec: ShardSpec, row: TeacherRow) -> int:
     """Bytes the row adds to a shard (token columns included: they are stored too),
     without the file's fixed schema and footer overhead."""
     schema = build_schema(spec)
-    cells = encode_row(row, spec)
-    batch = pa.RecordBatch.from_pydict({name: [cells.get(name)] for name in schema.names}, schema=schema)
-    options = ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=DEFAULT_ZSTD_LEVEL))
+    batch = build_batch([encode_row(row, spec)], schema)
+    options = ipc.IpcWriteOptions(compression=buffer_codec("zstd"))
     sizes = []
     for batches in ([], [batch]):
         sink = pa.BufferOutputStream()
