@@ -69,6 +69,10 @@ def write_cache(out: Path, rows: int, seq_len: int, hidden_layers: tuple[int, ..
     return spec
 
 
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=2)  # the student is built on the CPU first: keep it small
@@ -80,7 +84,10 @@ def main():
     ap.add_argument("--attn", default="flex_attention")
     ap.add_argument("--experts", default=None, help="transformers experts_implementation, e.g. grouped_mm")
     ap.add_argument("--threads", type=int, default=6)
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run of this script (figures come from the GPU)")
     args = ap.parse_args()
+    on_gpu = args.device == "cuda"
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
 
     from student_train.config import load_config
     from student_train.metrics import mfu, peak_memory_gib
@@ -101,23 +108,24 @@ def main():
         "data.prefetch=8", "loss.ce=0.2", "loss.kl=0.2", "loss.kl_temperature=2.0", "loss.hidden_cosine=0.6",
         f"loss.layer_pairs=[[{teacher_layers[0]},{teacher_layers[0]}],[{teacher_layers[1]},{teacher_layers[1]}]]",
         f"optim.steps={2 * args.steps + 2}", "eval.every=0", f"checkpoint.dir={work / 'ckpt'}", "checkpoint.every=0",
-        "export.enabled=false", "log.every=1000", "device=cuda",
+        "export.enabled=false", "log.every=1000", f"device={args.device}",
     ]
     if args.experts:
         overrides.append(f"student.experts_implementation={args.experts}")
     cfg = load_config(ROOT / "configs" / "phase1_gptoss20b_smoke.yaml", overrides)
     trainer = Trainer(cfg)
-    torch.cuda.reset_peak_memory_stats()
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
 
     def timed_steps(next_micro_batches, steps):
         trainer._train_step(next_micro_batches())  # warm-up (allocator, autotuning)
-        torch.cuda.synchronize()
+        sync()
         start, tokens = time.perf_counter(), 0
         for _ in range(steps):
             mbs = next_micro_batches()
             tokens += sum(mb.num_tokens for mb in mbs)
             trainer._train_step(mbs)
-        torch.cuda.synchronize()
+        sync()
         return tokens / (time.perf_counter() - start)
 
     batches = iter(trainer.train_loader)
@@ -132,11 +140,11 @@ def main():
         "mfu_synthetic": mfu(synthetic_tps, trainer.flops, trainer.env.device),
         "mfu_loader": mfu(loader_tps, trainer.flops, trainer.env.device),
         "peak_mem_gib": peak_memory_gib(trainer.env.device), "cache_write_s": cache_s,
-        "gpu": torch.cuda.get_device_name(0),
+        "gpu": torch.cuda.get_device_name(0) if on_gpu else "cpu",
     }
     print(json.dumps(result, indent=1))
     print(f"| GPT-OSS-shaped student, {args.layers} layers, {args.seq_len} tokens x micro {args.micro_batch} x accum "
-          f"{args.accum} | synthetic {synthetic_tps:,.0f} tok/s (MFU {result['mfu_synthetic']:.3f}) | loader "
+          f"{args.accum} | synthetic {synthetic_tps:,.0f} tok/s (MFU {_fmt(result['mfu_synthetic'])}) | loader "
           f"{loader_tps:,.0f} tok/s | ratio {result['loader_over_synthetic']:.3f} | peak {result['peak_mem_gib']:.1f} GiB |")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], f"train_bench_{args.attn}.json").write_text(json.dumps(result, indent=1))

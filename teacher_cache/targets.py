@@ -4,7 +4,8 @@ Given the teacher's final normed hidden states for N positions and a function
 that maps a chunk of them to full-vocabulary logits, compute what a shard
 stores: top-k ids and logits plus the full log-sum-exp at each temperature, or
 N sampled draws reduced to distinct ids and counts. Logits exist for one chunk
-of positions at a time ([chunk, V] float32), never for all N.
+of positions at a time ([chunk, V] in the lm_head's dtype), never for all N;
+log-sum-exps and probabilities are summed in float32.
 
 Shape suffixes: N positions, D hidden size, V vocabulary, K top-k width,
 T temperatures, M draws per position, S flattened distinct samples.
@@ -13,6 +14,8 @@ T temperatures, M draws per position, S flattened distinct samples.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import functools
+import os
 from typing import Callable
 
 import numpy as np
@@ -50,12 +53,42 @@ def row_uniforms(seed: int, row_id: int, num_positions: int, num_samples: int) -
     return rng.random((num_positions, num_samples))
 
 
+def _lse_eager(logits_nV: torch.Tensor, inv_temps: tuple[float, ...]) -> torch.Tensor:
+    """Log-sum-exp of `logits / T` for each temperature, [n, T] float32, with
+    float32 sums whatever the logits' dtype."""
+    max_n1 = logits_nV.amax(dim=-1, keepdim=True).float()
+    cols = []
+    for inv_t in inv_temps:
+        sum_n = torch.exp((logits_nV.float() - max_n1) * inv_t).sum(dim=-1)
+        cols.append(torch.log(sum_n) + max_n1[:, 0] * inv_t)
+    return torch.stack(cols, dim=-1)
+
+
+_COMPILE_ENV = "VPMOE_COMPILE_TARGETS"
+
+
+@functools.cache
+def compiled_lse() -> Callable:
+    return torch.compile(_lse_eager, dynamic=True)
+
+
+def _lse(logits_nV: torch.Tensor, inv_temps: tuple[float, ...]) -> torch.Tensor:
+    """On CUDA the log-sum-exps are one compiled kernel that reads the [n, V]
+    logits in their own dtype once for all temperatures; eagerly each
+    temperature would write and re-read a float32 copy of them. The eager path
+    is the reference (and the CPU path, where compiling costs more than it
+    saves); VPMOE_COMPILE_TARGETS=0 forces it."""
+    if logits_nV.device.type != "cuda" or os.environ.get(_COMPILE_ENV, "1") == "0":
+        return _lse_eager(logits_nV, inv_temps)
+    return compiled_lse()(logits_nV, inv_temps)
+
+
 def _topk_chunk(logits_nV: torch.Tensor, spec: TargetSpec):
+    # Top-k in the logits' own dtype (bf16 from a bf16 lm_head): the values are
+    # the same as in a float32 copy, and the radix select reads half the bytes.
     topk_logits_nK, topk_ids_nK = logits_nV.topk(spec.k, dim=-1)
-    # T=1 needs no scaled copy of the [chunk, V] logits.
-    lse_nT = torch.stack([torch.logsumexp(logits_nV if t == 1 else logits_nV / t, dim=-1)
-                          for t in spec.temperatures], dim=-1)
-    return topk_ids_nK, topk_logits_nK, lse_nT
+    lse_nT = _lse(logits_nV, tuple(1.0 / t for t in spec.temperatures))
+    return topk_ids_nK, topk_logits_nK.float(), lse_nT
 
 
 def _sample_chunk(logits_nV: torch.Tensor, uniforms_nM: torch.Tensor):
@@ -94,10 +127,11 @@ def compute_targets(
         raise ValueError("sampled targets need one row of uniforms per position")
     parts = []
     for start in range(0, hidden_ND.shape[0], chunk_size):
-        logits_nV = logits_fn(hidden_ND[start:start + chunk_size]).float()
+        logits_nV = logits_fn(hidden_ND[start:start + chunk_size])
         if spec.mode == "topk":
             parts.append(_topk_chunk(logits_nV, spec))
         else:
+            logits_nV = logits_nV.float()
             parts.append(_sample_chunk(logits_nV, uniforms_NM[start:start + chunk_size].to(logits_nV.device)))
         del logits_nV
     if spec.mode == "topk":

@@ -1,0 +1,45 @@
+"""Target selection on bf16 logits (what a bf16 teacher's lm_head returns)
+against a float64 reference, eager and compiled."""
+
+from __future__ import annotations
+
+import torch
+
+from common.spec import TargetSpec
+from teacher_cache.targets import _lse_eager, compiled_lse, compute_targets
+
+
+def distinct_bf16_logits(rows: int, vocab: int, seed: int) -> torch.Tensor:
+    """Logits whose values are exact in bf16 and distinct within a row (no ties
+    for top-k), spread like a peaked distribution."""
+    gen = torch.Generator().manual_seed(seed)
+    grid = torch.arange(vocab, dtype=torch.float64) / 16.0 - 12.0  # multiples of 1/16: exact in bf16 below 16
+    rows_RV = torch.stack([grid[torch.randperm(vocab, generator=gen)] for _ in range(rows)])
+    return rows_RV.to(torch.bfloat16)
+
+
+def test_topk_and_lse_of_bf16_logits_equal_float64_reference():
+    spec = TargetSpec(k=8, temperatures=(1.0, 2.0, 0.5))
+    logits_NV = distinct_bf16_logits(37, 300, seed=1)
+    got = compute_targets(logits_NV, lambda x: x, spec, chunk_size=16)  # 3 chunks, the last one short
+    ref_NV = logits_NV.double()
+    ref_vals, ref_ids = ref_NV.topk(spec.k, dim=-1)
+    assert got.topk_logits_NK.dtype == torch.float32
+    assert torch.equal(got.topk_ids_NK, ref_ids)
+    assert torch.equal(got.topk_logits_NK.double(), ref_vals)
+    ref_lse = torch.stack([torch.logsumexp(ref_NV / t, dim=-1) for t in spec.temperatures], dim=-1)
+    assert got.lse_NT.shape == (37, 3)
+    torch.testing.assert_close(got.lse_NT.double(), ref_lse, rtol=2e-6, atol=2e-6)
+
+
+def test_compiled_lse_matches_eager_and_float64_for_any_row_count():
+    inv_temps = (1.0, 0.5)
+    compiled = compiled_lse()
+    for rows in (5, 19):  # one compiled graph with a dynamic row count
+        logits_NV = distinct_bf16_logits(rows, 513, seed=rows)
+        ref = torch.stack([torch.logsumexp(logits_NV.double() * s, dim=-1) for s in inv_temps], dim=-1)
+        eager = _lse_eager(logits_NV, inv_temps)
+        got = compiled(logits_NV, inv_temps)
+        assert got.dtype == torch.float32 and got.shape == (rows, 2)
+        torch.testing.assert_close(got.double(), ref, rtol=2e-6, atol=2e-6)
+        torch.testing.assert_close(got, eager, rtol=1e-6, atol=1e-6)
