@@ -108,9 +108,11 @@ class HFBackend:
         return hook
 
     def _logits(self, hidden_nD: torch.Tensor) -> torch.Tensor:
-        logits_nV = self.lm_head(hidden_nD).float()
+        # The lm_head's own dtype: target selection reads bf16 logits without a
+        # float32 copy and sums in float32 itself.
+        logits_nV = self.lm_head(hidden_nD)
         if self.softcap:
-            logits_nV = self.softcap * torch.tanh(logits_nV / self.softcap)
+            logits_nV = self.softcap * torch.tanh(logits_nV.float() / self.softcap)
         return logits_nV
 
     def run(self, rows: Sequence[SourceRow]) -> Iterator[TeacherRow]:
