@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import functools
 import os
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -65,6 +66,7 @@ def _lse_eager(logits_nV: torch.Tensor, inv_temps: tuple[float, ...]) -> torch.T
 
 
 _COMPILE_ENV = "VPMOE_COMPILE_TARGETS"
+_compiled_state: bool | None = None  # None until the compiled kernel has run once
 
 
 @functools.cache
@@ -78,9 +80,21 @@ def _lse(logits_nV: torch.Tensor, inv_temps: tuple[float, ...]) -> torch.Tensor:
     temperature would write and re-read a float32 copy of them. The eager path
     is the reference (and the CPU path, where compiling costs more than it
     saves); VPMOE_COMPILE_TARGETS=0 forces it."""
-    if logits_nV.device.type != "cuda" or os.environ.get(_COMPILE_ENV, "1") == "0":
+    global _compiled_state
+    if logits_nV.device.type != "cuda" or os.environ.get(_COMPILE_ENV, "1") == "0" or _compiled_state is False:
         return _lse_eager(logits_nV, inv_temps)
-    return compiled_lse()(logits_nV, inv_temps)
+    if _compiled_state:
+        return compiled_lse()(logits_nV, inv_temps)
+    try:  # the first call compiles; a host without a working compiler toolchain falls back
+        lse_nT = compiled_lse()(logits_nV, inv_temps)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any compile failure means: run eagerly
+        warnings.warn(f"compiled log-sum-exp unavailable ({type(exc).__name__}: {exc}); using the eager path")
+        _compiled_state = False
+        return _lse_eager(logits_nV, inv_temps)
+    _compiled_state = True
+    return lse_nT
 
 
 def _topk_chunk(logits_nV: torch.Tensor, spec: TargetSpec):
