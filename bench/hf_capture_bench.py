@@ -6,10 +6,12 @@ values; `--layers` of the 24 to fit one card with room for activations) runs:
   bare     the transformers forward with the lm_head on the last position only
            (what a prefill does), in the same token-budget batches;
   capture  the product's hf backend + writer pipeline: top-64 + log-sum-exp at
-           T=1,2 + two fp8 hidden layers, written to shards.
+           T=1,2 + two fp8 hidden layers, written to shards of --rows-per-shard
+           rows (one backend run over all of them, as cache-teacher does;
+           pipeline_busy_last: seconds per stage, close_s finalising shards).
 Compare useful FLOP rates: the capture also runs the lm_head on every position.
 
-    python bench/hf_capture_bench.py [--layers 8] [--rows 32] [--seq-len 4096]
+    python bench/hf_capture_bench.py [--layers 8] [--rows 32] [--seq-len 4096] [--rows-per-shard 8]
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def main():
     ap.add_argument("--max-tokens-per-batch", type=int, default=16384)
     ap.add_argument("--attn", default="flex_attention")
     ap.add_argument("--encode-threads", type=int, default=8)
+    ap.add_argument("--rows-per-shard", type=int, default=8)
     args = ap.parse_args()
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -70,7 +73,7 @@ def main():
     spec = ShardSpec(vocab_size=VOCAB, targets=TargetSpec(mode="topk", k=64, temperatures=(1.0, 2.0)),
                      hidden=HiddenSpec(layers=(args.layers // 2, args.layers), dtype="fp8", hidden_size=WIDTH))
     options = BackendOptions(model=str(work / "teacher"), device="cuda", dtype="bf16",
-                             max_tokens_per_batch=args.max_tokens_per_batch)
+                             max_tokens_per_batch=args.max_tokens_per_batch, rows_per_shard=args.rows_per_shard)
     backend = HFBackend(spec, options, model=model)
 
     def capture(out: Path):
@@ -78,24 +81,24 @@ def main():
         progress = ProgressView(len(rows), enabled=False)
         pipeline = WriterPipeline(out, spec, PipelineConfig(encode_threads=args.encode_threads), progress)
         try:
-            for shard in plan_shards(len(rows), len(rows)):
-                entry = pipeline.write_shard(shard, backend.run(rows[shard.row_start:shard.row_end]))
+            # As cache-teacher does: one backend run over every shard's rows.
+            entries = pipeline.write_shards(plan_shards(len(rows), args.rows_per_shard), backend.run(rows))
         finally:
             pipeline.close()
-        capture.busy = dict(pipeline.busy)
-        return entry
+        capture.busy = dict(pipeline.busy)  # backend_s, encode_s, write_s, close_s
+        return entries
 
     # Warm-up both paths (flex attention compiles per shape), then time each twice, interleaved.
     bare()
     capture(work / "warm")
     times = {"bare": [], "capture": []}
-    entry = None
+    entries = []
     for rep in range(2):
         start = time.perf_counter()
         bare()
         times["bare"].append(time.perf_counter() - start)
         start = time.perf_counter()
-        entry = capture(work / f"cache{rep}")
+        entries = capture(work / f"cache{rep}")
         times["capture"].append(time.perf_counter() - start)
     bare_tps = tokens / min(times["bare"])
     capture_tps = tokens / min(times["capture"])
@@ -105,7 +108,8 @@ def main():
         "attn": args.attn, "bare_tokens_per_s": bare_tps, "capture_tokens_per_s": capture_tps,
         "bare_tflops": bare_tps * bare_flops / 1e12, "capture_tflops": capture_tps * capture_flops / 1e12,
         "flop_rate_ratio": (capture_tps * capture_flops) / (bare_tps * bare_flops),
-        "capture_bytes_per_token": entry.bytes / entry.tokens, "times": times,
+        "capture_bytes_per_token": sum(e.bytes for e in entries) / sum(e.tokens for e in entries), "times": times,
+        "shards": len(entries), "rows_per_shard": args.rows_per_shard,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
         "pipeline_busy_last": capture.busy,
     }

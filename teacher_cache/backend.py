@@ -18,7 +18,7 @@ import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence
+from typing import Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -68,6 +68,10 @@ class BackendOptions:
     logits_chunk: int = 1024
     gpu_memory_utilization: float = 0.8
     enforce_eager: bool = False
+    # Shard s holds rows [s * R, (s + 1) * R). The hf backend never batches rows of
+    # two shards together, so a shard's bytes do not depend on which other shards a
+    # run writes (resumed runs, worker partitions). None: no shard boundaries.
+    rows_per_shard: int | None = None
 
 
 class TeacherBackend(Protocol):
@@ -75,8 +79,9 @@ class TeacherBackend(Protocol):
 
     info: TeacherInfo
 
-    def run(self, rows: Sequence[SourceRow]) -> Iterator[TeacherRow]:
-        """One TeacherRow per input row, in any completion order; CPU arrays."""
+    def run(self, rows: Iterable[SourceRow]) -> Iterator[TeacherRow]:
+        """One TeacherRow per input row, in any completion order; CPU arrays.
+        `rows` is read lazily (a whole run's rows are one stream)."""
         ...
 
     def close(self) -> None: ...

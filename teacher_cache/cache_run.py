@@ -12,6 +12,7 @@ the sidecars after each shard, under a lock, so workers can share a directory.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -87,7 +88,8 @@ class CacheConfig:
         return BackendOptions(model=self.model, device=self.device, dtype=self.dtype,
                               tensor_parallel_size=self.tensor_parallel_size, trust_remote_code=self.trust_remote_code,
                               max_tokens_per_batch=self.max_tokens_per_batch, logits_chunk=self.logits_chunk,
-                              gpu_memory_utilization=self.gpu_memory_utilization, enforce_eager=self.enforce_eager)
+                              gpu_memory_utilization=self.gpu_memory_utilization, enforce_eager=self.enforce_eager,
+                              rows_per_shard=self.rows_per_shard)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -339,13 +341,19 @@ def _write_shards(cfg: CacheConfig, prep: Prepared, out: Path, todo: list[ShardP
         backend = make_backend(prep.backend, prep.spec, cfg.backend_options())
         if backend.info.config_hash != prep.info.config_hash:
             raise ValueError(f"{cfg.model}: the backend loaded a different config than was checked")
-        for shard in todo:
-            entry = pipeline.write_shard(shard, backend.run(prep.source.rows(shard.row_start, shard.row_end)))
+        # One backend run over every shard's rows: the backend never drains at a shard
+        # boundary, and each shard is published by its writer thread (which calls
+        # shard_done) while the backend goes on with the next ones.
+        source_rows = itertools.chain.from_iterable(prep.source.rows(s.row_start, s.row_end) for s in todo)
+
+        def shard_done(entry: ShardEntry) -> None:
             refresh_manifest(out, prep.header)
             summary.shards += 1
             summary.rows += entry.rows
             summary.tokens += entry.tokens
             summary.bytes += entry.bytes
+
+        pipeline.write_shards(todo, backend.run(source_rows), on_shard=shard_done)
     finally:
         if backend is not None:
             backend.close()

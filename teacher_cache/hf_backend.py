@@ -14,7 +14,7 @@ positions (each row's 0..L_b-2, rows in batch order), H kept hidden positions.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -62,6 +62,34 @@ def token_budget_batches(rows: Sequence[SourceRow], max_tokens: int) -> list[lis
         else:
             batches.append([row])
     return batches
+
+
+# `HFBackend.run` batches a stream of rows a window at a time: enough rows for
+# `token_budget_batches` to sort by length and fill batches, few enough that the
+# stream is never read (and held in memory) far ahead of the device.
+WINDOW_ROWS = 256
+WINDOW_BATCHES = 16  # a window closes once it holds this many batches' worth of tokens
+
+
+def row_windows(rows: Iterable[SourceRow], max_rows: int, max_tokens: int,
+                rows_per_shard: int | None = None) -> Iterator[list[SourceRow]]:
+    """Consecutive runs of `rows`, read lazily: each ends after `max_rows` rows or
+    once it holds `max_tokens` tokens, whichever comes first, and (with
+    `rows_per_shard`) before a row of another shard, so a shard's windows depend
+    only on its own rows."""
+    window: list[SourceRow] = []
+    tokens = 0
+    for row in rows:
+        if window and rows_per_shard and row.row_id // rows_per_shard != window[0].row_id // rows_per_shard:
+            yield window
+            window, tokens = [], 0
+        window.append(row)
+        tokens += row.num_tokens
+        if len(window) >= max_rows or tokens >= max_tokens:
+            yield window
+            window, tokens = [], 0
+    if window:
+        yield window
 
 
 def _decoder_layers(decoder: nn.Module, num_layers: int) -> nn.ModuleList:
@@ -115,18 +143,24 @@ class HFBackend:
             logits_nV = self.softcap * torch.tanh(logits_nV.float() / self.softcap)
         return logits_nV
 
-    def run(self, rows: Sequence[SourceRow]) -> Iterator[TeacherRow]:
-        # One batch of lookahead: batch i+1 is launched before batch i's results are
-        # split into rows, so the device computes while the host copies and encodes.
-        empty = [r for r in rows if r.num_tokens == 0]  # no targets, no hidden states: nothing to run
-        if empty:
-            yield from self._empty_rows(empty)
+    def run(self, rows: Iterable[SourceRow]) -> Iterator[TeacherRow]:
+        """TeacherRows in batch order. `rows` is read lazily, a window at a time
+        (`row_windows`, never across a shard boundary), and each window is cut into
+        `token_budget_batches`, so one call can stream a whole run's rows."""
+        # One batch of lookahead, across windows (and shards) too: batch i+1 is launched
+        # before batch i's results are split into rows, so the device computes while the
+        # host reads the next window, copies and encodes; it never drains between shards.
+        budget = self.options.max_tokens_per_batch
         pending = None
-        for batch in token_budget_batches([r for r in rows if r.num_tokens], self.options.max_tokens_per_batch):
-            launched = self._launch(batch)
-            if pending is not None:
-                yield from self._finish(*pending)
-            pending = launched
+        for window in row_windows(rows, WINDOW_ROWS, WINDOW_BATCHES * budget, self.options.rows_per_shard):
+            empty = [r for r in window if r.num_tokens == 0]  # no targets, no hidden states: nothing to run
+            if empty:
+                yield from self._empty_rows(empty)
+            for batch in token_budget_batches([r for r in window if r.num_tokens], budget):
+                launched = self._launch(batch)
+                if pending is not None:
+                    yield from self._finish(*pending)
+                pending = launched
         if pending is not None:
             yield from self._finish(*pending)
 

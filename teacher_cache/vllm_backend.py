@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import gc
 import os
-from collections import deque
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -119,45 +118,48 @@ class VllmBackend:
         self._engine = self.llm.llm_engine
         self._submitted = 0
 
-    def _check_rows(self, rows: Sequence[SourceRow]) -> None:
-        seen = set()
+    def _check_row(self, row: SourceRow, seen: set[int]) -> None:
+        """ValueError for a row the engine cannot take or one given twice; `seen` collects row ids."""
+        if row.row_id in seen:
+            raise ValueError(f"row {row.row_id} is given twice")
+        seen.add(row.row_id)
         context = self._engine.model_config.max_model_len
         limit = context - 1  # vLLM keeps one slot for the sampled token
-        for row in rows:
-            if row.row_id in seen:
-                raise ValueError(f"row {row.row_id} is given twice")
-            seen.add(row.row_id)
-            ids = np.asarray(row.input_ids)
-            if ids.ndim != 1 or np.asarray(row.labels).shape != ids.shape:
-                raise ValueError(f"row {row.row_id}: input_ids and labels must be 1-D of equal length")
-            if len(ids) > limit:
-                raise ValueError(f"row {row.row_id} has {len(ids)} tokens; the vllm backend takes at most {limit} "
-                                 f"(engine context {context})")
-            if len(ids) and (ids.min() < 0 or ids.max() >= self.info.vocab_size):
-                raise ValueError(f"row {row.row_id}: token id outside the teacher's vocabulary "
-                                 f"[0, {self.info.vocab_size})")
+        ids = np.asarray(row.input_ids)
+        if ids.ndim != 1 or np.asarray(row.labels).shape != ids.shape:
+            raise ValueError(f"row {row.row_id}: input_ids and labels must be 1-D of equal length")
+        if len(ids) > limit:
+            raise ValueError(f"row {row.row_id} has {len(ids)} tokens; the vllm backend takes at most {limit} "
+                             f"(engine context {context})")
+        if len(ids) and (ids.min() < 0 or ids.max() >= self.info.vocab_size):
+            raise ValueError(f"row {row.row_id}: token id outside the teacher's vocabulary "
+                             f"[0, {self.info.vocab_size})")
 
-    def run(self, rows: Sequence[SourceRow]) -> Iterator[TeacherRow]:
-        """TeacherRows in completion order; the engine keeps a few steps' worth of prompts queued."""
-        rows = list(rows)
-        self._check_rows(rows)
-        for row in rows:
-            if row.num_tokens == 0:  # vLLM refuses empty prompts; such a row holds nothing to compute
-                yield self._assemble(row, None)
-        queue = deque(r for r in rows if r.num_tokens)
+    def run(self, rows: Iterable[SourceRow]) -> Iterator[TeacherRow]:
+        """TeacherRows in completion order. `rows` is read lazily, as the engine
+        has room: a few steps' worth of prompts stay queued, each row checked
+        as it is submitted, so one call can stream a whole run's rows."""
+        rows = iter(rows)
+        seen: set[int] = set()
         in_flight: dict[int, tuple[str, SourceRow]] = {}
         in_flight_tokens = 0
         budget = _QUEUE_STEPS * self.options.max_tokens_per_batch
+        exhausted = False
         try:
-            while queue or in_flight:
-                while queue and (not in_flight or in_flight_tokens < budget):
-                    row = queue.popleft()
-                    request_id = f"vpmoe-{self._submitted}-{row.row_id}"
-                    self._submitted += 1
-                    self._engine.add_request(request_id, {"prompt_token_ids": np.asarray(row.input_ids).tolist()},
-                                             _sampling_params(row.row_id))
-                    in_flight[row.row_id] = (request_id, row)
+            while True:
+                while not exhausted and (not in_flight or in_flight_tokens < budget):
+                    row = next(rows, None)
+                    if row is None:
+                        exhausted = True
+                        break
+                    self._check_row(row, seen)
+                    if row.num_tokens == 0:  # vLLM refuses empty prompts; such a row holds nothing to compute
+                        yield self._assemble(row, None)
+                        continue
+                    in_flight[row.row_id] = (self._submit(row), row)
                     in_flight_tokens += row.num_tokens
+                if not in_flight:  # the stream is exhausted and every row returned
+                    return
                 self._engine.step()
                 idle = not self._engine.has_unfinished_requests()
                 results = self._take_finished(final=idle)
@@ -165,12 +167,19 @@ class VllmBackend:
                     request_id, row = in_flight.pop(result["row_id"])
                     in_flight_tokens -= row.num_tokens
                     yield self._assemble(row, result)
-                if idle and not queue and in_flight:
+                if idle and in_flight:  # every submitted request has finished: these are lost
                     raise RuntimeError(f"vLLM finished without returning rows {sorted(in_flight)[:8]}")
         finally:
-            if in_flight:  # stopped early (error or the consumer closed the generator)
+            if in_flight:  # stopped early (error, bad row, or the consumer closed the generator)
                 self._engine.abort_request([request_id for request_id, _ in in_flight.values()])
                 self.llm.collective_rpc("vpmoe_reset")
+
+    def _submit(self, row: SourceRow) -> str:
+        request_id = f"vpmoe-{self._submitted}-{row.row_id}"
+        self._submitted += 1
+        self._engine.add_request(request_id, {"prompt_token_ids": np.asarray(row.input_ids).tolist()},
+                                 _sampling_params(row.row_id))
+        return request_id
 
     def _take_finished(self, final: bool) -> list[dict]:
         results = self.llm.collective_rpc("vpmoe_take_finished", args=(final, self._packed))[0]

@@ -274,6 +274,58 @@ def test_hf_backend_returns_an_empty_row_without_running_the_model(llama):
                                   np.sort(logits[:-1].topk(4).indices.numpy(), axis=1))
 
 
+def test_hf_row_windows_end_at_the_row_and_token_limits_and_at_shard_boundaries():
+    from teacher_cache.backend import SourceRow
+    from teacher_cache.hf_backend import row_windows
+
+    rows = [SourceRow(i, np.zeros(n, np.int32), np.zeros(n, np.int32)) for i, n in enumerate([5, 5, 5, 30, 5, 5, 5])]
+
+    def ids(windows):
+        return [[r.row_id for r in w] for w in windows]
+
+    assert ids(row_windows(rows, 2, 1000)) == [[0, 1], [2, 3], [4, 5], [6]]
+    assert ids(row_windows(rows, 10, 12)) == [[0, 1, 2], [3], [4, 5, 6]]
+    assert ids(row_windows(rows, 10, 1000, rows_per_shard=3)) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert ids(row_windows(rows[2:], 2, 1000, rows_per_shard=3)) == [[2], [3, 4], [5], [6]]
+
+
+def test_hf_backend_reads_a_stream_lazily_and_batches_each_shard_alone(llama):
+    """One run over a stream of several shards' rows gives each shard the targets a
+    run over that shard alone gives (same batches), reading only a window ahead."""
+    from teacher_cache.backend import BackendOptions, SourceRow
+    from teacher_cache.hf_backend import HFBackend
+
+    model_dir, model_f64, _, _ = llama
+    source = [SourceRow(i, ids, ids.copy()) for i, ids in enumerate(random_rows(3, 12, 5, 30))]
+    spec = ShardSpec(vocab_size=VOCAB, targets=TargetSpec(k=4),
+                     hidden=HiddenSpec(layers=(1,), hidden_size=model_f64.config.hidden_size))
+    backend = HFBackend(spec, BackendOptions(model=str(model_dir), device="cpu", dtype="float32", rows_per_shard=3))
+    pulled, pulled_at_first_result = [], None
+
+    def stream():
+        for row in source:
+            pulled.append(row.row_id)
+            yield row
+
+    try:
+        streamed = {}
+        for trow in backend.run(stream()):
+            if pulled_at_first_result is None:
+                pulled_at_first_result = len(pulled)
+            streamed[trow.row_id] = trow
+        alone = {r.row_id: r for start in range(0, len(source), 3) for r in backend.run(source[start:start + 3])}
+    finally:
+        backend.close()
+    # Shard 0's window, then shard 1's (one batch of lookahead), each closed by the next shard's first row.
+    assert pulled_at_first_result == 7
+    assert sorted(streamed) == sorted(alone) == list(range(len(source)))
+    for row_id, trow in streamed.items():
+        np.testing.assert_array_equal(trow.topk_ids_PK, alone[row_id].topk_ids_PK)
+        np.testing.assert_array_equal(trow.topk_logits_PK, alone[row_id].topk_logits_PK)
+        np.testing.assert_array_equal(trow.lse_PT, alone[row_id].lse_PT)
+        torch.testing.assert_close(trow.hidden[1], alone[row_id].hidden[1], rtol=0, atol=0)
+
+
 def test_compression_choice_reaches_the_shards_and_not_their_content(llama, tmp_path):
     from common.inspect import column_bytes
 

@@ -386,6 +386,33 @@ def test_stopping_early_leaves_nothing_behind(engines, teacher):
 
 @pytest.mark.vllm
 @needs_vllm
+def test_a_stream_of_rows_is_read_only_a_few_steps_ahead(engines, teacher):
+    from teacher_cache.vllm_backend import _QUEUE_STEPS
+
+    backend = engines.get("topk-eager")
+    ids_RL = np.random.default_rng(1).integers(0, VOCAB, (40, 20)).astype(np.int32)
+    rows = [SourceRow(row_id=100 + i, input_ids=ids, labels=ids.copy()) for i, ids in enumerate(ids_RL)]
+    pulled_at_first_result, pulled = None, []
+
+    def stream():
+        for row in rows:
+            pulled.append(row.row_id)
+            yield row
+
+    got = {}
+    for trow in backend.run(stream()):
+        if pulled_at_first_result is None:
+            pulled_at_first_result = len(pulled)
+        got[trow.row_id] = trow
+    assert sorted(got) == [r.row_id for r in rows]
+    # Prompts are submitted until the queue holds _QUEUE_STEPS steps' worth of tokens.
+    queued_rows = -(-_QUEUE_STEPS * STEP_TOKENS // ids_RL.shape[1])
+    assert pulled_at_first_result <= queued_rows < len(rows)
+    assert backend.llm.collective_rpc("vpmoe_stats")[0]["active"] == 0
+
+
+@pytest.mark.vllm
+@needs_vllm
 def test_bad_rows_are_refused_before_any_work(engines, teacher):
     backend = engines.get("topk-eager")
     good = teacher.rows[0]
