@@ -67,6 +67,7 @@ class BenchArgs:
     warmup_prompts: int
     scratch: str
     seed: int
+    compressions: tuple[str, ...] = ("zstd",)
 
 
 def parse_args(argv=None) -> tuple[BenchArgs, argparse.Namespace]:
@@ -86,6 +87,8 @@ def parse_args(argv=None) -> tuple[BenchArgs, argparse.Namespace]:
     p.add_argument("--variants", type=str, default=",".join(VARIANTS))
     p.add_argument("--prefill-tokens-per-s", type=float,
                    help="bare prefill rate from an earlier command on the same machine, for the ratio column")
+    p.add_argument("--compressions", type=str, default="zstd",
+                   help="capture_write: one timed pass per shard codec (zstd,lz4,none) on the same engine")
     p.add_argument("--scratch", type=str, default=tempfile.gettempdir(), help="where capture_write puts its shards")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--child", type=str, help=argparse.SUPPRESS)
@@ -101,7 +104,7 @@ def parse_args(argv=None) -> tuple[BenchArgs, argparse.Namespace]:
         max_batched_tokens=ns.max_batched_tokens or (256 if tiny else 16384),
         gpu_memory_utilization=ns.gpu_memory_utilization, rows_per_shard=ns.rows_per_shard,
         encode_threads=ns.encode_threads, enforce_eager=ns.enforce_eager or tiny, warmup_prompts=ns.warmup_prompts,
-        scratch=ns.scratch, seed=ns.seed)
+        scratch=ns.scratch, seed=ns.seed, compressions=tuple(c for c in ns.compressions.split(",") if c))
     unknown = set(ns.variants.split(",")) - set(VARIANTS)
     if unknown:
         p.error(f"unknown variant(s) {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
@@ -179,22 +182,27 @@ def run_capture(args: BenchArgs, model_dir: str, variant: str, config: dict) -> 
         from teacher_cache.pipeline import PipelineConfig, ProgressView, WriterPipeline
         from teacher_cache.plan import plan_shards
 
-        out_dir = Path(tempfile.mkdtemp(prefix="vllm-capture-bench-", dir=args.scratch))
-        try:
-            progress = ProgressView(len(sources), enabled=False)
-            pipeline = WriterPipeline(out_dir, spec, PipelineConfig(encode_threads=args.encode_threads,
-                                                                    show_progress=False), progress)
-            start = time.perf_counter()
-            # As cache-teacher does: one backend run over every shard's rows, shards
-            # published by their writer threads while the engine goes on.
-            entries = pipeline.write_shards(plan_shards(len(sources), args.rows_per_shard), backend.run(sources))
-            result["seconds"] = time.perf_counter() - start
-            result["pipeline_busy"] = dict(pipeline.busy)  # backend_s, encode_s, write_s, close_s
-            pipeline.close()
-            result["shard_bytes"] = sum(e.bytes for e in entries)
-            result["bytes_per_token"] = result["shard_bytes"] / result["tokens"]
-        finally:
-            shutil.rmtree(out_dir, ignore_errors=True)
+        result["writes"] = []
+        for compression in args.compressions:  # one timed pass per codec, on the same warm engine
+            out_dir = Path(tempfile.mkdtemp(prefix="vllm-capture-bench-", dir=args.scratch))
+            try:
+                progress = ProgressView(len(sources), enabled=False)
+                pipeline = WriterPipeline(out_dir, spec, PipelineConfig(encode_threads=args.encode_threads,
+                                                                        compression=compression,
+                                                                        show_progress=False), progress)
+                start = time.perf_counter()
+                # As cache-teacher does: one backend run over every shard's rows, shards
+                # published by their writer threads while the engine goes on.
+                entries = pipeline.write_shards(plan_shards(len(sources), args.rows_per_shard), backend.run(sources))
+                seconds = time.perf_counter() - start
+                busy = dict(pipeline.busy)  # backend_s, encode_s, write_s, close_s
+                pipeline.close()
+                shard_bytes = sum(e.bytes for e in entries)
+                result["writes"].append({"compression": compression, "seconds": seconds, "pipeline_busy": busy,
+                                         "shard_bytes": shard_bytes, "bytes_per_token": shard_bytes / result["tokens"]})
+            finally:
+                shutil.rmtree(out_dir, ignore_errors=True)
+        result.update({k: v for k, v in result["writes"][0].items() if k != "compression"})
     result["worker_stats"] = backend.llm.collective_rpc("vpmoe_stats")[0]
     backend.close()
     return result
@@ -241,6 +249,21 @@ def run_child(variant: str, model_dir: str, argv: list[str]) -> dict:
     return result
 
 
+def expand_writes(results: list[dict]) -> list[dict]:
+    """A capture_write result with several codecs -> one table row per codec."""
+    rows = []
+    for r in results:
+        writes = r.get("writes") or []
+        if len(writes) <= 1:
+            rows.append(r)
+            continue
+        for w in writes:
+            rows.append(dict(r, **{k: v for k, v in w.items() if k != "compression"},
+                             variant=f"{r['variant']}[{w['compression']}]",
+                             tokens_per_s=r["tokens"] / w["seconds"]))
+    return rows
+
+
 def table(results: list[dict], flops: dict[str, float], prefill_tokens_per_s: float | None) -> list[str]:
     base = next((r for r in results if r["variant"] == "prefill" and "error" not in r), None)
     if base is not None:
@@ -252,11 +275,15 @@ def table(results: list[dict], flops: dict[str, float], prefill_tokens_per_s: fl
         if "error" in r:
             lines.append(f"| {r['variant']} | failed ({r['error']}) | | | | |")
             continue
-        rate = r["tokens_per_s"] * flops[r["variant"]]
+        base_variant = r["variant"].split("[")[0]
+        rate = r["tokens_per_s"] * flops[base_variant]
         ratio = f"{rate / base_rate:.3f}" if base_rate else "-"
         bpt = f"{r['bytes_per_token']:,.0f}" if "bytes_per_token" in r else "-"
-        lines.append(f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {flops[r['variant']] / 1e9:.4g} | "
+        lines.append(f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {flops[base_variant] / 1e9:.4g} | "
                      f"{rate / 1e12:.4g} | {ratio} | {bpt} |")
+        if "pipeline_busy" in r:
+            busy = ", ".join(f"{k} {v:.1f}" for k, v in r["pipeline_busy"].items())
+            lines.append(f"| {r['variant']} busy seconds: {busy} (run {r['seconds']:.1f} s) | | | | | |")
     return lines
 
 
@@ -284,7 +311,7 @@ def main(argv=None) -> int:
         vllm_version = vllm.__version__
     except Exception:
         vllm_version = "unknown"
-    lines = table(results, flops, ns.prefill_tokens_per_s)
+    lines = table(expand_writes(results), flops, ns.prefill_tokens_per_s)
     lines.append("")
     shape = "tiny 2-layer" if args.tiny else "gpt-oss-20b"
     lines.append(f"{args.num_prompts} prompts x {args.prompt_len} tokens, {shape} "
