@@ -68,6 +68,7 @@ class BenchArgs:
     scratch: str
     seed: int
     compressions: tuple[str, ...] = ("zstd",)
+    capture_pass: bool = False
 
 
 def parse_args(argv=None) -> tuple[BenchArgs, argparse.Namespace]:
@@ -87,6 +88,8 @@ def parse_args(argv=None) -> tuple[BenchArgs, argparse.Namespace]:
     p.add_argument("--variants", type=str, default=",".join(VARIANTS))
     p.add_argument("--prefill-tokens-per-s", type=float,
                    help="bare prefill rate from an earlier command on the same machine, for the ratio column")
+    p.add_argument("--capture-pass", action="store_true",
+                   help="capture_write: first time a capture without writing on the same engine (saves an engine start)")
     p.add_argument("--compressions", type=str, default="zstd",
                    help="capture_write: one timed pass per shard codec (zstd,lz4,none) on the same engine")
     p.add_argument("--scratch", type=str, default=tempfile.gettempdir(), help="where capture_write puts its shards")
@@ -104,7 +107,8 @@ def parse_args(argv=None) -> tuple[BenchArgs, argparse.Namespace]:
         max_batched_tokens=ns.max_batched_tokens or (256 if tiny else 16384),
         gpu_memory_utilization=ns.gpu_memory_utilization, rows_per_shard=ns.rows_per_shard,
         encode_threads=ns.encode_threads, enforce_eager=ns.enforce_eager or tiny, warmup_prompts=ns.warmup_prompts,
-        scratch=ns.scratch, seed=ns.seed, compressions=tuple(c for c in ns.compressions.split(",") if c))
+        scratch=ns.scratch, seed=ns.seed, compressions=tuple(c for c in ns.compressions.split(",") if c),
+        capture_pass=ns.capture_pass)
     unknown = set(ns.variants.split(",")) - set(VARIANTS)
     if unknown:
         p.error(f"unknown variant(s) {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
@@ -182,6 +186,10 @@ def run_capture(args: BenchArgs, model_dir: str, variant: str, config: dict) -> 
         from teacher_cache.pipeline import PipelineConfig, ProgressView, WriterPipeline
         from teacher_cache.plan import plan_shards
 
+        if args.capture_pass:  # the capture alone, on this same engine, for a like-for-like row
+            start = time.perf_counter()
+            assert sum(1 for _ in backend.run(sources)) == len(sources)
+            result["capture_only_seconds"] = time.perf_counter() - start
         result["writes"] = []
         for compression in args.compressions:  # one timed pass per codec, on the same warm engine
             out_dir = Path(tempfile.mkdtemp(prefix="vllm-capture-bench-", dir=args.scratch))
@@ -253,6 +261,9 @@ def expand_writes(results: list[dict]) -> list[dict]:
     """A capture_write result with several codecs -> one table row per codec."""
     rows = []
     for r in results:
+        if "capture_only_seconds" in r:
+            rows.append({"variant": "capture", "tokens": r["tokens"], "seconds": r["capture_only_seconds"],
+                         "tokens_per_s": r["tokens"] / r["capture_only_seconds"]})
         writes = r.get("writes") or []
         if len(writes) <= 1:
             rows.append(r)

@@ -197,8 +197,20 @@ def encode_hidden_fp8(hidden_HD: torch.Tensor, scale_H: torch.Tensor | np.ndarra
     return hidden_HD.cpu().contiguous().view(torch.uint8).numpy().tobytes(), scale_H.astype(np.float32)
 
 
-def decode_hidden_fp8(blob: bytes, scale_H: np.ndarray, rows: int, dim: int) -> torch.Tensor:
+def decode_hidden_fp8_bytes(blob: bytes, rows: int, dim: int) -> torch.Tensor:
+    """The stored fp8 e4m3 bytes as uint8 [rows, dim], not dequantized (the
+    trainer dequantizes on its device: a quarter of the bytes to copy, no fp8
+    conversion on the CPU)."""
     if len(blob) != rows * dim:
         raise ValueError(f"fp8 hidden blob holds {len(blob)} bytes, expected {rows * dim}")
-    q = torch.frombuffer(bytearray(blob), dtype=torch.uint8).view(torch.float8_e4m3fn)
-    return q.reshape(rows, dim).float() * torch.from_numpy(np.asarray(scale_H, dtype=np.float32))[:, None]
+    return torch.frombuffer(bytearray(blob), dtype=torch.uint8).reshape(rows, dim)
+
+
+def dequantize_fp8(bytes_HD: torch.Tensor, scale_H: torch.Tensor) -> torch.Tensor:
+    """uint8-stored fp8 e4m3 values times their per-token scale, float32."""
+    return bytes_HD.view(torch.float8_e4m3fn).float() * scale_H.unsqueeze(-1)
+
+
+def decode_hidden_fp8(blob: bytes, scale_H: np.ndarray, rows: int, dim: int) -> torch.Tensor:
+    return dequantize_fp8(decode_hidden_fp8_bytes(blob, rows, dim),
+                          torch.from_numpy(np.asarray(scale_H, dtype=np.float32)))

@@ -198,10 +198,12 @@ def encode_row(row: TeacherRow, spec: ShardSpec) -> dict:
     return cells
 
 
-def decode_row(cells: dict, spec: ShardSpec, where: str = "") -> TeacherRow:
+def decode_row(cells: dict, spec: ShardSpec, where: str = "", hidden_stored: bool = False) -> TeacherRow:
     """{column: cell} (as returned by the reader) -> TeacherRow.
 
     Only the columns present in `cells` are decoded; the rest stay None.
+    Hidden states are float32, or with `hidden_stored` in their stored form:
+    bf16, or fp8 bytes as uint8 with their scales in `hidden_scales`.
     """
     row_id = int(cells["row_id"]) if "row_id" in cells else -1
     where = f"{where}row {row_id}"
@@ -244,10 +246,15 @@ def decode_row(cells: dict, spec: ShardSpec, where: str = "") -> TeacherRow:
                 if blob is None:
                     continue
                 if hspec.dtype == "bf16":
-                    row.hidden[layer] = codec.decode_hidden_bf16(blob, len(positions), hspec.hidden_size).float()
+                    bf16_HD = codec.decode_hidden_bf16(blob, len(positions), hspec.hidden_size)
+                    row.hidden[layer] = bf16_HD if hidden_stored else bf16_HD.float()
                 else:
                     scale_H = codec.decode_float32(cells[hidden_scale_column(layer)], len(positions))
-                    row.hidden[layer] = codec.decode_hidden_fp8(blob, scale_H, len(positions), hspec.hidden_size)
+                    if hidden_stored:
+                        row.hidden[layer] = codec.decode_hidden_fp8_bytes(blob, len(positions), hspec.hidden_size)
+                        row.hidden_scales[layer] = scale_H
+                    else:
+                        row.hidden[layer] = codec.decode_hidden_fp8(blob, scale_H, len(positions), hspec.hidden_size)
     except ValueError as exc:
         raise ShardFormatError(f"{where}: {exc}") from exc
     return row

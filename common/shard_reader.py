@@ -88,15 +88,16 @@ class ShardReader:
                 check_content_hash(row, self.path)
             yield row
 
-    def read_row(self, index: int) -> TeacherRow:
-        """Row by its position in the shard (0-based)."""
+    def read_row(self, index: int, hidden_stored: bool = False) -> TeacherRow:
+        """Row by its position in the shard (0-based); `hidden_stored` as in `decode_row`."""
         lengths = self._batch_lengths()
         if not (0 <= index < sum(lengths)):
             raise ValueError(f"{self.path}: row {index} out of range (shard has {sum(lengths)} rows)")
         for b, n in enumerate(lengths):
             if index < n:
                 batch = self.read_batch(b)
-                return decode_row(row_cells(batch, index), self.spec, where=f"{self.path}: ")
+                return decode_row(row_cells(batch, index), self.spec, where=f"{self.path}: ",
+                                  hidden_stored=hidden_stored)
             index -= n
         raise AssertionError("unreachable")
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from common.codec import dequantize_fp8
+
 IGNORE_INDEX = -100
 PAD_TOKEN_ID = 0
 
@@ -30,8 +32,11 @@ class StudentBatch:
     lse_BPT: torch.Tensor | None = None  # float32 full-vocabulary logsumexp(logits / T) per cached T
     sample_ids_BPM: torch.Tensor | None = None  # int64
     sample_counts_BPM: torch.Tensor | None = None  # int64
-    # Teacher layer -> [B, L, D] float32; hidden states are not shifted (position t is token t).
+    # Teacher layer -> [B, L, D] in the cache's stored form (bf16, or fp8 bytes as uint8 with
+    # per-token scales in teacher_hidden_scale, 0 where nothing is stored); `hidden_float`
+    # dequantizes on whatever device the batch is on. Not shifted: position t is token t.
     teacher_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    teacher_hidden_scale: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, L] float32
     hidden_mask_BL: torch.Tensor | None = None  # bool: teacher hidden stored here and the token is real
     num_tokens: int = 0  # real tokens in the batch (filler rows excluded)
 
@@ -50,7 +55,16 @@ class StudentBatch:
             if isinstance(value, torch.Tensor):
                 changes[f.name] = fn(value)
         changes["teacher_hidden"] = {layer: fn(h) for layer, h in self.teacher_hidden.items()}
+        changes["teacher_hidden_scale"] = {layer: fn(s) for layer, s in self.teacher_hidden_scale.items()}
         return dataclasses.replace(self, **changes)
+
+    def hidden_float(self, layer: int) -> torch.Tensor:
+        """Teacher hidden states of `layer`, [B, L, D] float32 (or wider, when given wider)."""
+        hidden_BLD = self.teacher_hidden[layer]
+        scale_BL = self.teacher_hidden_scale.get(layer)
+        if scale_BL is not None:
+            return dequantize_fp8(hidden_BLD, scale_BL)
+        return hidden_BLD if hidden_BLD.dtype in (torch.float32, torch.float64) else hidden_BLD.float()
 
     def to(self, device, non_blocking: bool = False) -> "StudentBatch":
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))

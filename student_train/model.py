@@ -252,7 +252,7 @@ class DistillModel(nn.Module):
             dist_sum = 0.0
             for s, t in cfg.layer_pairs:
                 student_ND = self._captured[s].reshape(b * length, -1)
-                teacher_NE = batch.teacher_hidden[t].reshape(b * length, -1)
+                teacher_NE = batch.hidden_float(t).reshape(b * length, -1)
                 proj = self.projections[projection_key(s, t)] if projection_key(s, t) in self.projections else None
                 dist_sum = dist_sum + hidden_cosine_loss(student_ND, teacher_NE, mask_N, proj, 1.0)
             # Averaged over layer pairs and over every rank's and micro batch's hidden positions.

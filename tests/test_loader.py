@@ -129,8 +129,11 @@ def assert_same_batch(a: StudentBatch, b: StudentBatch):
         if x is not None:
             assert x.dtype == y.dtype and torch.equal(x, y), name
     assert a.teacher_hidden.keys() == b.teacher_hidden.keys()
+    assert a.teacher_hidden_scale.keys() == b.teacher_hidden_scale.keys()
     for layer in a.teacher_hidden:
+        assert a.teacher_hidden[layer].dtype == b.teacher_hidden[layer].dtype
         assert torch.equal(a.teacher_hidden[layer], b.teacher_hidden[layer])
+        assert torch.equal(a.hidden_float(layer), b.hidden_float(layer))
     assert a.num_tokens == b.num_tokens
 
 
@@ -192,9 +195,10 @@ def test_topk_batches_reproduce_rows_with_target_t_predicting_token_t_plus_1(top
             # hidden states are not shifted; fraction 1 stores every real token
             assert batch.hidden_mask_BL[b].tolist() == [True] * n + [False] * (L - n)
             for layer in (2, 5):
-                assert torch.equal(batch.teacher_hidden[layer][b, :n], row.hidden[layer])
-                assert torch.allclose(batch.teacher_hidden[layer][b, :n], original.hidden[layer], rtol=1e-2, atol=1e-2)
-                assert (batch.teacher_hidden[layer][b, n:] == 0).all()
+                h_LD = batch.hidden_float(layer)[b]
+                assert torch.equal(h_LD[:n], row.hidden[layer])
+                assert torch.allclose(h_LD[:n], original.hidden[layer], rtol=1e-2, atol=1e-2)
+                assert (h_LD[n:] == 0).all()
 
 
 def test_sampled_batches_and_hidden_subset(sampled_cache):
@@ -237,7 +241,8 @@ def test_sampled_batches_and_hidden_subset(sampled_cache):
             mask[torch.from_numpy(original.hidden_positions_H.astype(np.int64))] = True
             assert torch.equal(batch.hidden_mask_BL[b], mask)
             assert 0 < int(mask.sum()) < n or n < 3
-            h = batch.teacher_hidden[3][b]
+            assert batch.teacher_hidden[3].dtype == torch.uint8  # fp8 bytes, dequantized on the device
+            h = batch.hidden_float(3)[b]
             assert torch.equal(h[mask], row.hidden[3])
             assert torch.allclose(h[mask], original.hidden[3], rtol=0.07, atol=0.02)  # fp8 e4m3
             assert (h[~mask] == 0).all()
@@ -440,7 +445,7 @@ def test_corrupted_row_names_shard_and_row_from_the_decode_thread(tmp_path):
 def test_read_failure_in_a_decode_thread_names_shard_and_row(topk_cache, monkeypatch):
     cache_dir, originals = topk_cache
 
-    def failing_read(self, index):
+    def failing_read(self, index, **kwargs):
         raise OSError("input/output error")
 
     with loader(cache_dir, micro_batch=1, shuffle=False, length_window=1) as ld:
