@@ -81,7 +81,7 @@ def main():
 def busy_thread_comparison(args) -> None:
     import threading
 
-    from teacher_cache.pipeline import GIL_SWITCH_INTERVAL_S
+    from common.gil import SWITCH_INTERVAL_S as GIL_SWITCH_INTERVAL_S
 
     spec = ShardSpec(vocab_size=VOCAB, targets=TargetSpec(k=64),
                      hidden=HiddenSpec(layers=(12, 24), dtype="fp8", hidden_size=WIDTH))

@@ -42,9 +42,10 @@ def cache_teacher(
     hidden_dtype: str = typer.Option("bf16", "--hidden-dtype", help="bf16 | fp8 (e4m3, per-token scale)."),
     hidden_token_fraction: float = typer.Option(1.0, "--hidden-token-fraction",
                                                 help="Fraction of positions whose hidden states are kept."),
-    rows_per_shard: int = typer.Option(256, "--rows-per-shard",
-                                       help=("Rows per shard. Rows finished out of order wait in memory, so this bounds host memory "
-                                             "(256 rows of 4096 tokens with one fp8 hidden layer of 2880: about 3 GB).")),
+    rows_per_shard: int = typer.Option(0, "--rows-per-shard",
+                                       help=("Rows per shard; 0 (default): the existing cache's, else about 512 MiB of raw "
+                                             "cells per shard (8-256 rows). Smaller shards are written in parallel and bound "
+                                             "host memory (rows finished early wait for their shard).")),
     max_tokens_per_batch: int = typer.Option(16384, "--max-tokens-per-batch", help="Padded tokens per forward."),
     limit_rows: Optional[int] = typer.Option(None, "--limit-rows", help="Use only the first N rows of the split."),
     num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Workers (nodes) in all; else env."),

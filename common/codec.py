@@ -197,13 +197,13 @@ def encode_hidden_fp8(hidden_HD: torch.Tensor, scale_H: torch.Tensor | np.ndarra
     return hidden_HD.cpu().contiguous().view(torch.uint8).numpy().tobytes(), scale_H.astype(np.float32)
 
 
-def decode_hidden_fp8_bytes(blob: bytes, rows: int, dim: int) -> torch.Tensor:
-    """The stored fp8 e4m3 bytes as uint8 [rows, dim], not dequantized (the
-    trainer dequantizes on its device: a quarter of the bytes to copy, no fp8
-    conversion on the CPU)."""
+def decode_hidden_fp8_bytes(blob, rows: int, dim: int) -> np.ndarray:
+    """The stored fp8 e4m3 bytes as a uint8 [rows, dim] view of `blob` (read-only
+    when the blob is), not dequantized: the trainer dequantizes on its device (a
+    quarter of float32's bytes to copy, no fp8 conversion on the CPU)."""
     if len(blob) != rows * dim:
         raise ValueError(f"fp8 hidden blob holds {len(blob)} bytes, expected {rows * dim}")
-    return torch.frombuffer(bytearray(blob), dtype=torch.uint8).reshape(rows, dim)
+    return np.frombuffer(blob, dtype=np.uint8).reshape(rows, dim)
 
 
 def dequantize_fp8(bytes_HD: torch.Tensor, scale_H: torch.Tensor) -> torch.Tensor:
@@ -212,5 +212,5 @@ def dequantize_fp8(bytes_HD: torch.Tensor, scale_H: torch.Tensor) -> torch.Tenso
 
 
 def decode_hidden_fp8(blob: bytes, scale_H: np.ndarray, rows: int, dim: int) -> torch.Tensor:
-    return dequantize_fp8(decode_hidden_fp8_bytes(blob, rows, dim),
+    return dequantize_fp8(torch.from_numpy(decode_hidden_fp8_bytes(blob, rows, dim).copy()),
                           torch.from_numpy(np.asarray(scale_H, dtype=np.float32)))

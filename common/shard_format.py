@@ -202,8 +202,9 @@ def decode_row(cells: dict, spec: ShardSpec, where: str = "", hidden_stored: boo
     """{column: cell} (as returned by the reader) -> TeacherRow.
 
     Only the columns present in `cells` are decoded; the rest stay None.
-    Hidden states are float32, or with `hidden_stored` in their stored form:
-    bf16, or fp8 bytes as uint8 with their scales in `hidden_scales`.
+    Hidden states are float32 tensors, or with `hidden_stored` in their stored
+    form: bf16 tensors, or fp8 bytes as read-only uint8 numpy views of the
+    cell with their scales in `hidden_scales`.
     """
     row_id = int(cells["row_id"]) if "row_id" in cells else -1
     where = f"{where}row {row_id}"

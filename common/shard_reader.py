@@ -103,14 +103,19 @@ class ShardReader:
 
 
 def row_cells(batch: pa.RecordBatch, r: int) -> dict:
-    """Row r of a record batch as {column: cell} for `decode_row`."""
-    return {name: _cell(column, r) for name, column in zip(batch.schema.names, batch.columns)}
+    """Row r of a record batch as {column: cell} for `decode_row`. Hidden-state
+    cells are zero-copy views of the batch's buffers (megabytes per row: a
+    `bytes` copy would hold the GIL that a training loop's thread needs)."""
+    return {name: _cell(column, r, zero_copy=name.startswith("hidden_"))
+            for name, column in zip(batch.schema.names, batch.columns)}
 
 
-def _cell(column: pa.Array, r: int):
+def _cell(column: pa.Array, r: int, zero_copy: bool = False):
     value = column[r]
     if pa.types.is_list(column.type):
         return value.values.to_numpy(zero_copy_only=False)
+    if zero_copy and pa.types.is_binary(column.type) and value.is_valid:
+        return value.as_buffer()
     return value.as_py()
 
 

@@ -300,11 +300,14 @@ class _BatchDecoder:
             if not self.spec.hidden.subset:
                 where = slice(0, n)  # every position is stored: a plain copy, no scatter
             else:
-                where = torch.from_numpy(positions_H.astype(np.int64))
+                where = positions_H.astype(np.int64)
             for layer in self.hidden_layers:
-                batch.teacher_hidden[layer][b, where] = row.hidden[layer]
                 if layer in batch.teacher_hidden_scale:
-                    batch.teacher_hidden_scale[layer][b, where] = torch.from_numpy(row.hidden_scales[layer])
+                    # fp8 bytes straight from the shard's buffer; numpy copies without the GIL.
+                    batch.teacher_hidden[layer].numpy()[b, where] = row.hidden[layer]
+                    batch.teacher_hidden_scale[layer].numpy()[b, where] = row.hidden_scales[layer]
+                else:
+                    batch.teacher_hidden[layer][b, where] = row.hidden[layer]
             batch.hidden_mask_BL[b, where] = True
 
 

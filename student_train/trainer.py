@@ -11,12 +11,14 @@ not to divide gradients by the world size for the same reason.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from common.gil import shorten_switch_interval
 from common.spec import ShardSpec
 from student_train import parallel
 from student_train.checkpoint import Checkpointer, export_hf, resolve_resume
@@ -100,6 +102,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume: str | None = None):
         self.cfg = cfg
         self.train_loader = self.eval_loader = self.logger = None
+        # Loader threads decode beside this thread's kernel launches (see common.gil).
+        self._switch_interval = shorten_switch_interval()
         try:
             self._build(resume)
         except BaseException:
@@ -285,6 +289,9 @@ class Trainer:
         for loader in (self.train_loader, self.eval_loader):
             if loader is not None:
                 loader.close()
+        if self._switch_interval is not None:
+            sys.setswitchinterval(self._switch_interval)
+            self._switch_interval = None
         if self.logger is not None:
             self.logger.close()
 

@@ -33,7 +33,7 @@ from teacher_cache.backend import BackendOptions, TeacherInfo, default_backend_n
 from teacher_cache.data import SourceData, open_source
 from common.shard_writer import buffer_codec
 from teacher_cache.pipeline import PipelineConfig, ProgressView, RunSummary, WriterPipeline
-from teacher_cache.plan import (ShardPlan, WorkerSlot, estimate_storage, node_local_worker, plan_shards,
+from teacher_cache.plan import (ShardPlan, WorkerSlot, auto_rows_per_shard, estimate_storage, node_local_worker, plan_shards,
                                 resolve_worker, shards_for_worker)
 
 DEFAULT_TOP_K = 64
@@ -63,7 +63,7 @@ class CacheConfig:
     hidden_layers: tuple[int, ...] = ()
     hidden_dtype: str = "bf16"
     hidden_token_fraction: float = 1.0
-    rows_per_shard: int = 256
+    rows_per_shard: int = 0  # 0: automatic (an existing cache's own, else from the bytes per row)
     max_tokens_per_batch: int = 16384
     limit_rows: int | None = None
     num_workers: int | None = None
@@ -135,16 +135,31 @@ def prepare(cfg: CacheConfig) -> Prepared:
     source.validate(info.vocab_size, info.max_context)
     spec = build_spec(cfg, info)
     backend = default_backend_name() if cfg.backend == "auto" else cfg.backend
-    plan = plan_shards(source.num_rows, cfg.rows_per_shard)
+    rows_per_shard = resolve_rows_per_shard(cfg, spec, source)
+    plan = plan_shards(source.num_rows, rows_per_shard)
     header = CacheManifest(
         spec=spec,
         teacher={"model": cfg.model, "model_type": info.model_type, "config_hash": info.config_hash,
                  "weights_fingerprint": info.weights_fingerprint, "backend": backend, "dtype": cfg.dtype},
         tokenizer={"vocab_size": info.vocab_size},
         source=source.describe(),
-        work={"rows_per_shard": cfg.rows_per_shard, "num_rows": source.num_rows, "num_shards": len(plan)},
+        work={"rows_per_shard": rows_per_shard, "num_rows": source.num_rows, "num_shards": len(plan)},
     )
     return Prepared(info, source, spec, backend, plan, header)
+
+
+def resolve_rows_per_shard(cfg: CacheConfig, spec: ShardSpec, source: SourceData) -> int:
+    """`--rows-per-shard`, or for 0 (automatic) the value of the cache already in
+    `--out` (so a resume never needs the flag), else about 512 MiB of raw cells per shard."""
+    if cfg.rows_per_shard < 0:
+        raise ValueError(f"--rows-per-shard must be >= 1 (or 0 for automatic), got {cfg.rows_per_shard}")
+    if cfg.rows_per_shard:
+        return cfg.rows_per_shard
+    if not cfg.overwrite and (Path(cfg.out) / MANIFEST_NAME).is_file():
+        existing = load_manifest(Path(cfg.out)).work.get("rows_per_shard")
+        if isinstance(existing, int) and existing > 0:
+            return existing
+    return auto_rows_per_shard(spec, source.num_tokens / max(source.num_rows, 1))
 
 
 def header_differences(existing: CacheManifest, header: CacheManifest) -> list[str]:
@@ -308,6 +323,7 @@ def run_cache(cfg: CacheConfig, console: Console | None = None) -> RunSummary | 
     if cfg.gpus:
         return _run_gpus(cfg, console)
     prep = prepare(cfg)
+    cfg = dataclasses.replace(cfg, rows_per_shard=prep.header.work["rows_per_shard"])  # automatic size resolved
     worker = resolve_worker(cfg.num_workers, cfg.worker_index)
     if not cfg.quiet:
         _print(console, plan_report(cfg, prep, worker))
@@ -369,6 +385,7 @@ def _run_gpus(cfg: CacheConfig, console: Console) -> RunSummary | None:
     if len(set(cfg.gpus)) != len(cfg.gpus):
         raise ValueError(f"--gpus lists a GPU twice: {cfg.gpus}")
     prep = prepare(cfg)
+    cfg = dataclasses.replace(cfg, rows_per_shard=prep.header.work["rows_per_shard"])
     node = resolve_worker(cfg.num_workers, cfg.worker_index)
     if not cfg.quiet:
         _print(console, plan_report(cfg, prep, node, workers_per_node=len(cfg.gpus)))

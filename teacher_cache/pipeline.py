@@ -33,6 +33,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from common.gil import shorten_switch_interval
 from common.manifest import ShardEntry
 from common.shard_format import TeacherRow, encode_row
 from common.shard_writer import DEFAULT_BATCH_ROWS, DEFAULT_ZSTD_LEVEL, ShardWriter
@@ -49,7 +50,7 @@ class PipelineConfig:
     show_progress: bool = True
     # Shards being written at once; opening one more waits for the oldest to be
     # published. Bounds the encoded rows held in memory and the concurrent finalising.
-    max_open_shards: int = 3
+    max_open_shards: int = 4
 
 
 @dataclass
@@ -140,12 +141,6 @@ class ProgressView:
             self._progress.stop()
 
 
-# The writer thread hands the GIL back and forth many times per row (Arrow calls
-# release it), while the backend's thread (an in-process vLLM engine, mostly
-# Python) holds it for whole switch intervals: at Python's default 5 ms the
-# writer waits in a convoy. 0.5 ms measured 2.2x faster writes beside a busy
-# Python thread (bench/writer_bench.py --busy-thread).
-GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 class _FirstError:
@@ -263,8 +258,7 @@ class WriterPipeline:
     def __init__(self, cache_dir: Path, spec: ShardSpec, config: PipelineConfig, progress: ProgressView):
         if config.max_open_shards < 1:
             raise ValueError(f"max_open_shards must be >= 1, got {config.max_open_shards}")
-        self._switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(self._switch_interval, GIL_SWITCH_INTERVAL_S))
+        self._switch_interval = shorten_switch_interval()  # see common.gil
         self.cache_dir = Path(cache_dir)
         self.spec, self.config, self.progress = spec, config, progress
         self._pool = ThreadPoolExecutor(max_workers=max(1, config.encode_threads), thread_name_prefix="encode")

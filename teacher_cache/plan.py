@@ -41,6 +41,33 @@ class WorkerSlot:
     count: int
 
 
+# Automatic shard size (`--rows-per-shard 0`): about this many uncompressed bytes
+# per shard. Shards are written by one thread each, and a capture writes several
+# at once only when they are small enough that the next one's rows arrive while
+# the last is still being compressed: with two fp8 hidden layers of 2880, zstd
+# shards of 8 rows captured 44k tokens/s on an H100 where 32-row shards gave 33k
+# (docs/BENCHMARKS.md). Targets-only shards are small anyway and hit the row cap.
+AUTO_SHARD_RAW_BYTES = 512 << 20
+AUTO_ROWS_PER_SHARD_RANGE = (8, 256)
+
+
+def raw_bytes_per_token(spec: ShardSpec) -> float:
+    """Uncompressed cell bytes per token of a shard (an upper bound for sampled targets)."""
+    t, h = spec.targets, spec.hidden
+    if t.mode == "topk":
+        targets = t.k * (spec.id_bytes + 1) + 4 * (1 + len(t.temperatures))  # ids, value byte, max + lse
+    else:
+        targets = 2 + t.num_samples * (spec.id_bytes + t.count_bytes)
+    per_layer = h.hidden_size * (1 if h.dtype == "fp8" else 2) + (4 if h.dtype == "fp8" else 0)
+    return 8 + targets + len(h.layers) * h.token_fraction * per_layer  # + input_ids and labels
+
+
+def auto_rows_per_shard(spec: ShardSpec, mean_row_tokens: float) -> int:
+    rows = AUTO_SHARD_RAW_BYTES / (raw_bytes_per_token(spec) * max(mean_row_tokens, 1.0))
+    low, high = AUTO_ROWS_PER_SHARD_RANGE
+    return int(min(max(rows, low), high))
+
+
 def plan_shards(num_rows: int, rows_per_shard: int) -> list[ShardPlan]:
     if rows_per_shard < 1:
         raise ValueError(f"--rows-per-shard must be >= 1, got {rows_per_shard}")

@@ -184,3 +184,21 @@ def test_worker_slot_from_arguments_torchrun_or_slurm():
     for count in (1, 2, 3, 5):
         owned = sorted(s.index for i in range(count) for s in shards_for_worker(plan, WorkerSlot(i, count)))
         assert owned == list(range(len(plan)))
+
+
+def test_automatic_shard_size_resumes_the_cache_in_out_whatever_size_it_used(setup, tmp_path):
+    model_dir, _, data = setup
+    out = tmp_path / "auto"
+    cache(model_dir, data, out, top_k=8, rows_per_shard=5)
+    original = shard_bytes(out)
+    (out / (shard_file_name(2) + ".json")).unlink()  # one shard left to do
+    # No size given (0 = automatic): the cache's own 5 rows per shard, not a fresh choice, so
+    # the run resumes instead of refusing a changed layout.
+    summary = cache(model_dir, data, out, top_k=8, rows_per_shard=0)
+    assert summary.shards == 1 and summary.shards_skipped == len(original) - 1
+    assert shard_bytes(out) == original
+    assert load_manifest(out).work["rows_per_shard"] == 5
+    # A new cache gets the automatic size, recorded in its manifest.
+    fresh = tmp_path / "fresh"
+    cache(model_dir, data, fresh, top_k=8, rows_per_shard=0)
+    assert load_manifest(fresh).work["rows_per_shard"] == 256  # targets-only rows are small: the row cap

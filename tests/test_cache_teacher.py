@@ -453,3 +453,23 @@ def test_summary_reports_throughput_and_cost(llama, tmp_path, monkeypatch):
     expected_cost = summary.gpu_hours * 2.5 / (summary.tokens / 1e6)
     assert math.isclose(summary.cost_per_million_tokens, expected_cost)
     assert "tokens/s" in buf.getvalue() and "per million tokens" in buf.getvalue()
+
+
+def test_automatic_rows_per_shard_follows_the_raw_bytes_of_a_row():
+    from teacher_cache.plan import AUTO_ROWS_PER_SHARD_RANGE, AUTO_SHARD_RAW_BYTES, auto_rows_per_shard, raw_bytes_per_token
+
+    low, high = AUTO_ROWS_PER_SHARD_RANGE
+    targets_only = ShardSpec(vocab_size=201_088, targets=TargetSpec(k=64))
+    assert auto_rows_per_shard(targets_only, 4096) == high  # ~270 B/token: far below the byte target
+    fp8 = lambda layers, fraction=1.0: ShardSpec(vocab_size=201_088, targets=TargetSpec(k=64), hidden=HiddenSpec(
+        layers=layers, dtype="fp8", token_fraction=fraction, hidden_size=2880))
+    two_layers = auto_rows_per_shard(fp8((12, 24)), 4096)
+    # the shard's raw bytes land just under the target, and one more row would pass it
+    per_row = raw_bytes_per_token(fp8((12, 24))) * 4096
+    assert two_layers * per_row <= AUTO_SHARD_RAW_BYTES < (two_layers + 1) * per_row
+    assert low < two_layers < auto_rows_per_shard(fp8((24,)), 4096) < auto_rows_per_shard(fp8((12, 24), 0.25), 4096)
+    assert auto_rows_per_shard(fp8((6, 12, 18, 24)), 131_072) == low  # huge rows: the row floor
+    # bf16 stores twice fp8's bytes per hidden value
+    bf16 = ShardSpec(vocab_size=201_088, targets=TargetSpec(k=64), hidden=HiddenSpec(
+        layers=(12, 24), dtype="bf16", hidden_size=2880))
+    assert raw_bytes_per_token(bf16) - raw_bytes_per_token(targets_only) == 2 * 2 * 2880
