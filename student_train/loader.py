@@ -242,7 +242,9 @@ class _BatchDecoder:
         pin = self.pin_memory
 
         def full(shape, value, dtype):
-            return torch.full(shape, value, dtype=dtype, pin_memory=pin)
+            tensor = torch.empty(shape, dtype=dtype, pin_memory=pin)
+            _np(tensor).fill(value)
+            return tensor
 
         batch = StudentBatch(
             row_ids_B=full((B,), -1, torch.int64),
@@ -276,25 +278,25 @@ class _BatchDecoder:
 
     def _fill_row(self, batch: StudentBatch, b: int, row: TeacherRow, filler: bool) -> None:
         n, p = row.num_tokens, row.num_positions
-        batch.input_ids_BL[b, :n] = torch.from_numpy(row.input_ids_L.astype(np.int64))
-        batch.attention_mask_BL[b, :n] = 1
+        _np(batch.input_ids_BL)[b, :n] = row.input_ids_L
+        _np(batch.attention_mask_BL)[b, :n] = 1
         if filler:
             return  # same tokens as a real row, but nothing to learn from or count
-        batch.row_ids_B[b] = row.row_id
-        batch.labels_BL[b, :n] = torch.from_numpy(row.labels_L.astype(np.int64))
+        _np(batch.row_ids_B)[b] = row.row_id
+        _np(batch.labels_BL)[b, :n] = row.labels_L
         batch.num_tokens += n
         if self.spec.targets.mode == "topk":
-            batch.topk_ids_BPK[b, :p] = torch.from_numpy(row.topk_ids_PK)
-            batch.topk_logits_BPK[b, :p] = torch.from_numpy(row.topk_logits_PK)
-            batch.lse_BPT[b, :p] = torch.from_numpy(row.lse_PT)
+            _np(batch.topk_ids_BPK)[b, :p] = row.topk_ids_PK
+            _np(batch.topk_logits_BPK)[b, :p] = row.topk_logits_PK
+            _np(batch.lse_BPT)[b, :p] = row.lse_PT
         else:
             # flattened (position, distinct id) entries -> [P, M] slots
             sizes_P = row.sample_sizes_P
             starts_P = np.cumsum(sizes_P) - sizes_P
-            pos_S = torch.from_numpy(np.repeat(np.arange(p), sizes_P))
-            slot_S = torch.from_numpy(np.arange(int(sizes_P.sum())) - np.repeat(starts_P, sizes_P))
-            batch.sample_ids_BPM[b, pos_S, slot_S] = torch.from_numpy(row.sample_ids_S)
-            batch.sample_counts_BPM[b, pos_S, slot_S] = torch.from_numpy(row.sample_counts_S)
+            pos_S = np.repeat(np.arange(p), sizes_P)
+            slot_S = np.arange(int(sizes_P.sum())) - np.repeat(starts_P, sizes_P)
+            _np(batch.sample_ids_BPM)[b, pos_S, slot_S] = row.sample_ids_S
+            _np(batch.sample_counts_BPM)[b, pos_S, slot_S] = row.sample_counts_S
         if self.hidden_layers:
             positions_H = row.hidden_positions_H
             if not self.spec.hidden.subset:
@@ -302,13 +304,23 @@ class _BatchDecoder:
             else:
                 where = positions_H.astype(np.int64)
             for layer in self.hidden_layers:
+                # fp8 bytes straight from the shard's buffer, or bf16 bits
+                _np(batch.teacher_hidden[layer])[b, where] = _np(row.hidden[layer])
                 if layer in batch.teacher_hidden_scale:
-                    # fp8 bytes straight from the shard's buffer; numpy copies without the GIL.
-                    batch.teacher_hidden[layer].numpy()[b, where] = row.hidden[layer]
-                    batch.teacher_hidden_scale[layer].numpy()[b, where] = row.hidden_scales[layer]
-                else:
-                    batch.teacher_hidden[layer][b, where] = row.hidden[layer]
-            batch.hidden_mask_BL[b, where] = True
+                    _np(batch.teacher_hidden_scale[layer])[b, where] = row.hidden_scales[layer]
+            _np(batch.hidden_mask_BL)[b, where] = True
+
+
+def _np(x):
+    """A numpy view of a CPU tensor (bf16 as its int16 bits); arrays pass through.
+
+    Decode threads fill batches through numpy: its copies run without the GIL
+    and on the calling thread alone, where torch's CPU ops on these sizes
+    start an OpenMP team per calling thread, so several decode threads would
+    oversubscribe the cores the training loop launches kernels from."""
+    if isinstance(x, np.ndarray):
+        return x
+    return (x.view(torch.int16) if x.dtype == torch.bfloat16 else x).numpy()
 
 
 class CacheLoader:
