@@ -131,8 +131,10 @@ def build_batch(rows: list[dict], schema: pa.Schema) -> pa.RecordBatch:
             assert offsets[-1] < 2**31, f"record batch column {f.name} exceeds 2 GiB"
             offsets = offsets.astype(np.int32)
             if pa.types.is_binary(f.type):
+                # One cell (a production row per batch): Arrow takes its buffer without a copy.
+                data = values[0] if len(values) == 1 else b"".join(values)
                 arrays.append(pa.Array.from_buffers(f.type, len(values), [None, pa.py_buffer(offsets),
-                                                                           pa.py_buffer(b"".join(values))]))
+                                                                           pa.py_buffer(data)]))
             else:
                 flat = np.concatenate([np.asarray(v, dtype=np.int32) for v in values]) if values else []
                 arrays.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=f.type.value_type)))
