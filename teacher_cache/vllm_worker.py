@@ -354,7 +354,7 @@ class StepCapture:
                 s0, s1 = entry_start_N[lo], entry_start_N[hi]
                 row.write_samples(a, sizes_N[lo:hi].copy(), ids_S[s0:s1].copy(), counts_S[s0:s1].copy())
             if len(piece.hidden_slots_h):
-                slots = torch.from_numpy(piece.hidden_slots_h)
+                slots = _slots(piece.hidden_slots_h)
                 h0, h1 = piece.hidden_offset, piece.hidden_offset + len(piece.hidden_slots_h)
                 for layer in row.layers:
                     row.hidden[layer][slots] = host[f"hidden_{layer}"][h0:h1]
@@ -379,6 +379,17 @@ class StepCapture:
         self._drain()
         self.active.clear()
         self.finished.clear()
+
+
+def _slots(slots_h: np.ndarray) -> slice | torch.Tensor:
+    """Destination rows of a piece's kept hidden states (ascending, distinct by
+    construction): a slice when they are consecutive, as with every position
+    kept. A slice copy on this thread (the engine's) runs ~10x faster than a
+    scatter of the same megabytes."""
+    first, count = int(slots_h[0]), len(slots_h)
+    if int(slots_h[-1]) - first + 1 == count:
+        return slice(first, first + count)
+    return torch.from_numpy(slots_h)
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
