@@ -17,8 +17,10 @@ Compare useful FLOP rates: the capture also runs the lm_head on every position.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -37,7 +39,7 @@ from teacher_cache.hf_backend import HFBackend, token_budget_batches  # noqa: E4
 from teacher_cache.pipeline import PipelineConfig, ProgressView, WriterPipeline  # noqa: E402
 from teacher_cache.plan import plan_shards  # noqa: E402
 
-VOCAB, WIDTH = 201_088, 2880
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=8)
@@ -51,15 +53,17 @@ def main():
     from transformers import AutoConfig, AutoModelForCausalLM
 
     work = Path(tempfile.mkdtemp(prefix="hf_capture_"))
+    atexit.register(shutil.rmtree, work, True)  # the synthetic cache is hundreds of MB
     (work / "teacher").mkdir()
     config_dict = gpt_oss_config(args.layers, mxfp4=False)
+    vocab, width = config_dict["vocab_size"], config_dict["hidden_size"]
     (work / "teacher" / "config.json").write_text(json.dumps(config_dict))
     config = AutoConfig.from_pretrained(str(work / "teacher"))
     config._attn_implementation = args.attn
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
     rng = np.random.default_rng(0)
-    rows = [SourceRow(row_id=i, input_ids=rng.integers(0, VOCAB, args.seq_len).astype(np.int32),
+    rows = [SourceRow(row_id=i, input_ids=rng.integers(0, vocab, args.seq_len).astype(np.int32),
                       labels=np.zeros(args.seq_len, np.int32)) for i in range(args.rows)]
     tokens = args.rows * args.seq_len
 
@@ -70,8 +74,8 @@ def main():
             model(input_ids=ids, use_cache=False, logits_to_keep=1)
         torch.cuda.synchronize()
 
-    spec = ShardSpec(vocab_size=VOCAB, targets=TargetSpec(mode="topk", k=64, temperatures=(1.0, 2.0)),
-                     hidden=HiddenSpec(layers=(args.layers // 2, args.layers), dtype="fp8", hidden_size=WIDTH))
+    spec = ShardSpec(vocab_size=vocab, targets=TargetSpec(mode="topk", k=64, temperatures=(1.0, 2.0)),
+                     hidden=HiddenSpec(layers=(args.layers // 2, args.layers), dtype="fp8", hidden_size=width))
     options = BackendOptions(model=str(work / "teacher"), device="cuda", dtype="bf16",
                              max_tokens_per_batch=args.max_tokens_per_batch, rows_per_shard=args.rows_per_shard)
     backend = HFBackend(spec, options, model=model)

@@ -3,8 +3,9 @@
 The main thread stands in for a training step's kernel launches: a loop of
 small torch ops (launch-bound work holds the GIL and needs a free core). It is
 timed alone, then while a `CacheLoader` decodes micro batches in background
-threads, taken one per `--step-ms` as a training loop would, from a synthetic cache (top-64 + two fp8 2880-wide hidden layers, rows
-of 4,096 tokens, the train bench's cache). Also reports decode ms per row.
+threads, taken one per `--step-ms` as a training loop would, from a synthetic
+cache (top-64 + two fp8 2880-wide hidden layers, rows of 4,096 tokens, the
+train bench's cache). Also reports decode ms per row.
 
     python bench/loader_bench.py [--rows 16] [--threads 2]
 """
@@ -12,13 +13,14 @@ of 4,096 tokens, the train bench's cache). Also reports decode ms per row.
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +50,7 @@ def main() -> int:
                     help="the loop takes one micro batch per this many ms, as a training step would")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="loader_bench_"))
+    atexit.register(shutil.rmtree, work, True)  # the synthetic cache is hundreds of MB
     write_cache(work / "cache", args.rows, 4096, (1, 2))
     config = LoaderConfig(cache_dir=str(work / "cache"), micro_batch=1, seq_len=4096, hidden_layers=(1, 2),
                           num_threads=args.threads, prefetch=2 * args.threads, seed=0)

@@ -38,7 +38,7 @@ def naive_loss(hidden_ND, weight_VD, labels_N, targets: TopkTargets, temperature
 
 def make_inputs(tokens, vocab, dim, k, device, seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
-    hidden = (torch.randn(tokens, dim, generator=g) ).to(device, torch.bfloat16).requires_grad_(True)
+    hidden = torch.randn(tokens, dim, generator=g).to(device, torch.bfloat16).requires_grad_(True)
     weight = (torch.randn(vocab, dim, generator=g) * dim**-0.5 * 4).to(device, torch.bfloat16).requires_grad_(True)
     labels = torch.randint(0, vocab, (tokens,), generator=g).to(device)
     labels[: tokens // 4] = -100

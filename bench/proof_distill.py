@@ -44,6 +44,7 @@ from common.pretrain import PretrainConfig, evaluate_lm, pretrain  # noqa: E402
 from common.tiny_corpus import build_dataset, read_split_texts  # noqa: E402
 from common.tiny_models import build_model, save_model, tiny_llama_config, train_bpe_tokenizer  # noqa: E402
 
+
 def cache_flags(args) -> dict[str, list[str]]:
     hidden = f"{args.teacher_layers // 2},{args.teacher_layers}"  # teacher layers for the hidden-cosine variant
     return {
@@ -52,6 +53,7 @@ def cache_flags(args) -> dict[str, list[str]]:
         "k8": ["--top-k", "8", "--temperatures", "1,2"],
         "sampled": ["--sampled", "50"],
     }
+
 
 # name: (cache, loss settings, seed)
 VARIANTS = {

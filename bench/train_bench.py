@@ -14,8 +14,10 @@ Trainer runs the steps:
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -94,6 +96,7 @@ def main():
     from student_train.trainer import Trainer
 
     work = Path(tempfile.mkdtemp(prefix="train_bench_"))
+    atexit.register(shutil.rmtree, work, True)  # the synthetic cache is hundreds of MB
     t0 = time.perf_counter()
     teacher_layers = (args.layers // 2, args.layers)
     write_cache(work / "cache", args.rows, args.seq_len, teacher_layers)

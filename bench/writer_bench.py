@@ -51,8 +51,8 @@ def main():
         "top-64 + 2 fp8 layers": ShardSpec(vocab_size=VOCAB, targets=TargetSpec(k=64),
                                            hidden=HiddenSpec(layers=(12, 24), dtype="fp8", hidden_size=WIDTH)),
     }
-    print(f"| targets | rows x tokens | from_pydict ms/row | build_batch ms/row | compression | writer tok/s (build, "
-          f"compress, write, sha256, fsync) | file B/token |")
+    print("| targets | rows x tokens | from_pydict ms/row | build_batch ms/row | compression | writer tok/s (build, "
+          "compress, write, sha256, fsync) | file B/token |")
     print("|---|---|---|---|---|---|---|")
     for name, spec in cases.items():
         cells = [encode_row(synthetic_row(i, args.seq_len, spec, np.random.default_rng(i)), spec)

@@ -31,13 +31,13 @@ def autotune(
 
     # `--target-gbs 256 512`: the option takes 256, the 512 arrives as a trailing argument.
     gbs = list(target_gbs or [])
-    overrides = []
+    trailing = []
     for item in extra or []:
         if item.isdigit() and gbs:
             gbs.append(int(item))
         else:
-            overrides += split_overrides([], [item])
-    overrides = split_overrides(sets, overrides)
+            trailing.append(item)
+    overrides = split_overrides(sets, trailing)
     try:
         cfg = load_config(config, overrides)
         if seq_len < 2:

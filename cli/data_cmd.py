@@ -18,7 +18,6 @@ def download_snapshot(repo_id: str, out: Path, revision: str | None = None, repo
     import huggingface_hub
     from huggingface_hub import errors
 
-    offline_hint = "Copy the dataset directory to this machine and pass it to --data instead"
     try:
         path = huggingface_hub.snapshot_download(repo_id, repo_type=repo_type, revision=revision, local_dir=out)
     # The hub's errors all derive from OSError: most specific first.
@@ -30,15 +29,18 @@ def download_snapshot(repo_id: str, out: Path, revision: str | None = None, repo
     except errors.HfHubHTTPError as exc:
         raise ValueError(f"download of {repo_type} {repo_id} failed: {_first_line(exc)}") from exc
     except (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError, ConnectionError, TimeoutError) as exc:
-        raise ValueError(f"cannot reach the Hugging Face Hub to download {repo_type} {repo_id} (offline?): "
-                         f"{_first_line(exc)}. {offline_hint}") from exc
+        raise _unreachable(repo_id, repo_type, exc) from exc
     except Exception as exc:
         # httpx transport errors (no connection, DNS, proxy) share no base class with the above.
         if type(exc).__module__.split(".")[0] in ("httpx", "httpcore"):
-            raise ValueError(f"cannot reach the Hugging Face Hub to download {repo_type} {repo_id} (offline?): "
-                             f"{_first_line(exc)}. {offline_hint}") from exc
+            raise _unreachable(repo_id, repo_type, exc) from exc
         raise
     return Path(path)
+
+
+def _unreachable(repo_id: str, repo_type: str, exc: BaseException) -> ValueError:
+    return ValueError(f"cannot reach the Hugging Face Hub to download {repo_type} {repo_id} (offline?): "
+                      f"{_first_line(exc)}. Copy the dataset directory to this machine and pass it to --data instead")
 
 
 def _first_line(exc: BaseException) -> str:

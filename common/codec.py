@@ -42,8 +42,15 @@ def id_bytes_for_vocab(vocab_size: int) -> int:
 
 def to_planes(arr: np.ndarray, nbytes: int) -> bytes:
     """Little-endian integer/float array -> byte planes (plane 0 = lowest byte)."""
+    return plane_array(arr, nbytes).tobytes()
+
+
+def plane_array(arr: np.ndarray, nbytes: int) -> np.ndarray:
+    """`to_planes` as a flat uint8 array. Megabyte cells (hidden states) skip the
+    `bytes` copy, which costs more than the plane split and holds the GIL; the
+    shard writer hands any buffer to Arrow."""
     raw = np.ascontiguousarray(arr).view(np.uint8).reshape(-1, arr.dtype.itemsize)
-    return np.ascontiguousarray(raw[:, :nbytes].T).tobytes()
+    return np.ascontiguousarray(raw[:, :nbytes].T).reshape(-1)
 
 
 def from_planes(blob: bytes, nbytes: int, dtype: np.dtype, count: int) -> np.ndarray:
@@ -166,14 +173,16 @@ def hidden_error_bound(hidden_HD: torch.Tensor, dtype: str) -> torch.Tensor:
     return torch.maximum(x_HD * FP8_E4M3_UNIT_ROUNDOFF, scale_H[:, None] * FP8_E4M3_SUBNORMAL_HALF_STEP) * (1 + 1e-6)
 
 
-def encode_hidden_bf16(hidden_HD: torch.Tensor) -> bytes:
+def encode_hidden_bf16(hidden_HD: torch.Tensor) -> np.ndarray:
+    """bf16 byte planes as a flat uint8 array (see `plane_array`)."""
     bits = hidden_HD.to(torch.bfloat16).contiguous().view(torch.int16).numpy()
-    return to_planes(bits, 2)
+    return plane_array(bits, 2)
 
 
 def decode_hidden_bf16(blob: bytes, rows: int, dim: int) -> torch.Tensor:
+    # from_planes returns a fresh writable array: torch can take it without a copy.
     bits = from_planes(blob, 2, np.int16, rows * dim).reshape(rows, dim)
-    return torch.from_numpy(bits.copy()).view(torch.bfloat16)
+    return torch.from_numpy(bits).view(torch.bfloat16)
 
 
 def quantize_fp8(hidden_HD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from common import codec
-from common.manifest import MANIFEST_NAME, CacheManifest, ShardEntry, load_manifest, resolve_inside
+from common.manifest import MANIFEST_NAME, CacheManifest, ShardEntry, load_manifest, read_sidecar, resolve_inside
 from common.shard_format import TOKEN_COLUMNS, ShardFormatError, TeacherRow, decode_row
 from common.shard_reader import ShardReader, row_cells
 from common.spec import ShardSpec, content_hash, hidden_positions
@@ -351,6 +351,8 @@ def row_report(row: TeacherRow, spec: ShardSpec, decode_token: Callable[[int], s
         out["tokens"] = [decode_token(int(i)) for i in row.input_ids_L]
     positions = []
     temps = spec.targets.temperatures
+    if spec.targets.mode != "topk":
+        starts_P = np.cumsum(row.sample_sizes_P) - row.sample_sizes_P
     for t in range(row.num_positions):
         entry = {"t": t, "next_token": int(row.input_ids_L[t + 1]), "next_label": int(row.labels_L[t + 1])}
         if spec.targets.mode == "topk":
@@ -362,7 +364,7 @@ def row_report(row: TeacherRow, spec: ShardSpec, decode_token: Callable[[int], s
                                  for i, T in enumerate(temps)}
             entry["lse"] = {str(T): float(row.lse_PT[t, i]) for i, T in enumerate(temps)}
         else:
-            start = int(np.sum(row.sample_sizes_P[:t]))
+            start = int(starts_P[t])
             ids = row.sample_ids_S[start:start + row.sample_sizes_P[t]]
             counts = row.sample_counts_S[start:start + row.sample_sizes_P[t]]
             order = np.lexsort((ids, -counts))
@@ -400,6 +402,8 @@ class _Shard:
     path: Path
     entry: ShardEntry | None
     spec: ShardSpec
+    schema: pa.Schema
+    file_bytes: int
     rows: int
     tokens: int
     positions: int
@@ -410,8 +414,7 @@ class _Shard:
 def _locate(path: Path) -> tuple[str, CacheManifest | None, dict | None, list[tuple[Path, ShardEntry | None]]]:
     """(kind, manifest, raw manifest JSON, [(shard path, its entry)])."""
     if path.is_dir():
-        manifest = load_manifest(path)
-        raw = json.loads((path / MANIFEST_NAME).read_text())
+        manifest, raw = _manifest_and_json(path)
         shards = sorted(manifest.shards, key=lambda e: e.index)
         return "cache", manifest, raw, [(resolve_inside(path, e.file), e) for e in shards]
     if not path.is_file():
@@ -420,27 +423,26 @@ def _locate(path: Path) -> tuple[str, CacheManifest | None, dict | None, list[tu
     entry = None
     sidecar = path.with_name(path.name + ".json")
     if sidecar.is_file():
-        try:
-            entry = ShardEntry.from_dict(json.loads(sidecar.read_text()), str(sidecar))
-        except json.JSONDecodeError as exc:
-            raise ShardFormatError(f"{sidecar}: not valid JSON ({exc})") from exc
+        entry = read_sidecar(sidecar)
     if (path.parent / MANIFEST_NAME).is_file():
-        manifest = load_manifest(path.parent)
-        raw = json.loads((path.parent / MANIFEST_NAME).read_text())
+        manifest, raw = _manifest_and_json(path.parent)
         if entry is None:
             entry = next((e for e in manifest.shards if e.file == path.name), None)
     return "shard", manifest, raw, [(path, entry)]
 
 
+def _manifest_and_json(cache_dir: Path) -> tuple[CacheManifest, dict]:
+    """The manifest, and its JSON as written (its totals are checked against the shards)."""
+    return load_manifest(cache_dir), json.loads((cache_dir / MANIFEST_NAME).read_text())
+
+
 def _open_shard(path: Path, entry: ShardEntry | None, manifest: CacheManifest | None, verify: bool) -> _Shard:
     # The checksum comes first: a changed file is named as such, whatever else breaks.
-    with ShardReader(path, entry=entry, verify_checksum=verify) as reader:
+    with ShardReader(path, columns=["input_ids"], entry=entry, verify_checksum=verify) as reader:
         spec = reader.spec
-        num_batches = reader.num_batches
-    if manifest is not None and spec != manifest.spec:
-        raise ShardFormatError(f"{path}: shard spec differs from the manifest's spec")
-    rows = tokens = positions = 0
-    with ShardReader(path, columns=["input_ids"]) as reader:
+        if manifest is not None and spec != manifest.spec:
+            raise ShardFormatError(f"{path}: shard spec differs from the manifest's spec")
+        rows = tokens = positions = 0
         for b in range(reader.num_batches):
             lengths = reader.read_batch(b).column("input_ids").value_lengths().to_numpy(zero_copy_only=False)
             rows += len(lengths)
@@ -450,7 +452,8 @@ def _open_shard(path: Path, entry: ShardEntry | None, manifest: CacheManifest | 
         for name, held in (("rows", rows), ("tokens", tokens), ("positions", positions)):
             if getattr(entry, name) != held:
                 raise ShardFormatError(f"{path}: manifest says {getattr(entry, name)} {name}, the shard holds {held}")
-    return _Shard(path, entry, spec, rows, tokens, positions, num_batches, column_bytes(path))
+    return _Shard(path, entry, spec, reader.schema, path.stat().st_size, rows, tokens, positions, reader.num_batches,
+                  column_bytes(path))
 
 
 def inspect_path(path: Path, options: InspectOptions = InspectOptions(),
@@ -469,10 +472,9 @@ def inspect_path(path: Path, options: InspectOptions = InspectOptions(),
     report = {"path": str(path), "kind": kind, "format_version": spec.format_version, "spec": spec.to_dict()}
     if manifest is not None:
         report["manifest"] = {key: raw_manifest.get(key) for key in ("teacher", "tokenizer", "source", "work", "totals")}
-    with ShardReader(shards[0].path) as reader:
-        report["schema"] = [{"name": f.name, "type": str(f.type)} for f in reader.schema]
+    report["schema"] = [{"name": f.name, "type": str(f.type)} for f in shards[0].schema]
     report["shards"] = [{"file": s.path.name, "rows": s.rows, "tokens": s.tokens, "positions": s.positions,
-                         "bytes": s.path.stat().st_size, "batches": s.num_batches} for s in shards]
+                         "bytes": s.file_bytes, "batches": s.num_batches} for s in shards]
     tokens = sum(s.tokens for s in shards)
     columns, totals = _bytes_report(shards, tokens)
     report["totals"] = {"rows": sum(s.rows for s in shards), "tokens": tokens,
@@ -504,7 +506,7 @@ def _bytes_report(shards: list[_Shard], tokens: int) -> tuple[list[dict], dict]:
             m.compressed += c.compressed
             m.uncompressed += c.uncompressed
     per_token = (lambda n: n / tokens) if tokens else (lambda n: 0.0)
-    file_bytes = sum(s.path.stat().st_size for s in shards)
+    file_bytes = sum(s.file_bytes for s in shards)
     columns = [{"name": c.name, "compressed_bytes": c.compressed, "uncompressed_bytes": c.uncompressed,
                 "ratio": c.ratio, "compressed_per_token": per_token(c.compressed),
                 "uncompressed_per_token": per_token(c.uncompressed)} for c in merged.values()]
@@ -522,7 +524,7 @@ def _bytes_report(shards: list[_Shard], tokens: int) -> tuple[list[dict], dict]:
 def _verify_totals(shards: list[_Shard], raw_manifest: dict, path: Path) -> list[str]:
     totals = raw_manifest.get("totals") or {}
     held = {"rows": sum(s.rows for s in shards), "tokens": sum(s.tokens for s in shards),
-            "bytes": sum(s.path.stat().st_size for s in shards)}
+            "bytes": sum(s.file_bytes for s in shards)}
     return [f"{path / MANIFEST_NAME}: totals.{key} is {totals[key]}, the shards hold {value}"
             for key, value in held.items() if key in totals and totals[key] != value]
 

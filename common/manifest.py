@@ -52,10 +52,10 @@ class ShardEntry:
 @dataclass
 class CacheManifest:
     spec: ShardSpec
-    teacher: dict = field(default_factory=dict)  # model, revision, config_hash, backend, dtype
-    tokenizer: dict = field(default_factory=dict)  # vocab_size, name
-    source: dict = field(default_factory=dict)  # path, split, fingerprint, num_rows
-    work: dict = field(default_factory=dict)  # rows_per_shard, num_shards
+    teacher: dict = field(default_factory=dict)  # model, model_type, config_hash, weights_fingerprint, backend, dtype
+    tokenizer: dict = field(default_factory=dict)  # vocab_size
+    source: dict = field(default_factory=dict)  # path, split, num_rows, has_labels, fingerprint
+    work: dict = field(default_factory=dict)  # rows_per_shard, num_rows, num_shards
     shards: list[ShardEntry] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
 
@@ -137,13 +137,17 @@ def write_sidecar(cache_dir: Path, entry: ShardEntry) -> None:
     atomic_write_text(Path(cache_dir) / (entry.file + ".json"), json.dumps(asdict(entry), sort_keys=True))
 
 
+def read_sidecar(path: Path) -> ShardEntry:
+    try:
+        return ShardEntry.from_dict(json.loads(Path(path).read_text()), str(path))
+    except json.JSONDecodeError as exc:
+        raise ShardFormatError(f"{path}: not valid JSON ({exc})") from exc
+
+
 def read_sidecars(cache_dir: Path) -> list[ShardEntry]:
     entries = []
     for p in sorted(Path(cache_dir).glob(f"shard-*{SIDECAR_SUFFIX}")):
-        try:
-            entry = ShardEntry.from_dict(json.loads(p.read_text()), str(p))
-        except json.JSONDecodeError as exc:
-            raise ShardFormatError(f"{p}: not valid JSON ({exc})") from exc
+        entry = read_sidecar(p)
         resolve_inside(cache_dir, entry.file)
         entries.append(entry)
     return entries

@@ -111,18 +111,24 @@ def _split_arrays(out: Path, split: str):
     return np.stack(ds["input_ids"]), np.stack(ds["labels"])
 
 
+def _tiny_llama(vocab_size: int, hidden: int, layers: int, seq_len: int, seed: int):
+    """The quickstart's teacher and student shape: a Llama-style model initialised for training."""
+    from common.tiny_models import build_model, tiny_llama_config
+
+    config = tiny_llama_config(vocab_size, hidden_size=hidden, num_layers=layers, num_heads=4, num_kv_heads=2,
+                               intermediate_size=2 * hidden, max_positions=max(256, seq_len))
+    return build_model(config, seed=seed, lm_head_scale=1.0)
+
+
 def stage_teacher(out: Path, size: QuickstartSize, vocab_size: int) -> dict:
     import torch
     from transformers import AutoTokenizer
 
     from common.pretrain import PretrainConfig, evaluate_lm, pretrain
-    from common.tiny_models import build_model, save_model, tiny_llama_config
+    from common.tiny_models import save_model
 
     torch.set_num_threads(max(os.cpu_count() or 1, 1))
-    config = tiny_llama_config(vocab_size, hidden_size=size.teacher_hidden, num_layers=size.teacher_layers,
-                               num_heads=4, num_kv_heads=2, intermediate_size=2 * size.teacher_hidden,
-                               max_positions=max(256, size.seq_len))
-    model = build_model(config, seed=0, lm_head_scale=1.0)
+    model = _tiny_llama(vocab_size, size.teacher_hidden, size.teacher_layers, size.seq_len, seed=0)
     train_ids, train_labels = _split_arrays(out, "train")
     val_ids, val_labels = _split_arrays(out, "validation")
     stats = pretrain(model, train_ids, train_labels, PretrainConfig(steps=size.teacher_steps, batch_size=16))
@@ -153,12 +159,9 @@ def stage_inspect(out: Path) -> dict:
 def stage_student(out: Path, size: QuickstartSize, vocab_size: int) -> dict:
     from transformers import AutoTokenizer
 
-    from common.tiny_models import build_model, save_model, tiny_llama_config
+    from common.tiny_models import save_model
 
-    config = tiny_llama_config(vocab_size, hidden_size=size.student_hidden, num_layers=size.student_layers,
-                               num_heads=4, num_kv_heads=2, intermediate_size=2 * size.student_hidden,
-                               max_positions=max(256, size.seq_len))
-    model = build_model(config, seed=1, lm_head_scale=1.0)
+    model = _tiny_llama(vocab_size, size.student_hidden, size.student_layers, size.seq_len, seed=1)
     save_model(model, out / "student-init", AutoTokenizer.from_pretrained(str(out / "tokenizer")))
     return {"parameters": sum(p.numel() for p in model.parameters())}
 

@@ -132,8 +132,8 @@ def spec_from_schema(schema: pa.Schema, where: str) -> ShardSpec:
 
 def encode_row(row: TeacherRow, spec: ShardSpec) -> dict:
     """TeacherRow -> {column: cell}. Validates shapes and ids (names the row).
-    fp8 hidden cells may be views of the row's own tensors: a backend hands
-    rows over and does not write into them again."""
+    Hidden cells are uint8 arrays that may be views of the row's own tensors
+    (fp8 ones are): a backend hands rows over and does not write into them again."""
     where = f"row {row.row_id}"
     input_ids = np.asarray(row.input_ids_L, dtype=np.int32)
     labels = np.asarray(row.labels_L, dtype=np.int32)

@@ -3,6 +3,8 @@ for, and verifies checksums and row content hashes on request."""
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -12,7 +14,6 @@ import pyarrow.ipc as ipc
 from common.manifest import ShardEntry, file_sha256
 from common.shard_format import ShardFormatError, TeacherRow, decode_row, spec_from_schema
 from common.spec import ShardSpec, content_hash
-
 
 
 class ShardReader:
@@ -45,7 +46,7 @@ class ShardReader:
         options = ipc.IpcReadOptions(included_fields=[names.index(c) for c in self.columns])
         self._reader = ipc.open_file(self._mmap, options=options)
         self.num_batches = self._reader.num_record_batches
-        self._batch_rows = None
+        self._batch_ends = None
 
     def __enter__(self):
         return self
@@ -64,16 +65,19 @@ class ShardReader:
 
     @property
     def num_rows(self) -> int:
-        return sum(self._batch_lengths())
+        ends = self._row_ends()
+        return ends[-1] if ends else 0
 
-    def _batch_lengths(self) -> list[int]:
-        if self._batch_rows is None:
+    def _row_ends(self) -> list[int]:
+        """Rows in batches 0..b, for each batch b (counted once; `read_row` bisects it)."""
+        if self._batch_ends is None:
             # Count rows through the small row_id column alone: reading the selected columns
             # would decompress the whole shard before its first row is returned.
             options = ipc.IpcReadOptions(included_fields=[self.schema.names.index("row_id")])
             ids_only = ipc.open_file(self._mmap, options=options)
-            self._batch_rows = [ids_only.get_batch(i).num_rows for i in range(self.num_batches)]
-        return self._batch_rows
+            self._batch_ends = list(itertools.accumulate(ids_only.get_batch(i).num_rows
+                                                         for i in range(self.num_batches)))
+        return self._batch_ends
 
     def iter_cells(self) -> Iterator[dict]:
         for b in range(self.num_batches):
@@ -90,16 +94,13 @@ class ShardReader:
 
     def read_row(self, index: int, hidden_stored: bool = False) -> TeacherRow:
         """Row by its position in the shard (0-based); `hidden_stored` as in `decode_row`."""
-        lengths = self._batch_lengths()
-        if not (0 <= index < sum(lengths)):
-            raise ValueError(f"{self.path}: row {index} out of range (shard has {sum(lengths)} rows)")
-        for b, n in enumerate(lengths):
-            if index < n:
-                batch = self.read_batch(b)
-                return decode_row(row_cells(batch, index), self.spec, where=f"{self.path}: ",
-                                  hidden_stored=hidden_stored)
-            index -= n
-        raise AssertionError("unreachable")
+        ends, num_rows = self._row_ends(), self.num_rows
+        if not (0 <= index < num_rows):
+            raise ValueError(f"{self.path}: row {index} out of range (shard has {num_rows} rows)")
+        b = bisect.bisect_right(ends, index)
+        first = ends[b - 1] if b else 0
+        return decode_row(row_cells(self.read_batch(b), index - first), self.spec, where=f"{self.path}: ",
+                          hidden_stored=hidden_stored)
 
 
 def row_cells(batch: pa.RecordBatch, r: int) -> dict:

@@ -82,7 +82,7 @@ def cache_spec_or_default(cfg: TrainConfig, vocab: int, student_width: int) -> t
         return load_manifest(cfg.data.train_cache).spec, None
     except (ValueError, OSError):
         loss = cfg.loss
-        layers = tuple(sorted({t for _, t in loss.layer_pairs})) if loss.hidden_cosine > 0 else ()
+        layers = loss.to_loss_config().teacher_layers
         targets = TargetSpec(mode="sampled", num_samples=50) if loss.kl_mode == "sampled" else \
             TargetSpec(k=64, temperatures=tuple(sorted({1.0, loss.kl_temperature})))
         spec = ShardSpec(vocab_size=vocab, targets=targets,
@@ -127,7 +127,7 @@ def autotune(cfg: TrainConfig, seq_len: int, target_gbs: list[int], max_micro_ba
     vocab = student.get_output_embeddings().weight.shape[0]
     spec, note = cache_spec_or_default(cfg, vocab, student.config.hidden_size)
     loss_cfg = cfg.loss.to_loss_config()
-    teacher_layers = tuple(sorted({t for _, t in loss_cfg.layer_pairs})) if loss_cfg.hidden_cosine_weight > 0 else ()
+    teacher_layers = loss_cfg.teacher_layers
     if len(decoder_layers(student)) < max((s for s, _ in loss_cfg.layer_pairs), default=0):
         raise ValueError("loss.layer_pairs names a student layer the student does not have")
     model, _ = build_distill_model(cfg, env, student, spec)

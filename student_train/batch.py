@@ -48,6 +48,11 @@ class StudentBatch:
     def seq_len(self) -> int:
         return int(self.input_ids_BL.shape[1])
 
+    def target_labels_BP(self) -> torch.Tensor:
+        """Labels of the tokens positions 0..L-2 predict, IGNORE_INDEX at pads: what the loss
+        trains on, and so what the trainer counts for its global normaliser."""
+        return self.labels_BL[:, 1:].masked_fill(self.attention_mask_BL[:, 1:] == 0, IGNORE_INDEX)
+
     def _map(self, fn) -> "StudentBatch":
         changes = {}
         for f in dataclasses.fields(self):

@@ -24,13 +24,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from common.atomic import atomic_write_text, fsync_dir
+from common.atomic import TMP_PREFIX, atomic_write_text, fsync_dir
 from student_train.model import PROJECTIONS_FILE, TORCH_DTYPES
 from student_train.parallel import DistEnv, barrier
 
 COMPLETE = "COMPLETE"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
-TMP_PREFIX = ".tmp-"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
 

@@ -40,7 +40,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from common.manifest import CacheManifest, ShardEntry, load_manifest, resolve_inside
+from common.manifest import MANIFEST_NAME, CacheManifest, ShardEntry, load_manifest, resolve_inside
 from common.shard_format import ShardFormatError, TeacherRow, read_columns
 from common.shard_reader import ShardReader, check_content_hash
 from common.spec import ShardSpec
@@ -150,7 +150,7 @@ def _scan_shard(path: Path, entry: ShardEntry, spec: ShardSpec, seq_len: int) ->
 
 
 def _build_row_map(cache_dir: Path, manifest: CacheManifest, seq_len: int, executor: ThreadPoolExecutor) -> _RowMap:
-    where = cache_dir / "manifest.json"
+    where = cache_dir / MANIFEST_NAME
     entries = sorted(manifest.shards, key=lambda e: e.index)
     if not entries:
         raise ValueError(f"{where}: the cache has no shards")
@@ -372,10 +372,6 @@ class CacheLoader:
     @property
     def num_rows(self) -> int:
         return len(self._lengths_N)
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch
 
     def rank_plan(self, epoch: int) -> np.ndarray:
         """This rank's row codes [batches_per_epoch, micro_batch] for an epoch."""

@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from student_train.batch import IGNORE_INDEX
+
 KL_MODES = ("tail", "renorm", "sampled")
 
 
@@ -62,6 +63,16 @@ class LossConfig:
         if self.hidden_cosine_weight > 0 and not pairs:
             raise ValueError("hidden_cosine_weight > 0 needs layer_pairs")
         object.__setattr__(self, "layer_pairs", pairs)
+
+    @property
+    def hidden_pairs(self) -> tuple[tuple[int, int], ...]:
+        """The layer pairs the hidden cosine loss compares (none while its weight is 0)."""
+        return self.layer_pairs if self.hidden_cosine_weight > 0 else ()
+
+    @property
+    def teacher_layers(self) -> tuple[int, ...]:
+        """Teacher layers whose cached hidden states the loss reads, ascending."""
+        return tuple(sorted({t for _, t in self.hidden_pairs}))
 
     def distill_kwargs(self) -> dict:
         """The keyword arguments of `distill_loss` that this config sets."""
@@ -208,7 +219,7 @@ class _FusedLinearDistill(torch.autograd.Function):
         labels_R = labels_N[rows_R]
         targets_R = targets.rows(rows_R) if targets is not None else None
 
-        grad_hidden_ND = torch.zeros_like(hidden_ND)
+        grad_hidden_ND = torch.zeros_like(hidden_ND) if need_grads else None
         # Summed over chunks in compute precision, stored in the weight's dtype below.
         grad_weight_VD = (torch.zeros(weight_VD.shape, dtype=compute_dtype, device=weight_VD.device)
                           if want_weight_grad else None)
@@ -260,7 +271,6 @@ def _chunk_loss_and_grad(logits_CV, labels_C, targets, kl_mode, temperature, ce_
     """Per-position CE and KL, top-1 agreement, and d(loss)/d(logits), written over logits_CV."""
     lse_C = torch.logsumexp(logits_CV, -1)  # shared by CE and, at T=1, the KL
     ce_C = lse_C - logits_CV.gather(1, labels_C[:, None]).squeeze(1)
-    student_top1_C = logits_CV.argmax(-1)
 
     kl_C = torch.zeros_like(lse_C)
     agree_C = torch.zeros_like(lse_C)
@@ -268,7 +278,7 @@ def _chunk_loss_and_grad(logits_CV, labels_C, targets, kl_mode, temperature, ce_
     if targets is not None:
         kl_fn = {"tail": _kl_tail, "renorm": _kl_renorm, "sampled": _kl_sampled}[kl_mode]
         kl_C, dense_CV, sparse_ids_CK, sparse_grad_CK = kl_fn(logits_CV, lse_C, targets, temperature)
-        agree_C = (student_top1_C == targets.teacher_top1_N()).to(lse_C.dtype)
+        agree_C = (logits_CV.argmax(-1) == targets.teacher_top1_N()).to(lse_C.dtype)
 
     # d/dlogits = ce_coef * (softmax - onehot) + kl_coef / T * dKL/d(logits / T)
     grad_CV = logits_CV.sub_(lse_C[:, None]).exp_().mul_(ce_coef)
@@ -298,7 +308,8 @@ def _kl_tail(logits_CV, lse_C, targets: TopkTargets, temperature):
     teacher_lse_C1 = targets.lse_NT[:, targets.lse_index, None].to(lse_C.dtype)
     logp_CK = targets.logits_NK.to(lse_C.dtype) / temperature - teacher_lse_C1  # exact tempered log-probs
     p_CK = logp_CK.exp()
-    p_tail_C = (1 - p_CK.sum(-1)).clamp_min(0)
+    p_kept_C = p_CK.sum(-1)
+    p_tail_C = (1 - p_kept_C).clamp_min(0)
 
     s_CV, lse_s_C = _tempered(logits_CV, lse_C, temperature)
     logq_CK = s_CV.gather(1, ids_CK) - lse_s_C[:, None]
@@ -317,7 +328,7 @@ def _kl_tail(logits_CV, lse_C, targets: TopkTargets, temperature):
     # With mass_C = sum(p) + p_tail (1 up to rounding): dKL/ds_j = mass*q_j - p_j on kept ids and
     # mass*q_j - p_tail*r_j on the tail, r = softmax over the tail alone; as q_j = r_j*q_tail
     # there, the tail part is r_j*(mass*q_tail - p_tail), bounded however small q_tail is.
-    mass_C = p_CK.sum(-1) + p_tail_C
+    mass_C = p_kept_C + p_tail_C
     lse_tail_C = lse_tail_C.masked_fill(empty_tail_C, 0)  # avoids -inf - -inf below; r is 0 anyway
     coef_C = mass_C * logq_tail_C.exp() - p_tail_C
     dense_CV = s_CV.sub_(lse_tail_C[:, None]).exp_().mul_(coef_C[:, None])  # 0 on kept ids

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from common.spec import ShardSpec
-from student_train.batch import IGNORE_INDEX, StudentBatch
+from student_train.batch import StudentBatch
 from student_train.config import StudentConfig
 from student_train.losses import (
     LossConfig,
@@ -154,6 +154,11 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 # ---------------------------------------------------------------- the wrapper
 
 
+def lse_column(temperatures, kl_temperature: float) -> int | None:
+    """Which cached log-sum-exp temperature is the KL temperature (None: not cached)."""
+    return next((i for i, t in enumerate(temperatures) if abs(t - kl_temperature) < 1e-6), None)
+
+
 @dataclass(frozen=True)
 class TargetLayout:
     """What the cache holds, as the loss needs it."""
@@ -165,11 +170,9 @@ class TargetLayout:
 
     @classmethod
     def from_spec(cls, spec: ShardSpec, loss: LossConfig) -> "TargetLayout":
-        temps = spec.targets.temperatures
         lse_index = 0
         if spec.targets.mode == "topk":
-            match = [i for i, t in enumerate(temps) if abs(t - loss.kl_temperature) < 1e-6]
-            lse_index = match[0] if match else 0
+            lse_index = lse_column(spec.targets.temperatures, loss.kl_temperature) or 0
         return cls(mode=spec.targets.mode, lse_index=lse_index, num_samples=spec.targets.num_samples,
                    teacher_hidden_size=spec.hidden.hidden_size)
 
@@ -186,8 +189,7 @@ class LossSums:
     hidden_positions: torch.Tensor  # positions x layer pairs
 
     def as_tensor(self) -> torch.Tensor:
-        return torch.stack([self.ce_sum, self.kl_sum, self.top1_agree_sum, self.valid_tokens,
-                            self.hidden_dist_sum, self.hidden_positions]).double()
+        return torch.stack([getattr(self, name) for name in self.FIELDS]).double()
 
     FIELDS = ("ce_sum", "kl_sum", "top1_agree_sum", "valid_tokens", "hidden_dist_sum", "hidden_positions")
 
@@ -204,14 +206,14 @@ class DistillModel(nn.Module):
         # Projections train: they take the trained parameters' dtype.
         dtype = next((p.dtype for p in student.parameters() if p.requires_grad), next(student.parameters()).dtype)
         self.projections = nn.ModuleDict()
-        for s, t in loss.layer_pairs if loss.hidden_cosine_weight > 0 else ():
+        for s, t in loss.hidden_pairs:
             proj = build_hidden_projection(width, layout.teacher_hidden_size)
             if proj is not None:
                 self.projections[projection_key(s, t)] = proj.to(dtype)
         layers = decoder_layers(student)
         self._captured: dict[int, torch.Tensor] = {}
         self._hooks = []
-        for s in sorted({s for s, _ in loss.layer_pairs}) if loss.hidden_cosine_weight > 0 else ():
+        for s in sorted({s for s, _ in loss.hidden_pairs}):
             if not 1 <= s <= len(layers):
                 raise ValueError(f"loss.layer_pairs: student layer {s} outside 1..{len(layers)}")
             # Layer s (1-based) is the stream leaving decoder block s, as the teacher's is.
@@ -233,8 +235,7 @@ class DistillModel(nn.Module):
         b, length, width = hidden_BLD.shape
         # Student position t predicts token t+1: drop the last position, shift labels left.
         hidden_ND = hidden_BLD[:, :-1].reshape(-1, width)
-        labels_BP = batch.labels_BL[:, 1:].masked_fill(batch.attention_mask_BL[:, 1:] == 0, IGNORE_INDEX)
-        labels_N = labels_BP.reshape(-1)
+        labels_N = batch.target_labels_BP().reshape(-1)
         targets = self._targets(batch, b * (length - 1))
         weight_VD = self.student.get_output_embeddings().weight
         cfg = self.loss_cfg
@@ -301,7 +302,7 @@ def check_cache_fits(spec: ShardSpec, loss: LossConfig, student_vocab: int, num_
                          "targets (use kl_mode: sampled)")
     if loss.kl_weight > 0 and loss.kl_mode == "tail":
         temps = spec.targets.temperatures
-        if not any(abs(t - loss.kl_temperature) < 1e-6 for t in temps):
+        if lse_column(temps, loss.kl_temperature) is None:
             raise ValueError(f"{where}: loss.kl_temperature {loss.kl_temperature} is not among the cached "
                              f"log-sum-exp temperatures {list(temps)}; the tail bucket needs it")
     if loss.kl_weight > 0 and loss.kl_mode == "sampled" and abs(loss.kl_temperature - 1.0) > 1e-6:

@@ -30,10 +30,6 @@ class DistEnv:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1 or dist.is_initialized()
-
 
 def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistEnv:
     """torchrun env -> process group; otherwise one process on `device`."""

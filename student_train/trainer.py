@@ -21,7 +21,8 @@ import torch
 from common.gil import shorten_switch_interval
 from common.spec import ShardSpec
 from student_train import parallel
-from student_train.checkpoint import Checkpointer, export_hf, resolve_resume
+from student_train.batch import IGNORE_INDEX
+from student_train.checkpoint import Checkpointer, export_hf, resolve_resume, step_dir_name
 from student_train.config import TrainConfig, grad_accum_steps
 from student_train.evaluate import evaluate, summarise
 from student_train.loader import CacheLoader, LoaderConfig
@@ -122,8 +123,7 @@ class Trainer:
         num_layers = len(decoder_layers(student))
 
         # Data, and every cache/config mismatch, before any training work.
-        teacher_layers = tuple(sorted({t for _, t in self.loss_cfg.layer_pairs})) \
-            if self.loss_cfg.hidden_cosine_weight > 0 else ()
+        teacher_layers = self.loss_cfg.teacher_layers
         self.train_loader = CacheLoader(loader_config(cfg, cfg.data.train_cache, False, teacher_layers),
                                         env.rank, env.world_size, expected_vocab_size=vocab)
         check_cache_fits(self.train_loader.spec, self.loss_cfg, vocab, num_layers, cfg.data.train_cache)
@@ -192,7 +192,7 @@ class Trainer:
                 self._save()
         if self.eval_loader is not None and cfg.eval.every and self.step % cfg.eval.every and not stopped_early:
             self._eval()
-        if self.last_checkpoint is None or self.last_checkpoint.name != f"step-{self.step:08d}":
+        if self.last_checkpoint is None or self.last_checkpoint.name != step_dir_name(self.step):
             self._save()
         export_dir = None
         if cfg.export.enabled:
@@ -205,7 +205,7 @@ class Trainer:
         # Global normalisers first: every micro batch's loss is divided by the step's totals.
         counts = torch.zeros(3, dtype=torch.float64)
         for mb in micro_batches:
-            counts[0] += ((mb.labels_BL[:, 1:] != -100) & (mb.attention_mask_BL[:, 1:] != 0)).sum()
+            counts[0] += (mb.target_labels_BP() != IGNORE_INDEX).sum()
             if mb.hidden_mask_BL is not None:
                 counts[1] += mb.hidden_mask_BL.sum()
             counts[2] += mb.num_tokens

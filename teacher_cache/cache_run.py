@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -37,6 +38,8 @@ from teacher_cache.plan import (ShardPlan, WorkerSlot, auto_rows_per_shard, esti
                                 resolve_worker, shards_for_worker)
 
 DEFAULT_TOP_K = 64
+# Seconds between manifest rebuilds while shards are being published (and once at the end).
+MANIFEST_REFRESH_S = 30.0
 # Teacher keys that may differ between runs writing one cache: where the model lives.
 _TEACHER_LOCATION_KEYS = ("model",)
 _SOURCE_LOCATION_KEYS = ("path",)
@@ -336,8 +339,9 @@ def run_cache(cfg: CacheConfig, console: Console | None = None) -> RunSummary | 
     summary = RunSummary(shards_skipped=len(kept), num_gpus=_gpus_in_use(cfg), gpu_hour_price=cfg.gpu_hour_price)
     start = time.monotonic()
     if todo:
-        _write_shards(cfg, prep, out, todo, summary)
-    refresh_manifest(out, prep.header)
+        _write_shards(cfg, prep, out, todo, summary)  # refreshes the manifest as it goes and at its end
+    else:
+        refresh_manifest(out, prep.header)
     summary.seconds = time.monotonic() - start
     if not cfg.quiet:
         _print(console, summary.lines())
@@ -361,15 +365,23 @@ def _write_shards(cfg: CacheConfig, prep: Prepared, out: Path, todo: list[ShardP
         # boundary, and each shard is published by its writer thread (which calls
         # shard_done) while the backend goes on with the next ones.
         source_rows = itertools.chain.from_iterable(prep.source.rows(s.row_start, s.row_end) for s in todo)
+        last_refresh = [-math.inf]
 
         def shard_done(entry: ShardEntry) -> None:
-            refresh_manifest(out, prep.header)
+            # The sidecars are what a resume trusts; the manifest is rebuilt from all of
+            # them, so it is refreshed every so often, not per shard (thousands of shards).
+            if time.monotonic() - last_refresh[0] >= MANIFEST_REFRESH_S:
+                refresh_manifest(out, prep.header)
+                last_refresh[0] = time.monotonic()
             summary.shards += 1
             summary.rows += entry.rows
             summary.tokens += entry.tokens
             summary.bytes += entry.bytes
 
-        pipeline.write_shards(todo, backend.run(source_rows), on_shard=shard_done)
+        try:
+            pipeline.write_shards(todo, backend.run(source_rows), on_shard=shard_done)
+        finally:
+            refresh_manifest(out, prep.header)  # every shard finished so far, whatever happened
     finally:
         if backend is not None:
             backend.close()

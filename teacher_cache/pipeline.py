@@ -141,8 +141,6 @@ class ProgressView:
             self._progress.stop()
 
 
-
-
 class _FirstError:
     """The first exception raised by any writer thread, for the producer to re-raise."""
 

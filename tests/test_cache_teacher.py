@@ -4,6 +4,7 @@ against the teacher distribution, bad input, dry run and refusal rules."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 from pathlib import Path
@@ -473,3 +474,43 @@ def test_automatic_rows_per_shard_follows_the_raw_bytes_of_a_row():
     bf16 = ShardSpec(vocab_size=201_088, targets=TargetSpec(k=64), hidden=HiddenSpec(
         layers=(12, 24), dtype="bf16", hidden_size=2880))
     assert raw_bytes_per_token(bf16) - raw_bytes_per_token(targets_only) == 2 * 2 * 2880
+
+
+def test_raw_bytes_per_token_is_what_encode_row_produces():
+    """The automatic shard size rests on `raw_bytes_per_token`: here it is checked
+    against the cells `encode_row` really makes (top-k: within the per-row constants;
+    sampled: an upper bound)."""
+    from common.shard_format import encode_row
+    from peaked import teacher_row
+    from teacher_cache.plan import raw_bytes_per_token
+
+    def cell_bytes(cells: dict) -> int:
+        return sum(len(v) if isinstance(v, bytes) else v.nbytes for name, v in cells.items() if name != "row_id")
+
+    length = 400
+    fp8 = HiddenSpec(layers=(1, 3), dtype="fp8", hidden_size=64)
+    row = teacher_row(ShardSpec(vocab_size=5000, targets=TargetSpec(k=16), hidden=fp8), 0, length, seed=1).row
+    for hidden in (HiddenSpec(), fp8, dataclasses.replace(fp8, dtype="bf16")):
+        spec = ShardSpec(vocab_size=5000, targets=TargetSpec(k=16), hidden=hidden)
+        actual = cell_bytes(encode_row(row, spec)) / length
+        assert actual == pytest.approx(raw_bytes_per_token(spec), rel=5e-3), hidden
+    sampled = ShardSpec(vocab_size=5000, targets=TargetSpec(mode="sampled", num_samples=50))
+    row = teacher_row(sampled, 0, length, seed=1).row
+    assert cell_bytes(encode_row(row, sampled)) / length <= raw_bytes_per_token(sampled)
+
+
+def test_rows_per_shard_is_checked_and_sized_from_the_mean_row(tmp_path):
+    from types import SimpleNamespace
+
+    from teacher_cache.cache_run import CacheConfig, resolve_rows_per_shard
+    from teacher_cache.plan import auto_rows_per_shard
+
+    spec = ShardSpec(vocab_size=201_088, targets=TargetSpec(k=64), hidden=HiddenSpec(
+        layers=(12, 24), dtype="fp8", hidden_size=2880))
+    source = SimpleNamespace(num_rows=100, num_tokens=100 * 2048)  # rows of 2,048 tokens on average
+    cfg = lambda n: CacheConfig(model="m", data="d", out=str(tmp_path / "new"), rows_per_shard=n)  # noqa: E731
+    with pytest.raises(ValueError, match="--rows-per-shard must be >= 1"):
+        resolve_rows_per_shard(cfg(-1), spec, source)
+    assert resolve_rows_per_shard(cfg(7), spec, source) == 7
+    auto = resolve_rows_per_shard(cfg(0), spec, source)
+    assert auto == auto_rows_per_shard(spec, 2048) > auto_rows_per_shard(spec, 4096)  # not from the total

@@ -5,7 +5,6 @@ hub file layouts, row validation errors, content fingerprints, and
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import datasets
 import numpy as np

@@ -508,3 +508,15 @@ def test_batch_moves_between_devices(topk_cache):
         pinned = batch.pin_memory()
         assert pinned.input_ids_BL.is_pinned() and pinned.teacher_hidden[2].is_pinned()
         assert_same_batch(pinned.to("cuda", non_blocking=True).to("cpu"), batch)
+
+
+def test_fp8_batch_moves_with_its_scales(sampled_cache):
+    """fp8 hidden states travel as bytes with per-token scales (dequantized on the
+    device), so moving a batch must carry the scales along."""
+    cache_dir, _ = sampled_cache
+    with loader(cache_dir, micro_batch=2, hidden_layers=(3,), shuffle=False) as ld:
+        batch = next(iter(ld))
+    assert batch.teacher_hidden[3].dtype == torch.uint8 and list(batch.teacher_hidden_scale) == [3]
+    assert_same_batch(batch, batch.to("cpu"))
+    if torch.cuda.is_available():
+        assert_same_batch(batch.pin_memory().to("cuda", non_blocking=True).to("cpu"), batch)

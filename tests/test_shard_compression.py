@@ -9,7 +9,7 @@ from common.inspect import column_bytes
 from common.shard_reader import ShardReader
 from common.shard_writer import ShardWriter, buffer_codec
 from common.spec import HiddenSpec, ShardSpec, TargetSpec
-from tests.peaked import teacher_row
+from peaked import teacher_row
 
 SPEC = ShardSpec(vocab_size=5000, targets=TargetSpec(k=16, temperatures=(1.0, 2.0)),
                  hidden=HiddenSpec(layers=(2,), dtype="fp8", hidden_size=64, token_fraction=0.5, seed=3))

@@ -23,7 +23,6 @@ import pytest
 import torch
 
 from common.codec import hidden_error_bound, quantize_fp8
-
 from common.spec import HiddenSpec, ShardSpec, TargetSpec, hidden_positions
 from teacher_cache.backend import BackendOptions, SourceRow
 from teacher_cache.targets import compute_targets, row_uniforms

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from common.manifest import ShardEntry, file_sha256, shard_file_name
+from common.shard_writer import ShardWriter
 from common.spec import HiddenSpec, ShardSpec, TargetSpec
 from peaked import teacher_row
 from teacher_cache.pipeline import PipelineConfig, ProgressView, WriterPipeline
@@ -105,6 +106,17 @@ def run_with_timeout(target) -> None:
 
 
 # ---- the bytes ------------------------------------------------------------------------------------
+
+def test_a_shard_alone_is_the_shard_writer_fed_its_rows_in_order(rows, reference, tmp_path):
+    """The reference above comes from the pipeline itself; this ties it to a plain
+    ShardWriter given the rows in row-id order (same record batches and codec)."""
+    for plan in PLANS:
+        writer = ShardWriter(tmp_path, plan.index, SPEC, plan.row_start, plan.row_end, batch_rows=2)
+        for row in rows[plan.row_start:plan.row_end]:
+            writer.add(row)
+        writer.close()
+    assert shard_files(tmp_path) == reference
+
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_one_stream_in_any_order_writes_the_bytes_of_shard_by_shard_writing(rows, reference, tmp_path, seed):
