@@ -10,6 +10,7 @@ not to divide gradients by the world size for the same reason.
 
 from __future__ import annotations
 
+import gc
 import math
 import sys
 import time
@@ -308,4 +309,9 @@ def run(cfg: TrainConfig, resume: str | None = None) -> TrainSummary:
     finally:
         if trainer is not None:
             trainer.close()
+            # The model, optimizer and FSDP state reference the process group's work: free
+            # them (cycles too) while the group and the interpreter are alive, not at exit,
+            # where gloo's threads releasing tensors can abort the process.
+            trainer = None
+            gc.collect()
         parallel.shutdown(clean)
