@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common.spec import TargetSpec  # noqa: E402
-from teacher_cache.targets import _lse, blocked_topk, compute_targets, topk_blocks  # noqa: E402
+from teacher_cache.targets import _lse, block_max_topk, compute_targets, topk_block  # noqa: E402
 
 
 def float32_route(hidden_nD, weight_VD, spec: TargetSpec):
@@ -57,7 +57,7 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=201_088)
     ap.add_argument("--top-k", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--blocks", default="16,32,64,128,256", help="block counts for the two-pass top-k rows")
+    ap.add_argument("--blocks", default="32,64,128,256", help="block sizes for the block-max top-k rows")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "this benchmark times CUDA kernels"
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -77,14 +77,15 @@ def main() -> int:
     rows = {"lm_head matmul only": timed(lambda: logits_fn(hidden_nD), args.repeats),
             "float32 copy + topk + logsumexp per T": timed(lambda: float32_route(hidden_nD, weight_VD, spec),
                                                            args.repeats),
-            f"product: bf16 topk ({topk_blocks()} blocks) + compiled lse": timed(lambda: compute_targets(hidden_nD, logits_fn, spec,
+            f"product: bf16 block-max top-k ({topk_block()}) + compiled lse": timed(lambda: compute_targets(hidden_nD, logits_fn, spec,
                                                                                chunk_size=args.chunk), args.repeats)}
     logits_nV = logits_fn(hidden_nD)
     rows["top-k alone, one pass"] = timed(lambda: logits_nV.topk(spec.k, dim=-1), args.repeats)
-    for blocks in (int(b) for b in args.blocks.split(",")):
-        vals = blocked_topk(logits_nV, spec.k, blocks)[0].sort(dim=-1, descending=True).values
-        assert torch.equal(vals, logits_nV.topk(spec.k, dim=-1).values), blocks
-        rows[f"top-k alone, {blocks} blocks"] = timed(lambda: blocked_topk(logits_nV, spec.k, blocks), args.repeats)
+    for block in (int(b) for b in args.blocks.split(",")):
+        vals = block_max_topk(logits_nV, spec.k, block)[0].sort(dim=-1, descending=True).values
+        assert torch.equal(vals, logits_nV.topk(spec.k, dim=-1).values), block
+        rows[f"top-k alone, block max over {block}"] = timed(lambda: block_max_topk(logits_nV, spec.k, block),
+                                                             args.repeats)
     inv_temps = tuple(1.0 / t for t in spec.temperatures)
     rows["log-sum-exps alone (compiled)"] = timed(lambda: _lse(logits_nV, inv_temps), args.repeats)
     del logits_nV

@@ -97,45 +97,47 @@ def _lse(logits_nV: torch.Tensor, inv_temps: tuple[float, ...]) -> torch.Tensor:
     return lse_nT
 
 
-TOPK_BLOCKS_ENV = "VPMOE_TOPK_BLOCKS"
-DEFAULT_TOPK_BLOCKS = 64
+TOPK_BLOCK_ENV = "VPMOE_TOPK_BLOCK"
+DEFAULT_TOPK_BLOCK = 128
 
 
-def topk_blocks() -> int:
-    """Vocabulary blocks of the two-pass top-k on CUDA (0 or 1: one pass)."""
-    return int(os.environ.get(TOPK_BLOCKS_ENV, DEFAULT_TOPK_BLOCKS))
+def topk_block() -> int:
+    """Entries per vocabulary block of the block-max top-k on CUDA (0: one plain top-k)."""
+    return int(os.environ.get(TOPK_BLOCK_ENV, DEFAULT_TOPK_BLOCK))
 
 
-def blocked_topk(logits_nV: torch.Tensor, k: int, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k over the last dim in two passes: the top-k of each of
-    `num_blocks` vocabulary blocks, then the top-k of those candidates. Every
-    global top-k entry is among its own block's top-k, so the values are the
-    ones a single `topk` gives (ids may differ only between tied values).
+def block_max_topk(logits_nV: torch.Tensor, k: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k over the last dim that reads the logits once.
 
-    Why: one radix select over 201,088 entries per row runs a few blocks per
-    row; a row split into blocks of a few thousand entries keeps every SM busy
-    with short selections. Results come unsorted (the codec sorts ids)."""
+    Why: `torch.topk` over 201,088 bf16 entries is a multi-pass radix select
+    that costs as much as the lm_head matmul itself. Instead: the max of every
+    `block` consecutive entries (one memory-bound pass), the k blocks with the
+    largest maxima, and a top-k over just their k * block entries (plus a short
+    last block, always kept). Exact: an entry of the global top-k whose block
+    is not among the k best has k blocks with a max at least its value, so k
+    other entries tie or beat it and the top-k values are unchanged; ids may
+    differ from `torch.topk`'s only between tied values. Unsorted output (the
+    codec sorts ids)."""
     n, V = logits_nV.shape
-    block = -(-V // max(num_blocks, 1))
-    if num_blocks <= 1 or block < k or V <= k:
+    full = V // block if block > 0 else 0
+    if full <= k:
         return logits_nV.topk(min(k, V), dim=-1, sorted=False)
-    full = V // block
     main = full * block
-    vals_nBk, idx_nBk = logits_nV[:, :main].reshape(n, full, block).topk(k, dim=-1, sorted=False)
-    idx_nBk += torch.arange(0, main, block, device=logits_nV.device).view(1, full, 1)
-    cand_vals, cand_ids = [vals_nBk.reshape(n, -1)], [idx_nBk.reshape(n, -1)]
-    if main < V:  # a last, shorter block
-        tail_vals, tail_idx = logits_nV[:, main:].topk(min(k, V - main), dim=-1, sorted=False)
-        cand_vals.append(tail_vals)
-        cand_ids.append(tail_idx + main)
-    vals_nC, ids_nC = torch.cat(cand_vals, dim=1), torch.cat(cand_ids, dim=1)
-    top_vals_nK, pos_nK = vals_nC.topk(k, dim=-1, sorted=False)
-    return top_vals_nK, ids_nC.gather(1, pos_nK)
+    blocks_nBb = logits_nV[:, :main].reshape(n, full, block)
+    top_blocks_nK = blocks_nBb.amax(dim=-1).topk(k, dim=-1, sorted=False).indices
+    offsets_b = torch.arange(block, device=logits_nV.device)
+    cand_ids_nC = (top_blocks_nK[:, :, None] * block + offsets_b).reshape(n, k * block)
+    if main < V:  # the last, shorter block is always a candidate
+        tail_ids = torch.arange(main, V, device=logits_nV.device).expand(n, V - main)
+        cand_ids_nC = torch.cat([cand_ids_nC, tail_ids], dim=1)
+    cand_vals_nC = logits_nV.gather(1, cand_ids_nC)
+    top_vals_nK, pos_nK = cand_vals_nC.topk(k, dim=-1, sorted=False)
+    return top_vals_nK, cand_ids_nC.gather(1, pos_nK)
 
 
 def _topk(logits_nV: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     if logits_nV.device.type == "cuda":
-        return blocked_topk(logits_nV, k, topk_blocks())
+        return block_max_topk(logits_nV, k, topk_block())
     return logits_nV.topk(k, dim=-1)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from common.spec import TargetSpec
-from teacher_cache.targets import _lse_eager, blocked_topk, compiled_lse, compute_targets
+from teacher_cache.targets import _lse_eager, block_max_topk, compiled_lse, compute_targets
 
 
 def distinct_bf16_logits(rows: int, vocab: int, seed: int) -> torch.Tensor:
@@ -45,26 +45,42 @@ def test_compiled_lse_matches_eager_and_float64_for_any_row_count():
         torch.testing.assert_close(got, eager, rtol=1e-6, atol=1e-6)
 
 
-def test_blocked_topk_equals_one_pass_topk():
-    # Blocks that divide the vocabulary, a short last block, and too few
-    # entries per block (falls back to one pass).
+def test_block_max_topk_equals_one_pass_topk():
+    # Blocks that divide the vocabulary, a short last block, too few blocks
+    # (falls back to one plain top-k), and no blocks.
     # (distinct_bf16_logits has no ties up to 448 entries; float32 beyond.)
-    for vocab, blocks in ((320, 8), (403, 8), (300, 64), (97, 1), (5003, 16)):
+    for vocab, block in ((320, 8), (403, 8), (300, 64), (97, 0), (5003, 16)):
         logits_NV = (distinct_bf16_logits(11, vocab, seed=vocab) if vocab <= 448
                      else torch.randn(11, vocab, generator=torch.Generator().manual_seed(vocab)))
-        vals_NK, ids_NK = blocked_topk(logits_NV, 8, blocks)
+        vals_NK, ids_NK = block_max_topk(logits_NV, 8, block)
         ref_vals, ref_ids = logits_NV.double().topk(8, dim=-1)
         order = ids_NK.argsort(dim=-1)
-        assert torch.equal(ids_NK.gather(1, order), ref_ids.sort(dim=-1).values), (vocab, blocks)
+        assert torch.equal(ids_NK.gather(1, order), ref_ids.sort(dim=-1).values), (vocab, block)
         assert torch.equal(vals_NK.gather(1, order).double(), ref_vals.gather(1, ref_ids.argsort(dim=-1)))
 
 
-def test_blocked_topk_keeps_the_kth_value_under_ties():
+def test_block_max_topk_keeps_the_kth_value_under_ties():
     # bf16 logits on a coarse grid: many ties, some across the k-th place.
     gen = torch.Generator().manual_seed(3)
     logits_NV = (torch.randint(0, 40, (9, 777), generator=gen).float() / 4).to(torch.bfloat16)
-    vals_NK, ids_NK = blocked_topk(logits_NV, 16, 12)
+    vals_NK, ids_NK = block_max_topk(logits_NV, 16, 12)
     ref_vals = logits_NV.topk(16, dim=-1).values
     assert torch.equal(vals_NK.sort(dim=-1, descending=True).values, ref_vals)
     assert torch.equal(logits_NV.gather(1, ids_NK), vals_NK)  # each value sits at its id
     assert all(len(set(r.tolist())) == 16 for r in ids_NK)  # no id twice
+
+
+def test_block_max_topk_when_the_top_entries_share_blocks():
+    # The largest entries sit in one block and in the short last block
+    # (603 = 75 * 8 + 3): most of the k chosen blocks hold none of the top-k.
+    logits_V = torch.linspace(-5.0, 0.0, 603, dtype=torch.float64)
+    logits_V[40:48] = torch.arange(8, dtype=torch.float64) + 10.0
+    logits_V[600:603] = torch.arange(3, dtype=torch.float64) + 20.0
+    logits_NV = torch.stack([logits_V, logits_V.flip(0)])
+    vals_NK, ids_NK = block_max_topk(logits_NV, 8, 8)
+    ref_vals, ref_ids = logits_NV.topk(8, dim=-1)
+    assert torch.equal(ids_NK.sort(dim=-1).values, ref_ids.sort(dim=-1).values)
+    assert torch.equal(vals_NK.sort(dim=-1).values, ref_vals.sort(dim=-1).values)
+    vals_NK, ids_NK = block_max_topk(logits_NV, 12, 9)  # 67 blocks, no tail
+    ref_vals, ref_ids = logits_NV.topk(12, dim=-1)
+    assert torch.equal(ids_NK.sort(dim=-1).values, ref_ids.sort(dim=-1).values)
