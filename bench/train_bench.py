@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import dataclasses
 import json
 import os
 import shutil
@@ -82,16 +83,17 @@ def main():
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--micro-batch", type=int, default=1)
     ap.add_argument("--accum", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--attn", default="flex_attention")
     ap.add_argument("--experts", default=None, help="transformers experts_implementation, e.g. grouped_mm")
-    ap.add_argument("--threads", type=int, default=6)
+    ap.add_argument("--threads", type=int, default=6, help="decode threads, and decode processes in the third pass")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of this script (figures come from the GPU)")
     args = ap.parse_args()
     on_gpu = args.device == "cuda"
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
 
     from student_train.config import load_config
+    from student_train.loader import CacheLoader
     from student_train.metrics import mfu, peak_memory_gib
     from student_train.trainer import Trainer
 
@@ -107,7 +109,7 @@ def main():
         f"student.init_config={work / 'student'}", "student.path=null", "student.dtype=bf16",
         "student.compute_dtype=bf16", f"student.attn_implementation={args.attn}",
         f"data.train_cache={work / 'cache'}", f"data.seq_len={args.seq_len}",
-        f"data.micro_batch={args.micro_batch}", "data.global_batch=0", f"data.grad_accum={args.accum}", f"data.num_threads={args.threads}",
+        f"data.micro_batch={args.micro_batch}", "data.global_batch=0", f"data.grad_accum={args.accum}", f"data.num_threads={args.threads}", "data.decode_processes=0",
         "data.prefetch=8", "loss.ce=0.2", "loss.kl=0.2", "loss.kl_temperature=2.0", "loss.hidden_cosine=0.6",
         f"loss.layer_pairs=[[{teacher_layers[0]},{teacher_layers[0]}],[{teacher_layers[1]},{teacher_layers[1]}]]",
         f"optim.steps={2 * args.steps + 2}", "eval.every=0", f"checkpoint.dir={work / 'ckpt'}", "checkpoint.every=0",
@@ -135,11 +137,20 @@ def main():
     fixed = [next(batches) for _ in range(args.accum)]
     synthetic_tps = timed_steps(lambda: fixed, args.steps)
     loader_tps = timed_steps(lambda: [next(batches) for _ in range(args.accum)], args.steps)
+    trainer.train_loader.close()
+    # The same loader decoding in worker processes (the default on CUDA).
+    proc_loader = CacheLoader(dataclasses.replace(trainer.train_loader.config, decode_processes=args.threads),
+                              rank=trainer.env.rank, world_size=trainer.env.world_size)
+    proc_batches = iter(proc_loader)
+    process_tps = timed_steps(lambda: [next(proc_batches) for _ in range(args.accum)], args.steps)
+    proc_loader.close()
     result = {
         "layers": args.layers, "seq_len": args.seq_len, "micro_batch": args.micro_batch, "accum": args.accum,
         "attn": args.attn, "experts": args.experts, "trained_params": trainer.param_counts.trained,
         "frozen_params": trainer.param_counts.frozen, "synthetic_tokens_per_s": synthetic_tps,
         "loader_tokens_per_s": loader_tps, "loader_over_synthetic": loader_tps / synthetic_tps,
+        "decode_threads": args.threads, "process_loader_tokens_per_s": process_tps,
+        "process_loader_over_synthetic": process_tps / synthetic_tps,
         "mfu_synthetic": mfu(synthetic_tps, trainer.flops, trainer.env.device),
         "mfu_loader": mfu(loader_tps, trainer.flops, trainer.env.device),
         "peak_mem_gib": peak_memory_gib(trainer.env.device), "cache_write_s": cache_s,
@@ -147,8 +158,10 @@ def main():
     }
     print(json.dumps(result, indent=1))
     print(f"| GPT-OSS-shaped student, {args.layers} layers, {args.seq_len} tokens x micro {args.micro_batch} x accum "
-          f"{args.accum} | synthetic {synthetic_tps:,.0f} tok/s (MFU {_fmt(result['mfu_synthetic'])}) | loader "
-          f"{loader_tps:,.0f} tok/s | ratio {result['loader_over_synthetic']:.3f} | peak {result['peak_mem_gib']:.1f} GiB |")
+          f"{args.accum} | synthetic {synthetic_tps:,.0f} tok/s (MFU {_fmt(result['mfu_synthetic'])}) | loader, "
+          f"{args.threads} decode threads {loader_tps:,.0f} tok/s (ratio {result['loader_over_synthetic']:.3f}) | "
+          f"loader, {args.threads} decode processes {process_tps:,.0f} tok/s (ratio "
+          f"{result['process_loader_over_synthetic']:.3f}) | peak {result['peak_mem_gib']:.1f} GiB |")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], f"train_bench_{args.attn}.json").write_text(json.dumps(result, indent=1))
     trainer.close()

@@ -17,7 +17,11 @@ of the epoch's first rows with row id -1, labels all -100 and no hidden mask,
 so they add nothing to any loss or count.
 
 Decoding runs in background threads, at most `prefetch` micro batches ahead;
-each thread keeps its own open shard readers. The state is (epoch, position):
+each thread keeps its own open shard readers. With `decode_processes` > 0 it
+runs in that many worker processes instead: they build batches in shared
+memory, and one thread of this process copies each into pinned memory. The
+training loop then shares the GIL with nothing but that copy (a decode
+thread's Python work, however short, delays the loop's kernel launches). The state is (epoch, position):
 the number of micro batches this rank has handed out, so a loader restored
 from it yields exactly the batches the original would have yielded next.
 
@@ -29,10 +33,12 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
+import multiprocessing
 import threading
 import weakref
 from collections import OrderedDict, deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -59,6 +65,7 @@ class LoaderConfig:
     shuffle: bool = True
     hidden_layers: tuple[int, ...] = ()  # teacher layers to read (only these columns are decoded)
     num_threads: int = 2  # background decode threads
+    decode_processes: int = 0  # > 0: decode in this many worker processes instead of threads
     prefetch: int = 4  # micro batches decoded ahead
     pin_memory: bool | None = None  # default: torch.cuda.is_available()
     length_window: int = 64  # sort rows by length inside windows of this many global steps
@@ -71,6 +78,8 @@ class LoaderConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"loader {key} must be an int >= 1, got {value!r}")
+        if not isinstance(self.decode_processes, int) or self.decode_processes < 0:
+            raise ValueError(f"loader decode_processes must be an int >= 0, got {self.decode_processes!r}")
         if self.max_samples is not None and (not isinstance(self.max_samples, int) or self.max_samples < 1):
             raise ValueError(f"loader max_samples must be an int >= 1 or None, got {self.max_samples!r}")
         if len(set(self.hidden_layers)) != len(self.hidden_layers):
@@ -177,13 +186,24 @@ class _BatchDecoder:
     """Reads and assembles micro batches; runs in the decode threads, holds no loader reference."""
 
     def __init__(self, rows: _RowMap, spec: ShardSpec, columns: list[str], hidden_layers: tuple[int, ...],
-                 verify_content: bool, pin_memory: bool):
+                 verify_content: bool, pin_memory: bool, shared_memory: bool = False):
+        assert not (pin_memory and shared_memory)
         self.rows = rows
         self.spec = spec
         self.columns = columns
         self.hidden_layers = hidden_layers
         self.verify_content = verify_content
         self.pin_memory = pin_memory
+        self.shared_memory = shared_memory  # in a decode process: batches go back through shared memory
+        self._local = threading.local()
+
+    def __getstate__(self):  # sent to decode processes: no thread-local readers
+        state = dict(self.__dict__)
+        del state["_local"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
         self._local = threading.local()
 
     def _reader(self, shard: int) -> ShardReader:
@@ -239,10 +259,14 @@ class _BatchDecoder:
         B = len(rows)
         L = max(r.num_tokens for r in rows)
         P = max(L - 1, 0)
-        pin = self.pin_memory
+        pin, shared = self.pin_memory, self.shared_memory
 
         def full(shape, value, dtype):
-            tensor = torch.empty(shape, dtype=dtype, pin_memory=pin)
+            if shared:  # allocated in shared memory, so sending it to the loader copies nothing
+                storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+                tensor = torch.empty(0, dtype=dtype).set_(storage).view(shape)
+            else:
+                tensor = torch.empty(shape, dtype=dtype, pin_memory=pin)
             _np(tensor).fill(value)
             return tensor
 
@@ -311,6 +335,26 @@ class _BatchDecoder:
             _np(batch.hidden_mask_BL)[b, where] = True
 
 
+_process_decoder: _BatchDecoder | None = None  # this decode process's decoder
+
+
+def _start_decode_process(decoder: _BatchDecoder) -> None:
+    global _process_decoder
+    torch.set_num_threads(1)  # decoding is numpy work; no OpenMP team per process
+    _process_decoder = decoder
+
+
+def _decode_in_process(codes_B: np.ndarray) -> StudentBatch:
+    assert _process_decoder is not None
+    return _process_decoder.decode(codes_B)
+
+
+def _mp_context():
+    # Not fork: the training process holds CUDA and communication threads by now.
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
 def _np(x):
     """A numpy view of a CPU tensor (bf16 as its int16 bits); arrays pass through.
 
@@ -321,6 +365,16 @@ def _np(x):
     if isinstance(x, np.ndarray):
         return x
     return (x.view(torch.int16) if x.dtype == torch.bfloat16 else x).numpy()
+
+
+def _received(decoded: Future, pin: bool) -> StudentBatch:
+    batch = decoded.result()
+    return batch.pin_memory() if pin else batch
+
+
+def _shutdown(threads: ThreadPoolExecutor, processes: ProcessPoolExecutor) -> None:
+    for executor in (processes, threads):
+        executor.shutdown(wait=False, cancel_futures=True)
 
 
 class CacheLoader:
@@ -349,6 +403,7 @@ class CacheLoader:
         self._executor = ThreadPoolExecutor(config.num_threads, thread_name_prefix=f"vpmoe-loader-{id(self):x}")
         # Threads stop when the loader is collected, even without close().
         self._finalizer = weakref.finalize(self, self._executor.shutdown, wait=False, cancel_futures=True)
+        self._processes: ProcessPoolExecutor | None = None
         try:
             rows = _build_row_map(cache_dir, self.manifest, config.seq_len, self._executor)
         except BaseException:
@@ -363,8 +418,16 @@ class CacheLoader:
             self.close()
             raise ValueError(f"{cache_dir}: {num_rows} rows are fewer than one step of world_size x micro_batch "
                              f"= {rows_per_step} rows")
-        self._decoder = _BatchDecoder(rows, self.spec, read_columns(self.spec, config.hidden_layers, config.verify_content),
-                                      config.hidden_layers, config.verify_content, pin)
+        columns = read_columns(self.spec, config.hidden_layers, config.verify_content)
+        self._decoder = _BatchDecoder(rows, self.spec, columns, config.hidden_layers, config.verify_content, pin)
+        self._pin = pin
+        if config.decode_processes:
+            worker_decoder = _BatchDecoder(rows, self.spec, columns, config.hidden_layers, config.verify_content,
+                                           pin_memory=False, shared_memory=True)
+            self._processes = ProcessPoolExecutor(config.decode_processes, mp_context=_mp_context(),
+                                                  initializer=_start_decode_process, initargs=(worker_decoder,))
+            self._finalizer.detach()
+            self._finalizer = weakref.finalize(self, _shutdown, self._executor, self._processes)
         self._plans: OrderedDict[int, np.ndarray] = OrderedDict()
         self._epoch = self._position = 0
         self._active = None  # token of the iterator allowed to advance the state
@@ -411,7 +474,7 @@ class CacheLoader:
             while True:
                 while len(pending) < self.config.prefetch and (job := next(jobs, None)) is not None:
                     epoch, p, codes = job
-                    pending.append((epoch, p, self._executor.submit(self._decoder.decode, codes)))
+                    pending.append((epoch, p, self._submit(codes)))
                 if not pending:
                     return
                 epoch, p, future = pending.popleft()
@@ -424,6 +487,13 @@ class CacheLoader:
         finally:
             for *_, future in pending:
                 future.cancel()
+
+    def _submit(self, codes_B: np.ndarray) -> Future:
+        if self._processes is None:
+            return self._executor.submit(self._decoder.decode, codes_B)
+        decoded = self._processes.submit(_decode_in_process, codes_B)
+        # The copy into pinned memory runs on a loader thread (torch copies without the GIL).
+        return self._executor.submit(_received, decoded, self._pin)
 
     def _fingerprint(self) -> dict:
         c = self.config
@@ -448,6 +518,8 @@ class CacheLoader:
     def close(self) -> None:
         self._active = None
         self._finalizer.detach()
+        if self._processes is not None:  # first: pin threads waiting on a cancelled decode return at once
+            self._processes.shutdown(wait=True, cancel_futures=True)
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self):

@@ -459,6 +459,8 @@ def test_config_errors_name_the_key():
         LoaderConfig(cache_dir="x", micro_batch=0)
     with pytest.raises(ValueError, match="max_samples"):
         LoaderConfig(cache_dir="x", max_samples=0)
+    with pytest.raises(ValueError, match="decode_processes"):
+        LoaderConfig(cache_dir="x", decode_processes=-1)
 
 
 # ---------------------------------------------------------------- threads and devices
@@ -520,3 +522,38 @@ def test_fp8_batch_moves_with_its_scales(sampled_cache):
     assert_same_batch(batch, batch.to("cpu"))
     if torch.cuda.is_available():
         assert_same_batch(batch.pin_memory().to("cuda", non_blocking=True).to("cpu"), batch)
+
+
+# ---------------------------------------------------------------- decode processes
+
+
+@pytest.mark.parametrize("which", ["topk", "sampled"])
+def test_decode_processes_give_the_batches_threads_give(topk_cache, sampled_cache, which):
+    cache_dir, _ = topk_cache if which == "topk" else sampled_cache
+    with loader(cache_dir, micro_batch=2, seed=4) as ld:
+        expected = take(iter(ld), 9)  # more than one epoch
+    with loader(cache_dir, micro_batch=2, seed=4, decode_processes=2, prefetch=3) as ld:
+        it = iter(ld)
+        got = take(it, 4)
+        state = ld.state_dict()
+        got += take(it, 5)
+        assert all(b.input_ids_BL.is_shared() for b in got)  # built in a decode process's shared memory
+        processes = list(ld._processes._processes.values())
+        assert len(processes) == 2 and all(p.is_alive() for p in processes)
+    assert not any(p.is_alive() for p in processes)  # close() stopped them
+    for a, b in zip(expected, got, strict=True):
+        assert_same_batch(a, b)
+    with loader(cache_dir, micro_batch=2, seed=4, decode_processes=1) as ld:  # resume from a process loader's state
+        ld.load_state_dict(state)
+        for a, b in zip(expected[4:], take(iter(ld), 5), strict=True):
+            assert_same_batch(a, b)
+
+
+def test_corrupted_row_names_shard_and_row_from_a_decode_process(tmp_path):
+    rows = make_rows(TOPK_SPEC, [6, 9, 4, 7, 5], seed=8)
+    cache_dir = write_cache(tmp_path / "bad", TOPK_SPEC, rows, rows_per_shard=3, corrupt_row_id=rows[4].row_id)
+    with loader(cache_dir, micro_batch=1, shuffle=False, length_window=1, decode_processes=1) as ld:
+        it = ld.epoch_batches()
+        assert real_row_ids(take(it, 4)) == [r.row_id for r in rows[:4]]
+        with pytest.raises(ShardFormatError, match=rf"shard-00001\.arrow: row {rows[4].row_id}: content hash"):
+            next(it)
