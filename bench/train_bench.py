@@ -86,7 +86,10 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--attn", default="flex_attention")
     ap.add_argument("--experts", default=None, help="transformers experts_implementation, e.g. grouped_mm")
-    ap.add_argument("--threads", type=int, default=6, help="decode threads, and decode processes in the third pass")
+    ap.add_argument("--threads", type=int, default=6, help="decode threads of the trainer's own loader")
+    ap.add_argument("--loaders", default="threads:6,processes:6,threads:2",
+                    help="loader-fed passes: threads:N decodes in N threads, processes:N in N processes")
+    ap.add_argument("--warmup-steps", type=int, default=3)
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of this script (figures come from the GPU)")
     args = ap.parse_args()
     on_gpu = args.device == "cuda"
@@ -123,7 +126,10 @@ def main():
         torch.cuda.reset_peak_memory_stats()
 
     def timed_steps(next_micro_batches, steps):
-        trainer._train_step(next_micro_batches())  # warm-up (allocator, autotuning)
+        # Warm-up: allocator and autotuning, and a loader's pinned-memory pool growing to its
+        # steady size (prefetch plus in-flight micro batches).
+        for _ in range(args.warmup_steps):
+            trainer._train_step(next_micro_batches())
         sync()
         start, tokens = time.perf_counter(), 0
         for _ in range(steps):
@@ -135,33 +141,37 @@ def main():
 
     batches = iter(trainer.train_loader)
     fixed = [next(batches) for _ in range(args.accum)]
-    synthetic_tps = timed_steps(lambda: fixed, args.steps)
-    loader_tps = timed_steps(lambda: [next(batches) for _ in range(args.accum)], args.steps)
     trainer.train_loader.close()
-    # The same loader decoding in worker processes (the default on CUDA).
-    proc_loader = CacheLoader(dataclasses.replace(trainer.train_loader.config, decode_processes=args.threads),
-                              rank=trainer.env.rank, world_size=trainer.env.world_size)
-    proc_batches = iter(proc_loader)
-    process_tps = timed_steps(lambda: [next(proc_batches) for _ in range(args.accum)], args.steps)
-    proc_loader.close()
+    synthetic_tps = timed_steps(lambda: fixed, args.steps)
+    loaders = {}
+    for spec in args.loaders.split(","):
+        kind, count = spec.split(":")
+        assert kind in ("threads", "processes"), spec
+        config = dataclasses.replace(trainer.train_loader.config, num_threads=int(count),
+                                     decode_processes=int(count) if kind == "processes" else 0)
+        with CacheLoader(config, rank=trainer.env.rank, world_size=trainer.env.world_size) as loader:
+            it = iter(loader)
+            loaders[spec] = timed_steps(lambda: [next(it) for _ in range(args.accum)], args.steps)
+    first = next(iter(loaders))
+    loader_tps = loaders[first]
     result = {
         "layers": args.layers, "seq_len": args.seq_len, "micro_batch": args.micro_batch, "accum": args.accum,
         "attn": args.attn, "experts": args.experts, "trained_params": trainer.param_counts.trained,
         "frozen_params": trainer.param_counts.frozen, "synthetic_tokens_per_s": synthetic_tps,
-        "loader_tokens_per_s": loader_tps, "loader_over_synthetic": loader_tps / synthetic_tps,
-        "decode_threads": args.threads, "process_loader_tokens_per_s": process_tps,
-        "process_loader_over_synthetic": process_tps / synthetic_tps,
+        "loader": first, "loader_tokens_per_s": loader_tps, "loader_over_synthetic": loader_tps / synthetic_tps,
+        "loaders_tokens_per_s": loaders, "loaders_over_synthetic": {k: v / synthetic_tps for k, v in loaders.items()},
+        "steps": args.steps, "warmup_steps": args.warmup_steps,
         "mfu_synthetic": mfu(synthetic_tps, trainer.flops, trainer.env.device),
         "mfu_loader": mfu(loader_tps, trainer.flops, trainer.env.device),
         "peak_mem_gib": peak_memory_gib(trainer.env.device), "cache_write_s": cache_s,
         "gpu": torch.cuda.get_device_name(0) if on_gpu else "cpu",
     }
     print(json.dumps(result, indent=1))
+    fed = " | ".join(f"loader {k.replace(':', ' x ')} {v:,.0f} tok/s (ratio {v / synthetic_tps:.3f})"
+                     for k, v in loaders.items())
     print(f"| GPT-OSS-shaped student, {args.layers} layers, {args.seq_len} tokens x micro {args.micro_batch} x accum "
-          f"{args.accum} | synthetic {synthetic_tps:,.0f} tok/s (MFU {_fmt(result['mfu_synthetic'])}) | loader, "
-          f"{args.threads} decode threads {loader_tps:,.0f} tok/s (ratio {result['loader_over_synthetic']:.3f}) | "
-          f"loader, {args.threads} decode processes {process_tps:,.0f} tok/s (ratio "
-          f"{result['process_loader_over_synthetic']:.3f}) | peak {result['peak_mem_gib']:.1f} GiB |")
+          f"{args.accum} | synthetic {synthetic_tps:,.0f} tok/s (MFU {_fmt(result['mfu_synthetic'])}) | {fed} | "
+          f"peak {result['peak_mem_gib']:.1f} GiB |")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], f"train_bench_{args.attn}.json").write_text(json.dumps(result, indent=1))
     trainer.close()

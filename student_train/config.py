@@ -59,9 +59,10 @@ class DataConfig:
     global_batch: int = 0  # sequences per optimizer step over all ranks; 0: micro x world x grad_accum
     grad_accum: int = 0  # 0: global_batch / (micro_batch x world size)
     num_threads: int = 2  # decode threads per rank
-    # Decode processes per rank for the train loader: -1 picks num_threads on CUDA (the loop then
-    # shares its GIL with no decoder) and 0 (threads) on CPU; eval always decodes in threads.
-    decode_processes: int = -1
+    # > 0: the train loader decodes in this many worker processes per rank instead of num_threads
+    # threads (no decoder shares the training loop's GIL; on one H100 neither was faster, see
+    # docs/BENCHMARKS.md). Eval always decodes in threads.
+    decode_processes: int = 0
     prefetch: int = 4
     pin_memory: bool = True
     length_window: int = 64  # rows sorted by length inside windows of this many micro batches
@@ -324,7 +325,7 @@ def validate(config: TrainConfig, where: str = "config") -> None:
     need(d.micro_batch >= 1, "data.micro_batch", "must be >= 1")
     need(d.global_batch >= 0 and d.grad_accum >= 0, "data.global_batch", "global_batch and grad_accum must be >= 0")
     need(d.num_threads >= 1 and d.prefetch >= 1, "data.num_threads", "num_threads and prefetch must be >= 1")
-    need(d.decode_processes >= -1, "data.decode_processes", "must be -1 (auto), 0 (threads) or a process count")
+    need(d.decode_processes >= 0, "data.decode_processes", "must be 0 (decode in threads) or a process count")
     need(config.loss.kl_mode in KL_MODES, "loss.kl_mode", f"must be one of {KL_MODES}")
     for i, pair in enumerate(config.loss.layer_pairs):
         need(len(pair) == 2, f"loss.layer_pairs[{i}]", "must be [student_layer, teacher_layer]")

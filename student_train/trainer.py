@@ -61,21 +61,13 @@ class TrainSummary:
     export_dir: str | None
 
 
-def decode_processes(cfg: TrainConfig) -> int:
-    """The train loader's decode processes; -1: one per decode thread when training on CUDA."""
-    d = cfg.data
-    if d.decode_processes >= 0:
-        return d.decode_processes
-    return d.num_threads if cfg.device != "cpu" and torch.cuda.is_available() else 0
-
-
 def loader_config(cfg: TrainConfig, cache_dir: str, for_eval: bool, hidden_layers: tuple[int, ...]) -> LoaderConfig:
     d = cfg.data
     return LoaderConfig(
         cache_dir=cache_dir, micro_batch=(cfg.eval.micro_batch or d.micro_batch) if for_eval else d.micro_batch,
         seq_len=d.seq_len, seed=d.seed, shuffle=False if for_eval else d.shuffle, hidden_layers=hidden_layers,
         num_threads=d.num_threads, prefetch=d.prefetch, pin_memory=d.pin_memory and torch.cuda.is_available(),
-        decode_processes=0 if for_eval else decode_processes(cfg),
+        decode_processes=0 if for_eval else d.decode_processes,
         length_window=d.length_window,
         max_samples=(cfg.eval.samples or None) if for_eval else (d.max_samples or None),
         verify_content=d.verify_content)

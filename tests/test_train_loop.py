@@ -183,15 +183,16 @@ def test_overfits_a_tiny_set_with_ce_and_kl(caches, tmp_path):
 
 
 def test_resume_equals_the_straight_run_bitwise(caches, tmp_path):
-    """4 straight steps == 2 steps, a fresh trainer restored from the step-2 checkpoint, 2 more steps."""
+    """4 straight steps == 2 steps, a fresh trainer restored from the step-2 checkpoint, 2 more steps
+    (the resumed run decodes in a worker process: the batches must not depend on where they are decoded)."""
     sets = [*PHASE1, "optim.steps=4", "checkpoint.every=2"]  # 24 rows: 3 steps an epoch, so resume is mid-epoch
     straight = train(tmp_path / "a", caches, *sets)
     resumed_dir = tmp_path / "b" / "run"
     (resumed_dir / "checkpoints").mkdir(parents=True)
     shutil.copytree(Path(straight.cfg.checkpoint.dir) / "step-00000002", resumed_dir / "checkpoints" / "step-00000002")
     shutil.copy(straight.cfg.jsonl_path, resumed_dir / "log.jsonl")  # holds steps 3-4 too: they are dropped
-    resumed = train(tmp_path / "b", caches, *sets, resume="")
-    assert resumed.step == 4
+    resumed = train(tmp_path / "b", caches, *sets, "data.decode_processes=1", resume="")
+    assert resumed.step == 4 and resumed.train_loader._processes is not None
     for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
         assert torch.equal(a, b), name
     state_a, state_b = straight.optimizer.state_dict(), resumed.optimizer.state_dict()
