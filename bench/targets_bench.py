@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common.spec import TargetSpec  # noqa: E402
+from teacher_cache import fused_selection  # noqa: E402
 from teacher_cache.targets import _lse, block_max_topk, compute_targets, topk_block  # noqa: E402
 
 
@@ -74,11 +75,19 @@ def main() -> int:
     assert torch.equal(old[1], new.topk_logits_NK.sort(dim=-1, descending=True).values), "top-k values differ"
     assert lse_err < 1e-3, lse_err
 
+    def unfused():
+        os.environ["VPMOE_FUSED_TARGETS"] = "0"
+        try:
+            return compute_targets(hidden_nD, logits_fn, spec, chunk_size=args.chunk)
+        finally:
+            del os.environ["VPMOE_FUSED_TARGETS"]
+
     rows = {"lm_head matmul only": timed(lambda: logits_fn(hidden_nD), args.repeats),
             "float32 copy + topk + logsumexp per T": timed(lambda: float32_route(hidden_nD, weight_VD, spec),
                                                            args.repeats),
-            f"product: bf16 block-max top-k ({topk_block()}) + compiled lse": timed(lambda: compute_targets(hidden_nD, logits_fn, spec,
-                                                                               chunk_size=args.chunk), args.repeats)}
+            f"product: {'fused lse + block maxima (Triton), ' if fused_selection.available() else ''}block-max top-k ({topk_block()})": timed(lambda: compute_targets(hidden_nD, logits_fn, spec,
+                                                                               chunk_size=args.chunk), args.repeats),
+            f"separate passes: block-max top-k ({topk_block()}) + compiled lse": timed(unfused, args.repeats)}
     logits_nV = logits_fn(hidden_nD)
     rows["top-k alone, one pass"] = timed(lambda: logits_nV.topk(spec.k, dim=-1), args.repeats)
     for block in (int(b) for b in args.blocks.split(",")):
@@ -88,6 +97,9 @@ def main() -> int:
                                                              args.repeats)
     inv_temps = tuple(1.0 / t for t in spec.temperatures)
     rows["log-sum-exps alone (compiled)"] = timed(lambda: _lse(logits_nV, inv_temps), args.repeats)
+    if fused_selection.available():
+        rows["log-sum-exps + block maxima alone (fused, one read)"] = timed(
+            lambda: fused_selection.lse_and_block_max(logits_nV, inv_temps, topk_block()), args.repeats)
     del logits_nV
     base = rows["lm_head matmul only"]
     lines = [f"| route ({args.chunk} positions, V={args.vocab:,}) | ms | ms beyond the matmul | positions/s |",
@@ -98,7 +110,9 @@ def main() -> int:
             continue
         lines.append(f"| {name} | {ms:.2f} | {ms - base:.2f} | {args.chunk / ms * 1e3:,.0f} |")
     lines.append("")
-    lines.append(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; top-{args.top_k}, T=1,2; "
+    from teacher_cache import targets
+    lines.append(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; fused kernel checked and in use: "
+                 f"{targets._fused_state}; top-{args.top_k}, T=1,2; "
                  f"identical top-k values, same id sets {same_ids:.4f}, max lse difference {lse_err:.2e}")
     print("\n".join(lines), flush=True)
     out = os.environ.get("OUT")

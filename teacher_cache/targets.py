@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from common.spec import TargetSpec
+from teacher_cache import fused_selection
 
 DEFAULT_CHUNK = 1024
 
@@ -106,25 +107,28 @@ def topk_block() -> int:
     return int(os.environ.get(TOPK_BLOCK_ENV, DEFAULT_TOPK_BLOCK))
 
 
-def block_max_topk(logits_nV: torch.Tensor, k: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+def block_max_topk(logits_nV: torch.Tensor, k: int, block: int,
+                   block_max_nB: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k over the last dim that reads the logits once.
 
     Why: `torch.topk` over 201,088 bf16 entries is a multi-pass radix select
     that costs as much as the lm_head matmul itself. Instead: the max of every
-    `block` consecutive entries (one memory-bound pass), the k blocks with the
-    largest maxima, and a top-k over just their k * block entries (plus a short
-    last block, always kept). Exact: an entry of the global top-k whose block
-    is not among the k best has k blocks with a max at least its value, so k
-    other entries tie or beat it and the top-k values are unchanged; ids may
-    differ from `torch.topk`'s only between tied values. Unsorted output (the
-    codec sorts ids)."""
+    `block` consecutive entries (one memory-bound pass, or `block_max_nB` when
+    the caller has them already), the k blocks with the largest maxima, and a
+    top-k over just their k * block entries (plus a short last block, always
+    kept). Exact: an entry of the global top-k whose block is not among the k
+    best has k blocks with a max at least its value, so k other entries tie or
+    beat it and the top-k values are unchanged; ids may differ from
+    `torch.topk`'s only between tied values. Unsorted output (the codec sorts ids)."""
     n, V = logits_nV.shape
     full = V // block if block > 0 else 0
     if full <= k:
         return logits_nV.topk(min(k, V), dim=-1, sorted=False)
     main = full * block
-    blocks_nBb = logits_nV[:, :main].reshape(n, full, block)
-    top_blocks_nK = blocks_nBb.amax(dim=-1).topk(k, dim=-1, sorted=False).indices
+    if block_max_nB is None:
+        block_max_nB = logits_nV[:, :main].reshape(n, full, block).amax(dim=-1)
+    assert block_max_nB.shape == (n, full)
+    top_blocks_nK = block_max_nB.topk(k, dim=-1, sorted=False).indices
     offsets_b = torch.arange(block, device=logits_nV.device)
     cand_ids_nC = (top_blocks_nK[:, :, None] * block + offsets_b).reshape(n, k * block)
     if main < V:  # the last, shorter block is always a candidate
@@ -135,6 +139,39 @@ def block_max_topk(logits_nV: torch.Tensor, k: int, block: int) -> tuple[torch.T
     return top_vals_nK, cand_ids_nC.gather(1, pos_nK)
 
 
+_FUSED_ENV = "VPMOE_FUSED_TARGETS"
+_fused_state: bool | None = None  # None until the fused kernel's first result was checked
+
+
+def _fused_lse_block_max(logits_nV: torch.Tensor, inv_temps: tuple[float, ...], block: int):
+    """(lse_nT, block_max_nB) from the one-read Triton kernel, or None where it
+    does not apply. Its first result is checked against the eager reference; a
+    failure or a mismatch turns it off for the process with a warning."""
+    global _fused_state
+    if (_fused_state is False or os.environ.get(_FUSED_ENV, "1") == "0" or not fused_selection.available()
+            or block <= 0 or fused_selection.CHUNK % block or logits_nV.stride(-1) != 1):
+        return None
+    try:
+        lse_nT, bmax_nB = fused_selection.lse_and_block_max(logits_nV, inv_temps, block)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a kernel that cannot build means: the unfused path
+        warnings.warn(f"fused selection kernel unavailable ({type(exc).__name__}: {exc}); using separate passes")
+        _fused_state = False
+        return None
+    if _fused_state is None:
+        full = logits_nV.shape[1] // block
+        ref_bmax = (logits_nV[:, :full * block].reshape(len(logits_nV), full, block).amax(dim=-1).float()
+                    if full else bmax_nB)
+        ref_lse = _lse_eager(logits_nV, inv_temps)
+        if not (torch.equal(bmax_nB, ref_bmax) and torch.allclose(lse_nT, ref_lse, rtol=1e-5, atol=1e-5)):
+            warnings.warn("fused selection kernel disagrees with the reference; using separate passes")
+            _fused_state = False
+            return None
+        _fused_state = True
+    return lse_nT, bmax_nB
+
+
 def _topk(logits_nV: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     if logits_nV.device.type == "cuda":
         return block_max_topk(logits_nV, k, topk_block())
@@ -143,9 +180,16 @@ def _topk(logits_nV: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _topk_chunk(logits_nV: torch.Tensor, spec: TargetSpec):
     # Top-k in the logits' own dtype (bf16 from a bf16 lm_head): the values are
-    # the same as in a float32 copy, and the radix select reads half the bytes.
+    # the same as in a float32 copy, and the selection reads half the bytes.
+    inv_temps = tuple(1.0 / t for t in spec.temperatures)
+    if logits_nV.device.type == "cuda":
+        fused = _fused_lse_block_max(logits_nV, inv_temps, topk_block())
+        if fused is not None:
+            lse_nT, block_max_nB = fused
+            vals_nK, ids_nK = block_max_topk(logits_nV, spec.k, topk_block(), block_max_nB)
+            return ids_nK, vals_nK.float(), lse_nT
     topk_logits_nK, topk_ids_nK = _topk(logits_nV, spec.k)
-    lse_nT = _lse(logits_nV, tuple(1.0 / t for t in spec.temperatures))
+    lse_nT = _lse(logits_nV, inv_temps)
     return topk_ids_nK, topk_logits_nK.float(), lse_nT
 
 
