@@ -39,6 +39,7 @@ import threading
 import weakref
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -368,7 +369,11 @@ def _np(x):
 
 
 def _received(decoded: Future, pin: bool) -> StudentBatch:
-    batch = decoded.result()
+    try:
+        batch = decoded.result()
+    except BrokenProcessPool as exc:
+        raise RuntimeError("a loader decode process died (killed, or out of host memory?); "
+                           "data.decode_processes=0 decodes in threads instead") from exc
     return batch.pin_memory() if pin else batch
 
 

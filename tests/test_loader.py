@@ -557,3 +557,14 @@ def test_corrupted_row_names_shard_and_row_from_a_decode_process(tmp_path):
         assert real_row_ids(take(it, 4)) == [r.row_id for r in rows[:4]]
         with pytest.raises(ShardFormatError, match=rf"shard-00001\.arrow: row {rows[4].row_id}: content hash"):
             next(it)
+
+
+def test_a_killed_decode_process_is_a_clear_error(topk_cache):
+    cache_dir, _ = topk_cache
+    with loader(cache_dir, micro_batch=1, decode_processes=1, prefetch=1) as ld:
+        it = iter(ld)
+        next(it)
+        for process in ld._processes._processes.values():
+            process.kill()
+        with pytest.raises(RuntimeError, match="decode process died"):
+            take(it, 3)
