@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,36 @@ def test_compute_targets_uses_the_fused_kernel_and_keeps_exact_values(monkeypatc
     assert torch.equal(logits_NV.gather(1, got.topk_ids_NK).double(), got.topk_logits_NK.double())
     ref_lse = torch.stack([torch.logsumexp(logits_NV.double() / t, dim=-1) for t in spec.temperatures], dim=-1)
     torch.testing.assert_close(got.lse_NT.double(), ref_lse, rtol=2e-6, atol=2e-6)
+
+
+def reference_kernel(logits_nV, inv_temps, block):
+    full = logits_nV.shape[1] // block
+    return (targets._lse_eager(logits_nV, inv_temps),
+            logits_nV[:, :full * block].reshape(len(logits_nV), full, block).amax(dim=-1).float())
+
+
+@pytest.mark.parametrize("kernel,expect_used,warning", [
+    (reference_kernel, True, None),
+    (lambda x, t, b: (reference_kernel(x, t, b)[0] + 1e-3, reference_kernel(x, t, b)[1]), False, "disagrees"),
+    (lambda x, t, b: (reference_kernel(x, t, b)[0], reference_kernel(x, t, b)[1] - 1.0), False, "disagrees"),
+    (lambda x, t, b: 1 / 0, False, "unavailable"),
+])
+def test_the_first_fused_result_is_checked_and_a_bad_kernel_is_turned_off(monkeypatch, kernel, expect_used, warning):
+    # The guard around the kernel, on CPU: a stand-in kernel that is right, wrong, or fails to build.
+    monkeypatch.setattr(targets, "_fused_state", None)
+    monkeypatch.setattr(fused_selection, "available", lambda: True)
+    monkeypatch.setattr(fused_selection, "lse_and_block_max", kernel)
+    logits_NV = (torch.randn(40, 1000, generator=torch.Generator().manual_seed(0)) * 3).to(torch.bfloat16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = targets._fused_lse_block_max(logits_NV, (1.0, 0.5), 64)
+    assert (got is not None) == expect_used
+    assert targets._fused_state is expect_used
+    messages = [str(w.message) for w in caught]
+    if warning is None:
+        assert not any("fused" in m for m in messages), messages
+    else:
+        assert any(warning in m for m in messages), messages
+    if not expect_used:  # turned off for the rest of the process, without another try
+        monkeypatch.setattr(fused_selection, "lse_and_block_max", reference_kernel)
+        assert targets._fused_lse_block_max(logits_NV, (1.0, 0.5), 64) is None
