@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common.spec import TargetSpec  # noqa: E402
-from teacher_cache import fused_selection  # noqa: E402
+from teacher_cache import fused_selection, targets  # noqa: E402
 from teacher_cache.targets import _lse, block_max_topk, compute_targets, topk_block  # noqa: E402
 
 
@@ -82,11 +82,12 @@ def main() -> int:
         finally:
             del os.environ["VPMOE_FUSED_TARGETS"]
 
+    fused = "fused lse + block maxima (Triton), " if fused_selection.available() else ""
+    product = f"product: {fused}block-max top-k ({topk_block()})"
     rows = {"lm_head matmul only": timed(lambda: logits_fn(hidden_nD), args.repeats),
             "float32 copy + topk + logsumexp per T": timed(lambda: float32_route(hidden_nD, weight_VD, spec),
                                                            args.repeats),
-            f"product: {'fused lse + block maxima (Triton), ' if fused_selection.available() else ''}block-max top-k ({topk_block()})": timed(lambda: compute_targets(hidden_nD, logits_fn, spec,
-                                                                               chunk_size=args.chunk), args.repeats),
+            product: timed(lambda: compute_targets(hidden_nD, logits_fn, spec, chunk_size=args.chunk), args.repeats),
             f"separate passes: block-max top-k ({topk_block()}) + compiled lse": timed(unfused, args.repeats)}
     logits_nV = logits_fn(hidden_nD)
     rows["top-k alone, one pass"] = timed(lambda: logits_nV.topk(spec.k, dim=-1), args.repeats)
@@ -110,7 +111,6 @@ def main() -> int:
             continue
         lines.append(f"| {name} | {ms:.2f} | {ms - base:.2f} | {args.chunk / ms * 1e3:,.0f} |")
     lines.append("")
-    from teacher_cache import targets
     lines.append(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; fused kernel checked and in use: "
                  f"{targets._fused_state}; top-{args.top_k}, T=1,2; "
                  f"identical top-k values, same id sets {same_ids:.4f}, max lse difference {lse_err:.2e}")

@@ -86,7 +86,6 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--attn", default="flex_attention")
     ap.add_argument("--experts", default=None, help="transformers experts_implementation, e.g. grouped_mm")
-    ap.add_argument("--threads", type=int, default=6, help="decode threads of the trainer's own loader")
     ap.add_argument("--loaders", default="threads:6,processes:6,threads:2",
                     help="loader-fed passes: threads:N decodes in N threads, processes:N in N processes")
     ap.add_argument("--warmup-steps", type=int, default=3)
@@ -112,10 +111,10 @@ def main():
         f"student.init_config={work / 'student'}", "student.path=null", "student.dtype=bf16",
         "student.compute_dtype=bf16", f"student.attn_implementation={args.attn}",
         f"data.train_cache={work / 'cache'}", f"data.seq_len={args.seq_len}",
-        f"data.micro_batch={args.micro_batch}", "data.global_batch=0", f"data.grad_accum={args.accum}", f"data.num_threads={args.threads}", "data.decode_processes=0",
+        f"data.micro_batch={args.micro_batch}", "data.global_batch=0", f"data.grad_accum={args.accum}", "data.decode_processes=0",
         "data.prefetch=8", "loss.ce=0.2", "loss.kl=0.2", "loss.kl_temperature=2.0", "loss.hidden_cosine=0.6",
         f"loss.layer_pairs=[[{teacher_layers[0]},{teacher_layers[0]}],[{teacher_layers[1]},{teacher_layers[1]}]]",
-        f"optim.steps={2 * args.steps + 2}", "eval.every=0", f"checkpoint.dir={work / 'ckpt'}", "checkpoint.every=0",
+        f"optim.steps={(1 + len(args.loaders.split(','))) * (args.warmup_steps + args.steps)}", "eval.every=0", f"checkpoint.dir={work / 'ckpt'}", "checkpoint.every=0",
         "export.enabled=false", "log.every=1000", f"device={args.device}",
     ]
     if args.experts:

@@ -19,11 +19,12 @@ so they add nothing to any loss or count.
 Decoding runs in background threads, at most `prefetch` micro batches ahead;
 each thread keeps its own open shard readers. With `decode_processes` > 0 it
 runs in that many worker processes instead: they build batches in shared
-memory, and one thread of this process copies each into pinned memory. The
-training loop then shares the GIL with nothing but that copy (a decode
-thread's Python work, however short, delays the loop's kernel launches). The state is (epoch, position):
-the number of micro batches this rank has handed out, so a loader restored
-from it yields exactly the batches the original would have yielded next.
+memory, and a loader thread of this process copies each into pinned memory,
+so the training loop shares its GIL with nothing but that copy.
+
+The state is (epoch, position): the number of micro batches this rank has
+handed out, so a loader restored from it yields exactly the batches the
+original would have yielded next.
 
 Shape suffixes: N rows of the cache, B rows of a batch, L tokens, P = L - 1
 target positions, K top-k width, T temperatures, M sampled ids, D hidden size.
@@ -423,14 +424,15 @@ class CacheLoader:
             self.close()
             raise ValueError(f"{cache_dir}: {num_rows} rows are fewer than one step of world_size x micro_batch "
                              f"= {rows_per_step} rows")
-        columns = read_columns(self.spec, config.hidden_layers, config.verify_content)
-        self._decoder = _BatchDecoder(rows, self.spec, columns, config.hidden_layers, config.verify_content, pin)
+        in_processes = config.decode_processes > 0
+        # In decode processes batches are built in shared memory; this process pins them.
+        self._decoder = _BatchDecoder(rows, self.spec, read_columns(self.spec, config.hidden_layers, config.verify_content),
+                                      config.hidden_layers, config.verify_content, pin_memory=pin and not in_processes,
+                                      shared_memory=in_processes)
         self._pin = pin
-        if config.decode_processes:
-            worker_decoder = _BatchDecoder(rows, self.spec, columns, config.hidden_layers, config.verify_content,
-                                           pin_memory=False, shared_memory=True)
+        if in_processes:
             self._processes = ProcessPoolExecutor(config.decode_processes, mp_context=_mp_context(),
-                                                  initializer=_start_decode_process, initargs=(worker_decoder,))
+                                                  initializer=_start_decode_process, initargs=(self._decoder,))
             self._finalizer.detach()
             self._finalizer = weakref.finalize(self, _shutdown, self._executor, self._processes)
         self._plans: OrderedDict[int, np.ndarray] = OrderedDict()

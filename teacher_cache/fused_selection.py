@@ -13,6 +13,8 @@ result against the eager reference and falls back if they differ.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:
@@ -54,6 +56,12 @@ if triton is not None:
         tl.store(lse_ptr + row * NUM_T + t_offs, m * inv_t + tl.log(s), mask=t_offs < NUM_T)
 
 
+@functools.lru_cache(maxsize=8)
+def _inv_temps_on(inv_temps: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    # Built once: a fresh host-to-device copy per chunk would wait for the stream to drain.
+    return torch.tensor(inv_temps, dtype=torch.float32, device=device)
+
+
 def lse_and_block_max(logits_nV: torch.Tensor, inv_temps: tuple[float, ...],
                       block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """([n, T] float32 log-sum-exps of logits / T, [n, V // block] float32 maxima
@@ -67,7 +75,7 @@ def lse_and_block_max(logits_nV: torch.Tensor, inv_temps: tuple[float, ...],
     bmax_nB = torch.empty((n, num_blocks), dtype=torch.float32, device=logits_nV.device)
     if n == 0:
         return lse_nT, bmax_nB
-    inv_t_T = torch.tensor(inv_temps, dtype=torch.float32, device=logits_nV.device)
+    inv_t_T = _inv_temps_on(inv_temps, logits_nV.device)
     _lse_block_max_kernel[(n,)](logits_nV, logits_nV.stride(0), V, inv_t_T, lse_nT, bmax_nB, num_blocks,
                                 NUM_T=num_t, T_PAD=max(2, triton.next_power_of_2(num_t)), BLOCK=block,
                                 CHUNK_SIZE=CHUNK, num_warps=8)

@@ -175,24 +175,17 @@ def _fused_lse_block_max(logits_nV: torch.Tensor, inv_temps: tuple[float, ...], 
     return lse_nT, bmax_nB
 
 
-def _topk(logits_nV: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if logits_nV.device.type == "cuda":
-        return block_max_topk(logits_nV, k, topk_block())
-    return logits_nV.topk(k, dim=-1)
-
-
 def _topk_chunk(logits_nV: torch.Tensor, spec: TargetSpec):
     # Top-k in the logits' own dtype (bf16 from a bf16 lm_head): the values are
     # the same as in a float32 copy, and the selection reads half the bytes.
     inv_temps = tuple(1.0 / t for t in spec.temperatures)
-    if logits_nV.device.type == "cuda":
-        fused = _fused_lse_block_max(logits_nV, inv_temps, topk_block())
-        if fused is not None:
-            lse_nT, block_max_nB = fused
-            vals_nK, ids_nK = block_max_topk(logits_nV, spec.k, topk_block(), block_max_nB)
-            return ids_nK, vals_nK.float(), lse_nT
-    topk_logits_nK, topk_ids_nK = _topk(logits_nV, spec.k)
-    lse_nT = _lse(logits_nV, inv_temps)
+    if logits_nV.device.type != "cuda":
+        topk_logits_nK, topk_ids_nK = logits_nV.topk(spec.k, dim=-1)
+        return topk_ids_nK, topk_logits_nK.float(), _lse_eager(logits_nV, inv_temps)
+    block = topk_block()
+    fused = _fused_lse_block_max(logits_nV, inv_temps, block)
+    lse_nT, block_max_nB = fused if fused is not None else (_lse(logits_nV, inv_temps), None)
+    topk_logits_nK, topk_ids_nK = block_max_topk(logits_nV, spec.k, block, block_max_nB)
     return topk_ids_nK, topk_logits_nK.float(), lse_nT
 
 
