@@ -23,9 +23,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common.manifest import load_manifest, resolve_inside
-from common.shard_format import TeacherRow
-from common.shard_reader import ShardReader
+from common.manifest import load_manifest, resolve_inside  # noqa: E402
+from common.shard_format import TeacherRow  # noqa: E402
+from common.shard_reader import ShardReader  # noqa: E402
 
 
 def rows_by_id(cache_dir: Path) -> dict[int, TeacherRow]:

@@ -35,7 +35,7 @@ if triton is not None:
     @triton.jit
     def _lse_block_max_kernel(x_ptr, row_stride, V, inv_t_ptr, lse_ptr, bmax_ptr, num_blocks,
                               NUM_T: tl.constexpr, T_PAD: tl.constexpr, BLOCK: tl.constexpr,
-                              CHUNK_SIZE: tl.constexpr):
+                              CHUNK_SIZE: tl.constexpr, NUM_CHUNKS: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * row_stride
         t_offs = tl.arange(0, T_PAD)
@@ -43,7 +43,11 @@ if triton is not None:
         m = tl.zeros([T_PAD], tl.float32) - float("inf")  # running max, one copy per temperature
         s = tl.zeros([T_PAD], tl.float32)  # exp-sums relative to m
         BLOCKS_PER_CHUNK: tl.constexpr = CHUNK_SIZE // BLOCK
-        for start in range(0, V, CHUNK_SIZE):
+        # A compile-time trip count: Triton 3.6's interpreter cannot take range() of a runtime
+        # scalar once NumPy refuses int() of a 1-element array (its scalars are such arrays); V is
+        # fixed per teacher, so this compiles once.
+        for c in range(NUM_CHUNKS):
+            start = c * CHUNK_SIZE
             offs = start + tl.arange(0, CHUNK_SIZE)
             x = tl.load(x_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
             block_max = tl.max(tl.reshape(x, [BLOCKS_PER_CHUNK, BLOCK]), axis=1)
@@ -78,5 +82,5 @@ def lse_and_block_max(logits_nV: torch.Tensor, inv_temps: tuple[float, ...],
     inv_t_T = _inv_temps_on(inv_temps, logits_nV.device)
     _lse_block_max_kernel[(n,)](logits_nV, logits_nV.stride(0), V, inv_t_T, lse_nT, bmax_nB, num_blocks,
                                 NUM_T=num_t, T_PAD=max(2, triton.next_power_of_2(num_t)), BLOCK=block,
-                                CHUNK_SIZE=CHUNK, num_warps=8)
+                                CHUNK_SIZE=CHUNK, NUM_CHUNKS=triton.cdiv(V, CHUNK), num_warps=8)
     return lse_nT, bmax_nB

@@ -36,7 +36,7 @@ INTERPRETED = textwrap.dedent("""
         bmax = torch.empty(n, blocks)
         fs._lse_block_max_kernel[(n,)](x, x.stride(0), V, torch.tensor(temps), lse, bmax, blocks, NUM_T=len(temps),
                                        T_PAD=max(2, triton.next_power_of_2(len(temps))), BLOCK=block,
-                                       CHUNK_SIZE=fs.CHUNK)
+                                       CHUNK_SIZE=fs.CHUNK, NUM_CHUNKS=triton.cdiv(V, fs.CHUNK))
         ref = torch.stack([torch.logsumexp(x.double() * s, -1) for s in temps], -1)
         torch.testing.assert_close(lse.double(), ref, rtol=2e-6, atol=2e-6)
         assert torch.equal(bmax, x.double()[:, :blocks * block].reshape(n, blocks, block).amax(-1).float())
