@@ -7,7 +7,8 @@ CPU. Rows are matched by row_id; every row must be present in both.
 Prints the row coverage, the largest log-sum-exp difference, the mean overlap
 of the top-k id sets per position, the mean |logit| difference on shared ids,
 and the smallest cosine between hidden-state rows. Exits 1 when the rows or
-token ids differ.
+token ids differ, 2 when a cache is damaged or the two hold different kinds
+of targets or hidden layers.
 """
 
 from __future__ import annotations
@@ -23,20 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common.manifest import load_manifest, resolve_inside  # noqa: E402
 from common.shard_format import TeacherRow  # noqa: E402
-from common.shard_reader import ShardReader  # noqa: E402
-
-
-def rows_by_id(cache_dir: Path) -> dict[int, TeacherRow]:
-    manifest = load_manifest(cache_dir)
-    rows: dict[int, TeacherRow] = {}
-    for entry in manifest.shards:
-        with ShardReader(resolve_inside(cache_dir, entry.file), entry=entry, verify_checksum=True) as reader:
-            for row in reader.iter_rows(verify_content=True):
-                assert row.row_id not in rows, f"{cache_dir}: row {row.row_id} appears twice"
-                rows[row.row_id] = row
-    return rows
+from common.shard_reader import read_cache_rows  # noqa: E402
 
 
 def compare(a: dict[int, TeacherRow], b: dict[int, TeacherRow]) -> dict:
@@ -46,7 +35,12 @@ def compare(a: dict[int, TeacherRow], b: dict[int, TeacherRow]) -> dict:
     lse_diff, overlap, logit_diff, min_cos, same_tokens = 0.0, [], [], 1.0, True
     for rid in sorted(a):
         ra, rb = a[rid], b[rid]
-        same_tokens &= np.array_equal(ra.input_ids_L, rb.input_ids_L) and np.array_equal(ra.labels_L, rb.labels_L)
+        if (ra.topk_ids_PK is None) != (rb.topk_ids_PK is None) or set(ra.hidden) != set(rb.hidden):
+            raise ValueError(f"row {rid}: the caches hold different targets or hidden layers "
+                             f"(layers {sorted(ra.hidden)} and {sorted(rb.hidden)}); nothing to compare")
+        if not (np.array_equal(ra.input_ids_L, rb.input_ids_L) and np.array_equal(ra.labels_L, rb.labels_L)):
+            same_tokens = False  # other tokens: their targets are not comparable
+            continue
         if ra.lse_PT is not None:
             lse_diff = max(lse_diff, float(np.abs(ra.lse_PT - rb.lse_PT).max(initial=0.0)))
         if ra.topk_ids_PK is not None:
@@ -71,7 +65,11 @@ def main() -> int:
     ap.add_argument("cache_b", type=Path)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    report = compare(rows_by_id(args.cache_a), rows_by_id(args.cache_b))
+    try:
+        report = compare(read_cache_rows(args.cache_a), read_cache_rows(args.cache_b))
+    except ValueError as exc:  # ShardFormatError too: a damaged cache is named by its file
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(report, indent=1))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))

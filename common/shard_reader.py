@@ -11,7 +11,7 @@ from typing import Iterator, Sequence
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from common.manifest import ShardEntry, file_sha256
+from common.manifest import ShardEntry, file_sha256, load_manifest, resolve_inside
 from common.shard_format import ShardFormatError, TeacherRow, decode_row, spec_from_schema
 from common.spec import ShardSpec, content_hash
 
@@ -126,3 +126,16 @@ def check_content_hash(row: TeacherRow, path: Path) -> None:
     if content_hash(row.input_ids_L) != row.content_hash:
         raise ShardFormatError(f"{path}: row {row.row_id}: content hash does not match its input_ids")
 
+
+def read_cache_rows(cache_dir: Path) -> dict[int, TeacherRow]:
+    """Every row of a cache by row id, each shard's sha256 and each row's content
+    hash verified (for checks and comparisons; training reads through its loader)."""
+    rows: dict[int, TeacherRow] = {}
+    for entry in load_manifest(cache_dir).shards:
+        path = resolve_inside(cache_dir, entry.file)
+        with ShardReader(path, entry=entry, verify_checksum=True) as reader:
+            for row in reader.iter_rows(verify_content=True):
+                if row.row_id in rows:
+                    raise ShardFormatError(f"{path}: row {row.row_id} is also in another shard of {cache_dir}")
+                rows[row.row_id] = row
+    return rows

@@ -19,7 +19,7 @@ from scipy import stats
 
 from common import codec
 from common.manifest import MANIFEST_NAME, load_manifest
-from common.shard_reader import ShardReader
+from common.shard_reader import ShardReader, read_cache_rows
 from common.spec import HiddenSpec, ShardSpec, TargetSpec, content_hash, hidden_positions
 from common.tiny_models import build_model, save_model, tiny_gpt_oss_config, tiny_llama_config
 from teacher_cache import cache_run
@@ -70,17 +70,6 @@ def prefix_masked_labels(rows: list[np.ndarray]) -> list[np.ndarray]:
 def random_rows(seed: int, count: int, low: int, high: int, vocab: int = VOCAB) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.integers(0, vocab, int(n)).astype(np.int32) for n in rng.integers(low, high, count)]
-
-
-def read_all_rows(cache_dir: Path) -> dict:
-    manifest = load_manifest(cache_dir)
-    rows = {}
-    for entry in manifest.shards:
-        with ShardReader(cache_dir / entry.file, entry=entry, verify_checksum=True) as reader:
-            for row in reader.iter_rows(verify_content=True):
-                assert row.row_id not in rows
-                rows[row.row_id] = row
-    return rows
 
 
 def shard_bytes(cache_dir: Path) -> dict[str, bytes]:
@@ -146,7 +135,7 @@ def test_topk_targets_and_hidden_states_equal_float64_recomputation(teacher, tmp
     # A budget of 64 padded tokens forces several batches, some padded.
     cache(model_dir, data, tmp_path / "c", top_k=k, temperatures=temperatures, rows_per_shard=3,
           max_tokens_per_batch=64, logits_chunk=16, **hidden_kw)
-    stored = read_all_rows(tmp_path / "c")
+    stored = read_cache_rows(tmp_path / "c")
     assert sorted(stored) == list(range(len(rows)))
 
     captured = {}
@@ -218,7 +207,7 @@ def test_sampled_counts_follow_the_teacher_distribution_of_the_next_token(llama,
     model_dir, model_f64, data, rows = llama
     draws = 4000
     cache(model_dir, data, tmp_path / "c", sampled=draws, seed=1234, rows_per_shard=8)
-    row = read_all_rows(tmp_path / "c")[0]
+    row = read_cache_rows(tmp_path / "c")[0]
     ids = rows[0]
     with torch.no_grad():
         probs_LV = torch.softmax(model_f64(torch.from_numpy(ids.astype(np.int64))[None]).logits[0], -1).numpy()
@@ -333,7 +322,7 @@ def test_compression_choice_reaches_the_shards_and_not_their_content(llama, tmp_
     model_dir, _, data, _ = llama
     cache(model_dir, data, tmp_path / "zstd", top_k=8, rows_per_shard=2)
     cache(model_dir, data, tmp_path / "none", top_k=8, rows_per_shard=2, compression="none")
-    a, b = read_all_rows(tmp_path / "zstd"), read_all_rows(tmp_path / "none")
+    a, b = read_cache_rows(tmp_path / "zstd"), read_cache_rows(tmp_path / "none")
     assert sorted(a) == sorted(b)
     for row_id in a:
         np.testing.assert_array_equal(a[row_id].topk_ids_PK, b[row_id].topk_ids_PK)
@@ -462,8 +451,9 @@ def test_automatic_rows_per_shard_follows_the_raw_bytes_of_a_row():
     low, high = AUTO_ROWS_PER_SHARD_RANGE
     targets_only = ShardSpec(vocab_size=201_088, targets=TargetSpec(k=64))
     assert auto_rows_per_shard(targets_only, 4096) == high  # ~270 B/token: far below the byte target
-    fp8 = lambda layers, fraction=1.0: ShardSpec(vocab_size=201_088, targets=TargetSpec(k=64), hidden=HiddenSpec(
-        layers=layers, dtype="fp8", token_fraction=fraction, hidden_size=2880))
+    def fp8(layers, fraction=1.0):
+        return ShardSpec(vocab_size=201_088, targets=TargetSpec(k=64), hidden=HiddenSpec(
+            layers=layers, dtype="fp8", token_fraction=fraction, hidden_size=2880))
     two_layers = auto_rows_per_shard(fp8((12, 24)), 4096)
     # the shard's raw bytes land just under the target, and one more row would pass it
     per_row = raw_bytes_per_token(fp8((12, 24))) * 4096
