@@ -33,6 +33,8 @@ def cache_teacher(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code."),
     gpu_memory_utilization: float = typer.Option(0.8, "--gpu-memory-utilization", help="vLLM memory share."),
     enforce_eager: bool = typer.Option(False, "--enforce-eager", help="vLLM: no CUDA graphs or compile."),
+    load_format: str = typer.Option("auto", "--load-format",
+                                    help="auto | dummy (random weights from the config: rehearsals, benchmarks)."),
     logits_chunk: int = typer.Option(1024, "--logits-chunk", help="Positions per lm_head chunk."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Store the top K logits per position (default 64)."),
     temperatures: str = typer.Option("1,2", "--temperatures", help="Log-sum-exp stored at each temperature."),
@@ -80,7 +82,8 @@ def cache_teacher(
         cfg = CacheConfig(
             model=model, data=str(data), out=str(out), split=split, backend=backend, device=device, dtype=dtype,
             tensor_parallel_size=tensor_parallel_size, trust_remote_code=trust_remote_code,
-            gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager, logits_chunk=logits_chunk,
+            gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager, load_format=load_format,
+            logits_chunk=logits_chunk,
             top_k=top_k, temperatures=_parse_list(temperatures, float, "--temperatures"), sampled=sampled, seed=seed,
             hidden_layers=_parse_list(hidden_layers, int, "--hidden-layers"), hidden_dtype=hidden_dtype,
             hidden_token_fraction=hidden_token_fraction, rows_per_shard=rows_per_shard,

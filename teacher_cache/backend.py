@@ -68,6 +68,9 @@ class BackendOptions:
     logits_chunk: int = 1024
     gpu_memory_utilization: float = 0.8
     enforce_eager: bool = False
+    # "dummy": random weights from the config (rehearsals and benchmarks at a real model's shape
+    # without its checkpoint); the manifest then records a "dummy" weights fingerprint.
+    load_format: str = "auto"
     # Shard s holds rows [s * R, (s + 1) * R). The hf backend never batches rows of
     # two shards together, so a shard's bytes do not depend on which other shards a
     # run writes (resumed runs, worker partitions). None: no shard boundaries.

@@ -38,6 +38,7 @@ from teacher_cache.plan import (ShardPlan, WorkerSlot, auto_rows_per_shard, esti
                                 resolve_worker, shards_for_worker)
 
 DEFAULT_TOP_K = 64
+LOAD_FORMATS = ("auto", "dummy")
 # Seconds between manifest rebuilds while shards are being published (and once at the end).
 MANIFEST_REFRESH_S = 30.0
 # Teacher keys that may differ between runs writing one cache: where the model lives.
@@ -58,6 +59,7 @@ class CacheConfig:
     trust_remote_code: bool = False
     gpu_memory_utilization: float = 0.8
     enforce_eager: bool = False
+    load_format: str = "auto"  # auto | dummy (random weights: rehearsals at a model's shape)
     logits_chunk: int = 1024
     top_k: int | None = None
     temperatures: tuple[float, ...] = (1.0, 2.0)
@@ -86,12 +88,15 @@ class CacheConfig:
         self.hidden_layers = tuple(int(layer) for layer in self.hidden_layers)
         self.gpus = tuple(int(g) for g in self.gpus)
         buffer_codec(self.compression, self.zstd_level)  # ValueError naming a bad --compression
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"--load-format {self.load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
 
     def backend_options(self) -> BackendOptions:
         return BackendOptions(model=self.model, device=self.device, dtype=self.dtype,
                               tensor_parallel_size=self.tensor_parallel_size, trust_remote_code=self.trust_remote_code,
                               max_tokens_per_batch=self.max_tokens_per_batch, logits_chunk=self.logits_chunk,
                               gpu_memory_utilization=self.gpu_memory_utilization, enforce_eager=self.enforce_eager,
+                              load_format=self.load_format,
                               rows_per_shard=self.rows_per_shard)
 
     def to_json(self) -> str:
@@ -143,7 +148,8 @@ def prepare(cfg: CacheConfig) -> Prepared:
     header = CacheManifest(
         spec=spec,
         teacher={"model": cfg.model, "model_type": info.model_type, "config_hash": info.config_hash,
-                 "weights_fingerprint": info.weights_fingerprint, "backend": backend, "dtype": cfg.dtype},
+                 "weights_fingerprint": "dummy" if cfg.load_format == "dummy" else info.weights_fingerprint,
+                 "backend": backend, "dtype": cfg.dtype},
         tokenizer={"vocab_size": info.vocab_size},
         source=source.describe(),
         work={"rows_per_shard": rows_per_shard, "num_rows": source.num_rows, "num_shards": len(plan)},

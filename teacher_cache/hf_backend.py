@@ -117,7 +117,15 @@ class HFBackend:
             raise ValueError(f"hidden layers {bad_layers} exceed the teacher's {self.info.num_layers} layers")
         self.device = resolve_device(options.device)
         self.dtype = resolve_dtype(options.dtype, self.device)
-        if model is None:
+        if model is None and options.load_format == "dummy":
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(options.model, trust_remote_code=options.trust_remote_code)
+            torch.manual_seed(0)
+            with self.device:  # random weights made where they run: a 20B teacher never passes the host
+                model = AutoModelForCausalLM.from_config(config, dtype=self.dtype,
+                                                         trust_remote_code=options.trust_remote_code)
+        elif model is None:
             model = AutoModelForCausalLM.from_pretrained(options.model, dtype=self.dtype,
                                                          trust_remote_code=options.trust_remote_code)
         self.model = model.to(self.device).eval()

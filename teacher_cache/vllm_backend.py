@@ -66,6 +66,7 @@ def engine_kwargs(spec: ShardSpec, options: BackendOptions, info: TeacherInfo, w
         max_num_batched_tokens=options.max_tokens_per_batch,
         gpu_memory_utilization=options.gpu_memory_utilization,
         enforce_eager=options.enforce_eager,
+        load_format=options.load_format,
         max_model_len=info.max_context,
         worker_cls=worker_cls,
         additional_config={CAPTURE_CONFIG_KEY: CaptureConfig(spec, options.logits_chunk).to_dict()},
