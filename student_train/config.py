@@ -24,6 +24,7 @@ from student_train.losses import KL_MODES, LossConfig
 DTYPES = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "muon")
 DEVICES = ("auto", "cpu", "cuda")
+FROZEN_PLACEMENTS = ("replicate", "shard")
 
 # Phase 1 of the user's plan: attention (incl. GPT-OSS sinks) and the MoE router
 # learn; experts, embeddings, lm_head and norms stay as loaded. `freeze` wins
@@ -147,6 +148,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile each decoder block
     activation_checkpointing: bool = False
+    # replicate: frozen weights whole on every rank, FSDP2 shards what trains (no all-gather of
+    # frozen weights per micro batch); shard: FSDP2 shards frozen weights too (less memory).
+    frozen_weights: str = "replicate"
     gpu_hour_price: float = 0.0  # per GPU-hour; > 0 adds cost per million tokens to the summary
 
     @property
@@ -348,6 +352,7 @@ def validate(config: TrainConfig, where: str = "config") -> None:
     need(config.eval.early_stop_patience >= 0, "eval.early_stop_patience", "must be >= 0")
     need(config.log.every >= 1, "log.every", "must be >= 1")
     need(config.device in DEVICES, "device", f"must be one of {DEVICES}")
+    need(config.frozen_weights in FROZEN_PLACEMENTS, "frozen_weights", f"must be one of {FROZEN_PLACEMENTS}")
     need(config.gpu_hour_price >= 0, "gpu_hour_price", "must be >= 0")
 
 

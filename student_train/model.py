@@ -12,7 +12,6 @@ E teacher width, K top-k width, T cached temperatures, M sampled ids.
 
 from __future__ import annotations
 
-import contextlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch.nn as nn
 from common.spec import ShardSpec
 from student_train.batch import StudentBatch
 from student_train.config import StudentConfig
+from student_train.weights import load_safetensors_into, safetensors_files, untied_missing
 from student_train.losses import (
     LossConfig,
     SampledTargets,
@@ -39,45 +39,42 @@ PROJECTIONS_FILE = "hidden_projections.safetensors"
 # ---------------------------------------------------------------- loading
 
 
-def load_student(cfg: StudentConfig, seed: int = 0, on_meta: bool = False) -> nn.Module:
-    """HF causal LM from a directory, or randomly initialised (deterministic in `seed`) from a config.
+def load_student(cfg: StudentConfig, seed: int = 0, device: torch.device | str = "cpu") -> nn.Module:
+    """HF causal LM from a directory, or randomly initialised (deterministic in `seed`) from a config,
+    built directly on `device`.
 
-    on_meta: only the structure, on the meta device, for ranks that receive the weights from rank 0
-    (so a node holds one copy of the full weights in host memory, not one per rank).
+    Every rank builds the same whole model on its own device: random weights come from the
+    same seed, checkpoint weights from the same files, so the result does not depend on the
+    number of ranks, and a 21B student starts in seconds (nothing passes through host memory).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    # Loaded in the frozen dtype when one is set (usually the checkpoint's), so host memory never holds
-    # an fp32 copy of the frozen majority; `cast_trained` then upcasts what trains.
+    # Built in the frozen dtype when one is set (usually the checkpoint's), so no fp32 copy of the
+    # frozen majority is ever made; `cast_trained` then upcasts what trains.
     kwargs = dict(dtype=TORCH_DTYPES[cfg.frozen_dtype or cfg.dtype], trust_remote_code=cfg.trust_remote_code)
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.experts_implementation:
         kwargs["experts_implementation"] = cfg.experts_implementation
+    key, source = ("student.path", cfg.path) if cfg.path is not None else ("student.init_config", cfg.init_config)
+    if not Path(source).exists():
+        where = "does not exist" if key == "student.init_config" else "does not exist (a local model directory)"
+        raise ValueError(f"{key} {source}: {where}")
+    try:
+        config = AutoConfig.from_pretrained(str(source), local_files_only=True,
+                                            trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{key} {source}: not a model config ({str(exc).splitlines()[0]})") from exc
     if cfg.path is not None:
-        try:
-            if on_meta:
-                config = AutoConfig.from_pretrained(cfg.path, local_files_only=True,
-                                                    trust_remote_code=cfg.trust_remote_code)
-                with torch.device("meta"):
-                    model = AutoModelForCausalLM.from_config(config, **kwargs)
-            else:
-                model = AutoModelForCausalLM.from_pretrained(cfg.path, local_files_only=True, **kwargs)
-        except (OSError, ValueError) as exc:
-            where = "does not exist and is not a model in the local HF cache" if not Path(cfg.path).exists() \
-                else f"could not be loaded ({str(exc).splitlines()[0]})"
-            raise ValueError(f"student.path {cfg.path}: {where}") from exc
-    else:
-        source = Path(cfg.init_config)
-        if not source.exists():
-            raise ValueError(f"student.init_config {source}: not found")
-        try:
-            config = AutoConfig.from_pretrained(str(source), trust_remote_code=cfg.trust_remote_code)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"student.init_config {source}: not a model config ({str(exc).splitlines()[0]})") from exc
-        torch.manual_seed(seed)
-        with torch.device("meta") if on_meta else contextlib.nullcontext():
-            model = AutoModelForCausalLM.from_config(config, **kwargs)
+        weight_files = safetensors_files(Path(cfg.path))  # a clear error before anything is built
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    if cfg.path is not None:
+        missing = untied_missing(model, load_safetensors_into(model, Path(cfg.path)))
+        if missing:
+            raise ValueError(f"student.path {cfg.path}: {weight_files[0].name} and its siblings lack "
+                             f"{len(missing)} of the model's tensors, e.g. {missing[:3]}")
     model.config.use_cache = False  # training never decodes; a KV cache only costs memory
     return model
 

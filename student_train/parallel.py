@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from student_train.config import FROZEN_PLACEMENTS
 from student_train.model import TORCH_DTYPES, decoder_layers
 
 
@@ -93,19 +94,26 @@ class ParallelConfig:
     compute_dtype: str = "bf16"  # FSDP2 parameter dtype on GPU
     activation_checkpointing: bool = False
     compile: bool = False
+    # replicate: every rank keeps the whole frozen weights; FSDP2 shards only what trains, so a
+    # micro batch all-gathers 0.64B trained parameters instead of 21B (GPT-OSS-20B phase 1).
+    # shard: FSDP2 shards frozen weights too (1/N of their memory, two all-gathers per micro batch).
+    frozen: str = "replicate"
 
 
-def parallelize(wrapper: nn.Module, env: DistEnv, cfg: ParallelConfig, rank0_state: dict | None = None) -> nn.Module:
+def frozen_params(module: nn.Module) -> set[nn.Parameter]:
+    return {p for p in module.parameters() if not p.requires_grad}
+
+
+def parallelize(wrapper: nn.Module, env: DistEnv, cfg: ParallelConfig) -> nn.Module:
     """Activation checkpointing, compile and FSDP2 on a DistillModel whose trainable flags are final.
 
-    FSDP2 units: each decoder block, then the root (embeddings, final norm,
-    lm_head, projections). The root keeps its parameters unsharded from forward
-    through backward, which the fused loss inside forward relies on.
-
-    With several ranks, only rank 0 holds real weights (`rank0_state`, its full
-    state dict); the others are built on the meta device and receive their
-    shards, and every buffer, from rank 0 after sharding.
+    Every rank holds the same whole model (built from the same seed or files on its own device).
+    FSDP2 units: each decoder block, then the root (embeddings, final norm, lm_head,
+    projections). The root keeps its parameters unsharded from forward through backward, which
+    the fused loss inside forward relies on. With `frozen: replicate` frozen parameters are left
+    out of every unit (`ignored_params`): they stay plain tensors, resident on every rank.
     """
+    assert cfg.frozen in FROZEN_PLACEMENTS, cfg.frozen
     student = wrapper.student
     layers = decoder_layers(student)
     if cfg.activation_checkpointing:
@@ -113,8 +121,9 @@ def parallelize(wrapper: nn.Module, env: DistEnv, cfg: ParallelConfig, rank0_sta
     if cfg.compile:
         for layer in layers:
             layer.compile()
+    wrapper.to(env.device)
     if not dist.is_initialized():
-        return wrapper.to(env.device)
+        return wrapper
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -126,11 +135,10 @@ def parallelize(wrapper: nn.Module, env: DistEnv, cfg: ParallelConfig, rank0_sta
         root_mp = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     else:  # gloo reduces in the parameters' own dtype
         block_mp = root_mp = MixedPrecisionPolicy()
-    # fully_shard moves each unit to the device as it shards it, so no rank ever holds the whole
-    # model on its device.
+    ignored = frozen_params(wrapper) if cfg.frozen == "replicate" else None
     for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=block_mp)
-    fully_shard(wrapper, mesh=mesh, mp_policy=root_mp)
+        fully_shard(layer, mesh=mesh, mp_policy=block_mp, ignored_params=ignored)
+    fully_shard(wrapper, mesh=mesh, mp_policy=root_mp, ignored_params=ignored)
     for module in wrapper.modules():
         if isinstance(module, FSDPModule):
             # The loss is already divided by the global token count: gradients must be summed over
@@ -138,18 +146,6 @@ def parallelize(wrapper: nn.Module, env: DistEnv, cfg: ParallelConfig, rank0_sta
             module.set_gradient_divide_factor(1.0)
             if env.device.type == "cpu":  # gloo has no PREMUL_SUM: plain SUM, then a division by 1
                 module.set_force_sum_reduction_for_comms(True)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    on_meta = any(t.is_meta for t in (*wrapper.parameters(), *wrapper.buffers()))
-    if on_meta:
-        wrapper.to_empty(device=env.device)
-    else:
-        wrapper.to(env.device)  # buffers that belong to no FSDP unit (rotary tables)
-    assert env.is_main == (rank0_state is not None), "rank 0, and only rank 0, passes the full state"
-    set_model_state_dict(wrapper, rank0_state or {},
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    for buf in wrapper.buffers():  # non-persistent buffers (rotary tables) are in no state dict
-        dist.broadcast(buf, src=0)
     return wrapper
 
 

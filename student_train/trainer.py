@@ -10,6 +10,7 @@ not to divide gradients by the world size for the same reason.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import sys
@@ -74,12 +75,17 @@ def loader_config(cfg: TrainConfig, cache_dir: str, for_eval: bool, hidden_layer
 
 
 def build_student(cfg: TrainConfig, env: DistEnv):
-    """The HF student with its trainable flags set (before any FSDP wrapping), and the counts."""
-    # Ranks other than 0 build the structure only; rank 0 sends them the weights after sharding.
-    student = load_student(cfg.student, seed=cfg.seed, on_meta=env.world_size > 1 and not env.is_main)
-    counts = select_trainable(student, cfg.student.train, cfg.student.freeze)
+    """The HF student on this rank's device with its trainable flags set (before any FSDP wrapping),
+    and the counts."""
     if env.device.type != "cuda" and cfg.student.frozen_dtype not in (None, cfg.student.dtype):
         raise ValueError("student.frozen_dtype other than student.dtype needs a GPU")
+    student_cfg = cfg.student
+    if env.device.type == "cuda" and student_cfg.frozen_dtype is None:
+        # Frozen weights never update and every matmul reads them in the compute dtype: keeping them
+        # in it halves their memory and spares a cast per use.
+        student_cfg = dataclasses.replace(student_cfg, frozen_dtype=student_cfg.compute_dtype)
+    student = load_student(student_cfg, seed=cfg.seed, device=env.device)
+    counts = select_trainable(student, cfg.student.train, cfg.student.freeze)
     cast_trained(student, cfg.student.dtype)
     print0(counts.describe())
     return student, counts
@@ -88,15 +94,14 @@ def build_student(cfg: TrainConfig, env: DistEnv):
 def build_distill_model(cfg: TrainConfig, env: DistEnv, student, spec: ShardSpec):
     """DistillModel around the student, parallelised and in train mode; and its FLOPs per token."""
     loss_cfg = cfg.loss.to_loss_config()
-    # The same seed on every rank: FSDP shards each rank's own copy of new projections.
+    # The same seed on every rank: each builds the same new projections.
     torch.manual_seed(cfg.seed)
-    model = DistillModel(student, loss_cfg, TargetLayout.from_spec(spec, loss_cfg))
+    with env.device:
+        model = DistillModel(student, loss_cfg, TargetLayout.from_spec(spec, loss_cfg))
     flops = flops_model(student, student.config, cfg.data.seq_len)
-    rank0_state = model.state_dict() if env.world_size > 1 and env.is_main else None
     model = parallel.parallelize(model, env, ParallelConfig(
         compute_dtype=cfg.student.compute_dtype, activation_checkpointing=cfg.activation_checkpointing,
-        compile=cfg.compile), rank0_state)
-    del rank0_state
+        compile=cfg.compile, frozen=cfg.frozen_weights))
     model.train()
     return model, flops
 

@@ -1,5 +1,5 @@
-"""1 rank and 2 gloo ranks (FSDP2, started by `vpmoe train --nproc-per-node 2`)
-train the same global batches to the same losses and gradient norms."""
+"""1 rank and 2 gloo ranks (FSDP2, started by `vpmoe train --nproc-per-node 2`, frozen weights
+replicated or sharded) train the same global batches to the same losses and gradient norms."""
 
 from __future__ import annotations
 
@@ -43,12 +43,14 @@ def setup(tmp_path_factory):
     return tmp, student
 
 
-def test_one_and_two_ranks_give_the_same_losses(setup):
+@pytest.mark.parametrize("frozen", ["replicate", "shard"])
+def test_one_and_two_ranks_give_the_same_losses(setup, frozen):
     tmp, student = setup
+    tmp = tmp / frozen
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        one = Trainer(tiny_config(tmp / "one", student, tmp / "train", None, *run_sets(2)))
+        one = Trainer(tiny_config(tmp / "one", student, setup[0] / "train", None, *run_sets(2)))
         try:
             one.train()
         finally:
@@ -56,7 +58,7 @@ def test_one_and_two_ranks_give_the_same_losses(setup):
     finally:
         torch.set_num_threads(threads)
 
-    cfg_two = tiny_config(tmp / "two", student, tmp / "train", None, *run_sets(1))
+    cfg_two = tiny_config(tmp / "two", student, setup[0] / "train", None, *run_sets(1), f"frozen_weights={frozen}")
     config_path = save_config(cfg_two, tmp / "two.yaml")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-m", "cli", "train", str(config_path), "--nproc-per-node", "2"],
