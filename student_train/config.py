@@ -69,6 +69,7 @@ class DataConfig:
     length_window: int = 64  # rows sorted by length inside windows of this many micro batches
     max_samples: int = 0  # 0: every row
     verify_content: bool = True
+    pad_to_multiple: int = 1  # pad micro batches to a multiple of this many tokens (compiled steps: 128)
 
 
 @dataclass
@@ -329,6 +330,7 @@ def validate(config: TrainConfig, where: str = "config") -> None:
     need(d.micro_batch >= 1, "data.micro_batch", "must be >= 1")
     need(d.global_batch >= 0 and d.grad_accum >= 0, "data.global_batch", "global_batch and grad_accum must be >= 0")
     need(d.num_threads >= 1 and d.prefetch >= 1, "data.num_threads", "num_threads and prefetch must be >= 1")
+    need(d.pad_to_multiple >= 1, "data.pad_to_multiple", "must be >= 1")
     need(d.decode_processes >= 0, "data.decode_processes", "must be 0 (decode in threads) or a process count")
     need(config.loss.kl_mode in KL_MODES, "loss.kl_mode", f"must be one of {KL_MODES}")
     for i, pair in enumerate(config.loss.layer_pairs):

@@ -73,10 +73,13 @@ class LoaderConfig:
     length_window: int = 64  # sort rows by length inside windows of this many global steps
     max_samples: int | None = None  # eval: only the first N rows, in cache order, never shuffled
     verify_content: bool = True  # recompute each row's content hash from its input_ids
+    # Micro batches padded to a multiple of this many tokens: a compiled step then sees a few
+    # shapes instead of one per length (pads are masked out of every loss).
+    pad_to_multiple: int = 1
 
     def __post_init__(self):
         self.hidden_layers = tuple(int(layer) for layer in self.hidden_layers)
-        for key in ("micro_batch", "seq_len", "num_threads", "prefetch", "length_window"):
+        for key in ("micro_batch", "seq_len", "num_threads", "prefetch", "length_window", "pad_to_multiple"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"loader {key} must be an int >= 1, got {value!r}")
@@ -188,8 +191,9 @@ class _BatchDecoder:
     """Reads and assembles micro batches; runs in the decode threads, holds no loader reference."""
 
     def __init__(self, rows: _RowMap, spec: ShardSpec, columns: list[str], hidden_layers: tuple[int, ...],
-                 verify_content: bool, pin_memory: bool, shared_memory: bool = False):
+                 verify_content: bool, pin_memory: bool, shared_memory: bool = False, pad_to_multiple: int = 1):
         assert not (pin_memory and shared_memory)
+        self.pad_to_multiple = pad_to_multiple
         self.rows = rows
         self.spec = spec
         self.columns = columns
@@ -259,7 +263,7 @@ class _BatchDecoder:
             with self._naming_row(n):
                 rows.append(self.read_row(n))
         B = len(rows)
-        L = max(r.num_tokens for r in rows)
+        L = -(-max(r.num_tokens for r in rows) // self.pad_to_multiple) * self.pad_to_multiple
         P = max(L - 1, 0)
         pin, shared = self.pin_memory, self.shared_memory
 
@@ -428,7 +432,7 @@ class CacheLoader:
         # In decode processes batches are built in shared memory; this process pins them.
         self._decoder = _BatchDecoder(rows, self.spec, read_columns(self.spec, config.hidden_layers, config.verify_content),
                                       config.hidden_layers, config.verify_content, pin_memory=pin and not in_processes,
-                                      shared_memory=in_processes)
+                                      shared_memory=in_processes, pad_to_multiple=config.pad_to_multiple)
         self._pin = pin
         if in_processes:
             self._processes = ProcessPoolExecutor(config.decode_processes, mp_context=_mp_context(),

@@ -71,7 +71,7 @@ def loader_config(cfg: TrainConfig, cache_dir: str, for_eval: bool, hidden_layer
         decode_processes=0 if for_eval else d.decode_processes,
         length_window=d.length_window,
         max_samples=(cfg.eval.samples or None) if for_eval else (d.max_samples or None),
-        verify_content=d.verify_content)
+        verify_content=d.verify_content, pad_to_multiple=d.pad_to_multiple)
 
 
 def build_student(cfg: TrainConfig, env: DistEnv):
