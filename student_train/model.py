@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from torch.profiler import record_function
 
 from common.spec import ShardSpec
 from student_train.batch import StudentBatch
@@ -227,8 +228,9 @@ class DistillModel(nn.Module):
     def forward(self, batch: StudentBatch, num_valid_global: float, num_hidden_global: float = 0.0):
         self._captured.clear()
         backbone = self.student.get_decoder()
-        hidden_BLD = backbone(input_ids=batch.input_ids_BL, attention_mask=batch.attention_mask_BL,
-                              use_cache=False).last_hidden_state
+        with record_function("vpmoe.backbone"):  # ranges the profile of bench/train_bench.py reports
+            hidden_BLD = backbone(input_ids=batch.input_ids_BL, attention_mask=batch.attention_mask_BL,
+                                  use_cache=False).last_hidden_state
         b, length, width = hidden_BLD.shape
         # Student position t predicts token t+1: drop the last position, shift labels left.
         hidden_ND = hidden_BLD[:, :-1].reshape(-1, width)
@@ -237,7 +239,9 @@ class DistillModel(nn.Module):
         weight_VD = self.student.get_output_embeddings().weight
         cfg = self.loss_cfg
         if num_valid_global > 0:
-            loss, m = distill_loss(hidden_ND, weight_VD, labels_N, targets, num_valid_global, **cfg.distill_kwargs())
+            with record_function("vpmoe.fused_loss"):
+                loss, m = distill_loss(hidden_ND, weight_VD, labels_N, targets, num_valid_global,
+                                       **cfg.distill_kwargs())
         else:  # nothing to predict anywhere this step (e.g. a filler micro batch): keep the graph, add 0
             loss = hidden_ND.sum() * 0.0
             zero = loss.detach().float()
@@ -246,17 +250,18 @@ class DistillModel(nn.Module):
         zero = loss.detach().new_zeros(())
         hidden_dist, hidden_positions = zero, zero
         if cfg.hidden_cosine_weight > 0 and num_hidden_global > 0:
-            mask_N = batch.hidden_mask_BL.reshape(-1).bool()
-            dist_sum = 0.0
-            for s, t in cfg.layer_pairs:
-                student_ND = self._captured[s].reshape(b * length, -1)
-                teacher_NE = batch.hidden_float(t).reshape(b * length, -1)
-                proj = self.projections[projection_key(s, t)] if projection_key(s, t) in self.projections else None
-                dist_sum = dist_sum + hidden_cosine_loss(student_ND, teacher_NE, mask_N, proj, 1.0)
-            # Averaged over layer pairs and over every rank's and micro batch's hidden positions.
-            loss = loss + cfg.hidden_cosine_weight * dist_sum / (num_hidden_global * len(cfg.layer_pairs))
-            hidden_dist = dist_sum.detach().to(zero.dtype)
-            hidden_positions = zero + mask_N.sum() * len(cfg.layer_pairs)
+            with record_function("vpmoe.hidden_cosine"):
+                mask_N = batch.hidden_mask_BL.reshape(-1).bool()
+                dist_sum = 0.0
+                for s, t in cfg.layer_pairs:
+                    student_ND = self._captured[s].reshape(b * length, -1)
+                    teacher_NE = batch.hidden_float(t).reshape(b * length, -1)
+                    proj = self.projections[projection_key(s, t)] if projection_key(s, t) in self.projections else None
+                    dist_sum = dist_sum + hidden_cosine_loss(student_ND, teacher_NE, mask_N, proj, 1.0)
+                # Averaged over layer pairs and over every rank's and micro batch's hidden positions.
+                loss = loss + cfg.hidden_cosine_weight * dist_sum / (num_hidden_global * len(cfg.layer_pairs))
+                hidden_dist = dist_sum.detach().to(zero.dtype)
+                hidden_positions = zero + mask_N.sum() * len(cfg.layer_pairs)
         self._captured.clear()
         sums = LossSums(ce_sum=m["ce_sum"].detach().float(), kl_sum=m["kl_sum"].detach().float(),
                         top1_agree_sum=m["top1_agree_sum"].detach().float(),

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 
 from common.gil import shorten_switch_interval
 from common.spec import ShardSpec
@@ -223,10 +224,12 @@ class Trainer:
             mb = mb.to(env.device, non_blocking=True)
             with self.autocast():
                 loss, sums = self.model(mb, num_valid, num_hidden)
-            loss.backward()
+            with record_function("vpmoe.backward"):
+                loss.backward()
             sums_F[0] += loss.detach().double()
             sums_F[1:] += sums.as_tensor().to(sums_F.device)
-        grad_norm = self._clip_grads()
+        with record_function("vpmoe.grad_clip"):
+            grad_norm = self._clip_grads()
         all_reduce_sum(sums_F)
         loss_value = float(sums_F[0])
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
@@ -234,7 +237,8 @@ class Trainer:
             raise NonFiniteError(f"step {self.step + 1}: non-finite loss ({loss_value}) or gradient norm "
                                  f"({grad_norm}); stopped before the optimizer step; last checkpoint: {where}")
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
+        with record_function("vpmoe.optimizer"):
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         parts = summarise(sums_F[1:].cpu(), self.loss_cfg)
