@@ -220,7 +220,8 @@ class Trainer:
         num_valid, num_hidden, tokens = all_reduce_sum(counts.to(env.device)).tolist()
 
         sums_F = torch.zeros(len(LossSums.FIELDS) + 1, dtype=torch.float64, device=env.device)
-        for mb in micro_batches:
+        for index, mb in enumerate(micro_batches):
+            parallel.sync_after_micro_batch(self.model, index == len(micro_batches) - 1, self.cfg.frozen_weights)
             mb = mb.to(env.device, non_blocking=True)
             with self.autocast():
                 loss, sums = self.model(mb, num_valid, num_hidden)
