@@ -9,6 +9,7 @@ top-16 targets with log-sum-exps at T = 1 and 2, bf16 hidden states of layer 2.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -24,7 +25,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli.main import app
-from common.manifest import MANIFEST_NAME, load_manifest, resolve_inside
+from common.manifest import MANIFEST_NAME, CacheManifest, load_manifest, resolve_inside
 from common.shard_format import CHECKSUM_COLUMN, ShardFormatError, checksummed_columns
 from common.shard_reader import ShardReader, read_cache_rows
 from common.spec import ShardSpec, TargetSpec
@@ -202,12 +203,21 @@ def test_a_format_1_cache_loads_with_a_warning(tmp_path):
     with ShardReader(tmp_path / "shard-00000.arrow") as reader:
         assert CHECKSUM_COLUMN not in reader.schema.names
         assert len(list(reader.iter_rows(verify_content=True))) == 2
-    with pytest.warns(UserWarning, match=r"format 1 cache: rows carry no checksums") as caught:
-        with CacheLoader(LoaderConfig(cache_dir=str(tmp_path), seq_len=32, shuffle=False)) as ld:
-            assert sorted(int(i) for batch in ld.epoch_batches() for i in batch.row_ids_B) == [0, 1, 2]
+    unchecked = r"format 1 cache: rows carry no checksums"
+    config = LoaderConfig(cache_dir=str(tmp_path), seq_len=32, shuffle=False)
+    with pytest.warns(UserWarning, match=unchecked) as caught, CacheLoader(config) as ld:
+        assert sorted(int(i) for batch in ld.epoch_batches() for i in batch.row_ids_B) == [0, 1, 2]
     assert len(caught) == 1  # one line per cache, not per shard or row
-    with pytest.warns(UserWarning, match=r"format 1 cache: rows carry no checksums"):
+    with pytest.warns(UserWarning, match=unchecked):
         result = invoke(tmp_path, "--verify", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["format_version"] == 1 and report["row_checksums"] is False and report["verify"]["ok"]
+
+
+def test_cache_teacher_does_not_add_format_2_shards_to_a_format_1_cache():
+    from teacher_cache.cache_run import header_differences
+
+    spec = ShardSpec(vocab_size=300)
+    old = CacheManifest(spec=dataclasses.replace(spec, format_version=1))
+    assert header_differences(old, CacheManifest(spec=spec)) == ["format version (1 -> 2)"]
