@@ -23,7 +23,8 @@ EXIT_BAD_INPUT = 2
 @app.command("inspect-shard")
 def inspect_shard(
     path: Path = typer.Argument(..., help="A shard file (shard-NNNNN.arrow) or a cache directory."),
-    verify: bool = typer.Option(False, "--verify", help="Check checksums, content hashes, row ranges and every row's values."),
+    verify: bool = typer.Option(False, "--verify",
+                                help="Check checksums, content hashes, row ranges and every row's values."),
     row: int | None = typer.Option(None, "--row", help="Show row N (0-based, shards in index order) with its targets."),
     tokenizer: Path | None = typer.Option(None, "--tokenizer", help="tokenizer.json (or its directory) to decode tokens."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),

@@ -27,6 +27,7 @@ S flattened sampled entries, H stored hidden positions, D hidden size.
 
 from __future__ import annotations
 
+import itertools
 import json
 import struct
 from dataclasses import dataclass
@@ -560,7 +561,7 @@ def _verify_row_ranges(shards: list[_Shard], path: Path) -> list[str]:
             problems.append(f"{shard.path}: row {row_ids[i]} is the shard's row {i}, where {claim} "
                             f"puts row {expected[i]}")
     entries = sorted((s.entry for s in shards if s.entry is not None), key=lambda e: e.row_start)
-    for before, after in zip(entries, entries[1:]):
+    for before, after in itertools.pairwise(entries):
         if after.row_start < before.row_end:
             problems.append(f"{path}: {before.file} [{before.row_start}, {before.row_end}) and {after.file} "
                             f"[{after.row_start}, {after.row_end}) overlap")

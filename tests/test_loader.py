@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from common.manifest import MANIFEST_NAME, CacheManifest, refresh_manifest
-from common.shard_format import CHECKSUM_COLUMN, ShardFormatError, TeacherRow, checksummed_columns, encode_row, row_checksums
+from common.shard_format import (CHECKSUM_COLUMN, ShardFormatError, TeacherRow, checksummed_columns, encode_row,
+                                 row_checksums)
 from common.shard_reader import ShardReader
 from common.shard_writer import ShardWriter
 from common.spec import HiddenSpec, ShardSpec, TargetSpec, hidden_positions
