@@ -1,4 +1,4 @@
-"""Shard format v1: every column round-trips within its stated bound, bad input
+"""Shard format: every column round-trips within its stated bound, bad input
 is refused with a one-line error naming the file, and a killed writer leaves
 no visible partial shard.
 
