@@ -23,7 +23,8 @@ EXIT_BAD_INPUT = 2
 @app.command("inspect-shard")
 def inspect_shard(
     path: Path = typer.Argument(..., help="A shard file (shard-NNNNN.arrow) or a cache directory."),
-    verify: bool = typer.Option(False, "--verify", help="Check checksums, content hashes and every row's values."),
+    verify: bool = typer.Option(False, "--verify",
+                                help="Check checksums, content hashes, row ranges and every row's values."),
     row: int | None = typer.Option(None, "--row", help="Show row N (0-based, shards in index order) with its targets."),
     tokenizer: Path | None = typer.Option(None, "--tokenizer", help="tokenizer.json (or its directory) to decode tokens."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
@@ -58,6 +59,8 @@ def print_report(report: dict, top: int, max_positions: int) -> None:
     hidden = spec["hidden"]
     overview = _kv_table(f"{report['kind']}: {report['path']}", {
         "format version": report["format_version"],
+        "row checksums": ("CRC-32 of every cell, checked as rows are read" if report["row_checksums"]
+                          else "none (format 1): a changed byte inside a shard is not detected"),
         "vocab size": spec["vocab_size"],
         "targets": mode,
         "hidden": (f"layers {hidden['layers']}, {hidden['dtype']}, fraction {hidden['token_fraction']}, "

@@ -1,4 +1,4 @@
-"""Compact encodings for teacher targets and hidden states (shard format v1).
+"""Compact encodings for teacher targets and hidden states (shard formats 1 and 2).
 
 Every encoder here maps numpy arrays to a `bytes` blob that goes into one Arrow
 binary cell; Arrow then zstd-compresses whole column buffers. The encoders only

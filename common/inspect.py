@@ -8,8 +8,11 @@ this module returns (a JSON-ready dict). Two kinds of failure:
   disagrees with its shards in spec, size, rows or tokens). Raised at once.
   With `verify=True` a shard whose sha256 differs from the manifest is one
   of these too, checked before anything else is read from it.
-* verification problems (`verify=True`): content-hash and value checks per
-  row, manifest totals. Collected, each one line naming the file and row.
+* verification problems (`verify=True`): row checksums, content-hash and
+  value checks per row, manifest totals, each shard's rows against its
+  manifest row range. Collected, each one line naming the file and row.
+  Without `verify` the rows read for statistics are checked against their
+  checksums too, and a mismatch is a `ShardFormatError`.
 
 Nothing here writes to the cache.
 
@@ -24,6 +27,7 @@ S flattened sampled entries, H stored hidden positions, D hidden size.
 
 from __future__ import annotations
 
+import itertools
 import json
 import struct
 from dataclasses import dataclass
@@ -36,8 +40,9 @@ import pyarrow.ipc as ipc
 
 from common import codec
 from common.manifest import MANIFEST_NAME, CacheManifest, ShardEntry, load_manifest, read_sidecar, resolve_inside
-from common.shard_format import TOKEN_COLUMNS, ShardFormatError, TeacherRow, decode_row
-from common.shard_reader import ShardReader, row_cells
+from common.shard_format import (CHECKSUM_COLUMN, TOKEN_COLUMNS, ShardFormatError, TeacherRow, decode_row,
+                                 warn_unchecked_rows)
+from common.shard_reader import ShardReader
 from common.spec import ShardSpec, content_hash, hidden_positions
 
 LABEL_IGNORE = -100
@@ -409,6 +414,7 @@ class _Shard:
     positions: int
     num_batches: int
     columns: list[ColumnBytes]
+    row_ids: np.ndarray  # in file order
 
 
 def _locate(path: Path) -> tuple[str, CacheManifest | None, dict | None, list[tuple[Path, ShardEntry | None]]]:
@@ -443,8 +449,11 @@ def _open_shard(path: Path, entry: ShardEntry | None, manifest: CacheManifest | 
         if manifest is not None and spec != manifest.spec:
             raise ShardFormatError(f"{path}: shard spec differs from the manifest's spec")
         rows = tokens = positions = 0
+        row_ids = []
         for b in range(reader.num_batches):
-            lengths = reader.read_batch(b).column("input_ids").value_lengths().to_numpy(zero_copy_only=False)
+            batch = reader.read_batch(b)
+            lengths = batch.column("input_ids").value_lengths().to_numpy(zero_copy_only=False)
+            row_ids.append(batch.column("row_id").to_numpy(zero_copy_only=False).astype(np.int64))
             rows += len(lengths)
             tokens += int(lengths.sum())
             positions += int(np.maximum(lengths - 1, 0).sum())
@@ -453,7 +462,7 @@ def _open_shard(path: Path, entry: ShardEntry | None, manifest: CacheManifest | 
             if getattr(entry, name) != held:
                 raise ShardFormatError(f"{path}: manifest says {getattr(entry, name)} {name}, the shard holds {held}")
     return _Shard(path, entry, spec, reader.schema, path.stat().st_size, rows, tokens, positions, reader.num_batches,
-                  column_bytes(path))
+                  column_bytes(path), np.concatenate(row_ids or [np.zeros(0, np.int64)]))
 
 
 def inspect_path(path: Path, options: InspectOptions = InspectOptions(),
@@ -468,8 +477,10 @@ def inspect_path(path: Path, options: InspectOptions = InspectOptions(),
     for shard in shards[1:]:
         if shard.spec != spec:
             raise ShardFormatError(f"{shard.path}: shard spec differs from {shards[0].path.name}'s")
+    warn_unchecked_rows(spec, str(path))
 
-    report = {"path": str(path), "kind": kind, "format_version": spec.format_version, "spec": spec.to_dict()}
+    report = {"path": str(path), "kind": kind, "format_version": spec.format_version,
+              "row_checksums": spec.row_checksums, "spec": spec.to_dict()}
     if manifest is not None:
         report["manifest"] = {key: raw_manifest.get(key) for key in ("teacher", "tokenizer", "source", "work", "totals")}
     report["schema"] = [{"name": f.name, "type": str(f.type)} for f in shards[0].schema]
@@ -481,7 +492,10 @@ def inspect_path(path: Path, options: InspectOptions = InspectOptions(),
                         "positions": sum(s.positions for s in shards), **totals}
     report["columns"] = columns
 
-    problems: list[str] = _verify_totals(shards, raw_manifest, path) if options.verify and kind == "cache" else []
+    problems: list[str] = []
+    if options.verify:
+        problems += _verify_totals(shards, raw_manifest, path) if kind == "cache" else []
+        problems += _verify_row_ranges(shards, path)
     stats = DistributionStats(spec)
     for shard in shards:
         if not options.verify and stats.rows >= options.stats_rows:
@@ -510,7 +524,8 @@ def _bytes_report(shards: list[_Shard], tokens: int) -> tuple[list[dict], dict]:
     columns = [{"name": c.name, "compressed_bytes": c.compressed, "uncompressed_bytes": c.uncompressed,
                 "ratio": c.ratio, "compressed_per_token": per_token(c.compressed),
                 "uncompressed_per_token": per_token(c.uncompressed)} for c in merged.values()]
-    targets = [c for c in merged.values() if c.name not in TOKEN_COLUMNS and not c.name.startswith("hidden")]
+    targets = [c for c in merged.values()
+               if c.name not in (*TOKEN_COLUMNS, CHECKSUM_COLUMN) and not c.name.startswith("hidden")]
     hidden = [c for c in merged.values() if c.name.startswith("hidden")]
     return columns, {
         "file_bytes": file_bytes,
@@ -529,8 +544,33 @@ def _verify_totals(shards: list[_Shard], raw_manifest: dict, path: Path) -> list
             for key, value in held.items() if key in totals and totals[key] != value]
 
 
+def _verify_row_ranges(shards: list[_Shard], path: Path) -> list[str]:
+    """Each shard holds the source rows [row_start, row_end) of its manifest
+    entry, in order, and no two entries claim a row."""
+    problems = []
+    for shard in shards:
+        entry, row_ids = shard.entry, shard.row_ids
+        if entry is None:
+            continue
+        expected = np.arange(entry.row_start, entry.row_end, dtype=np.int64)
+        claim = f"its manifest range [{entry.row_start}, {entry.row_end})"
+        if len(expected) != len(row_ids):
+            problems.append(f"{shard.path}: holds {len(row_ids)} rows, {claim} has {len(expected)}")
+        elif (expected != row_ids).any():
+            i = int(np.argmax(expected != row_ids))
+            problems.append(f"{shard.path}: row {row_ids[i]} is the shard's row {i}, where {claim} "
+                            f"puts row {expected[i]}")
+    entries = sorted((s.entry for s in shards if s.entry is not None), key=lambda e: e.row_start)
+    for before, after in itertools.pairwise(entries):
+        if after.row_start < before.row_end:
+            problems.append(f"{path}: {before.file} [{before.row_start}, {before.row_end}) and {after.file} "
+                            f"[{after.row_start}, {after.row_end}) overlap")
+    return problems
+
+
 def _scan_shard(shard: _Shard, options: InspectOptions, stats: DistributionStats) -> list[str]:
-    """Row checks (when verifying) and statistics for one shard."""
+    """Row checks (when verifying) and statistics for one shard. A row that does
+    not decode or match its checksums is a problem when verifying, else an error."""
     problems = []
     where = f"{shard.path}: "
     with ShardReader(shard.path) as reader:
@@ -546,8 +586,10 @@ def _scan_shard(shard: _Shard, options: InspectOptions, stats: DistributionStats
                 break
             for r in range(batch.num_rows):
                 try:
-                    row = decode_row(row_cells(batch, r), shard.spec, where=where)
+                    row = decode_row(reader.cells(batch, r), shard.spec, where=where)
                 except ValueError as exc:
+                    if not options.verify:
+                        raise
                     problems.append(str(exc))
                     continue
                 if options.verify:

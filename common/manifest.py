@@ -17,7 +17,7 @@ from pathlib import Path
 
 from common.atomic import atomic_write_text, file_lock
 from common.shard_format import ShardFormatError
-from common.spec import FORMAT_VERSION, ShardSpec
+from common.spec import READABLE_FORMAT_VERSIONS, ShardSpec
 
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".manifest.lock"
@@ -57,7 +57,11 @@ class CacheManifest:
     source: dict = field(default_factory=dict)  # path, split, num_rows, has_labels, fingerprint
     work: dict = field(default_factory=dict)  # rows_per_shard, num_rows, num_shards
     shards: list[ShardEntry] = field(default_factory=list)
-    format_version: int = FORMAT_VERSION
+
+    @property
+    def format_version(self) -> int:
+        """A cache's version is its shards' (their spec is the manifest's)."""
+        return self.spec.format_version
 
     # What must agree for two runs to write into one cache.
     def identity(self) -> dict:
@@ -88,8 +92,9 @@ class CacheManifest:
         except json.JSONDecodeError as exc:
             raise ShardFormatError(f"{where}: not valid JSON ({exc})") from exc
         version = d.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ShardFormatError(f"{where}: unknown format version {version!r} (this build reads {FORMAT_VERSION})")
+        if version not in READABLE_FORMAT_VERSIONS:
+            raise ShardFormatError(f"{where}: unknown format version {version!r} (this build reads "
+                                   f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))})")
         for key in ("spec", "shards"):
             if key not in d:
                 raise ShardFormatError(f"{where}: missing key '{key}'")
@@ -97,6 +102,8 @@ class CacheManifest:
             spec = ShardSpec.from_dict(d["spec"])
         except ValueError as exc:
             raise ShardFormatError(f"{where}: key 'spec': {exc}") from exc
+        if spec.format_version != version:
+            raise ShardFormatError(f"{where}: format version {version} but spec.format_version {spec.format_version}")
         shards = [ShardEntry.from_dict(s, f"{where} shards[{i}]") for i, s in enumerate(d["shards"])]
         return cls(spec=spec, teacher=d.get("teacher", {}), tokenizer=d.get("tokenizer", {}),
                    source=d.get("source", {}), work=d.get("work", {}), shards=shards)

@@ -1,7 +1,10 @@
-"""Shard format v1: one Arrow row per source sequence (see docs/FORMAT.md).
+"""Shard format v2: one Arrow row per source sequence (see docs/FORMAT.md).
 
 `TeacherRow` is the decoded, in-memory form both stages use; `encode_row` and
-`decode_row` map it to and from the Arrow cells. Shape suffixes: L tokens,
+`decode_row` map it to and from the Arrow cells. Every row carries a CRC-32 of
+each of its other cells (`checksums`), which readers compare on every read:
+a byte that changes after writing stops the reader naming file, row and
+column, even where zstd still decodes the buffer. Shape suffixes: L tokens,
 P = L - 1 target positions (position t describes token t + 1), K top-k width,
 T temperatures, S flattened sampled entries, H stored hidden positions,
 D hidden size.
@@ -10,6 +13,8 @@ D hidden size.
 from __future__ import annotations
 
 import json
+import warnings
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,11 +22,13 @@ import pyarrow as pa
 import torch
 
 from common import codec
-from common.spec import FORMAT_VERSION, ShardSpec, content_hash
+from common.spec import READABLE_FORMAT_VERSIONS, ShardSpec, content_hash
 
 SCHEMA_METADATA_KEY = b"vpmoe.shard_spec"
 # Columns every shard has, whatever its targets and hidden states.
 TOKEN_COLUMNS = ("row_id", "content_hash", "input_ids", "labels")
+# Last column (format 2 on): a CRC-32 of each other cell of the row, in schema order.
+CHECKSUM_COLUMN = "checksums"
 
 
 class ShardFormatError(ValueError):
@@ -92,20 +99,61 @@ def build_schema(spec: ShardSpec) -> pa.Schema:
             fields.append(pa.field(hidden_column(layer), pa.binary()))
             if spec.hidden.dtype == "fp8":
                 fields.append(pa.field(hidden_scale_column(layer), pa.binary()))
+    if spec.row_checksums:
+        fields.append(pa.field(CHECKSUM_COLUMN, pa.list_(pa.uint32(), len(fields))))
     metadata = {SCHEMA_METADATA_KEY: json.dumps(spec.to_dict(), sort_keys=True).encode()}
     return pa.schema(fields, metadata=metadata)
 
 
 def read_columns(spec: ShardSpec, hidden_layers=(), content_hash: bool = True) -> list[str]:
     """The columns a reader needs for tokens, targets and the given hidden layers
-    (`ShardReader` adds `row_id` itself)."""
+    (`ShardReader` adds `row_id` and the checksums itself)."""
     wanted_hidden = {hidden_column(layer) for layer in hidden_layers}
     wanted_hidden |= {hidden_scale_column(layer) for layer in hidden_layers}
     if hidden_layers:
         wanted_hidden.add("hidden_positions")
-    return [name for name in build_schema(spec).names
+    return [name for name in checksummed_columns(spec)
             if name != "row_id" and (content_hash or name != "content_hash")
             and (not name.startswith("hidden_") or name in wanted_hidden)]
+
+
+def checksummed_columns(spec: ShardSpec) -> list[str]:
+    """Every column but the checksums, in schema order: entry i of a row's
+    checksums is the CRC-32 of its cell in column i."""
+    return [name for name in build_schema(spec).names if name != CHECKSUM_COLUMN]
+
+
+def cell_checksum(cell) -> int:
+    """CRC-32 of a cell's bytes: row_id as int64 little-endian, list cells as
+    their little-endian int32 values, binary cells as stored. zlib's CRC-32
+    runs at several GB/s and releases the GIL on large cells (decode threads)."""
+    if isinstance(cell, int):
+        return zlib.crc32(cell.to_bytes(8, "little", signed=True))
+    if isinstance(cell, np.ndarray):
+        cell = np.ascontiguousarray(cell)
+    return zlib.crc32(cell)
+
+
+def row_checksums(cells: dict, columns: list[str]) -> np.ndarray:
+    return np.array([cell_checksum(cells[name]) for name in columns], dtype=np.uint32)
+
+
+def warn_unchecked_rows(spec: ShardSpec, where: str) -> None:
+    """One warning per cache (not per shard) that predates row checksums."""
+    if not spec.row_checksums:
+        warnings.warn(f"{where}: format {spec.format_version} cache: rows carry no checksums, so a changed byte "
+                      "inside a shard is not detected (write the cache again to add them)", stacklevel=2)
+
+
+def check_row_checksums(cells: dict, columns: list[str], where: str = "") -> None:
+    """Raise naming the row and column(s) whose cells differ from the checksums
+    stored with them; `cells` may hold any subset of `columns`."""
+    stored = cells[CHECKSUM_COLUMN]
+    bad = [name for i, name in enumerate(columns) if name in cells and cell_checksum(cells[name]) != stored[i]]
+    if bad:
+        row_id = cells.get("row_id", "?")
+        raise ShardFormatError(f"{where}row {row_id}: checksum mismatch in column(s) {', '.join(bad)} "
+                               "(the shard changed after it was written)")
 
 
 def spec_from_schema(schema: pa.Schema, where: str) -> ShardSpec:
@@ -117,8 +165,9 @@ def spec_from_schema(schema: pa.Schema, where: str) -> ShardSpec:
     except json.JSONDecodeError as exc:
         raise ShardFormatError(f"{where}: shard spec metadata is not JSON: {exc}") from exc
     version = spec_dict.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ShardFormatError(f"{where}: unknown shard format version {version!r} (this build reads {FORMAT_VERSION})")
+    if version not in READABLE_FORMAT_VERSIONS:
+        raise ShardFormatError(f"{where}: unknown shard format version {version!r} (this build reads "
+                               f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))})")
     try:
         spec = ShardSpec.from_dict(spec_dict)
     except ValueError as exc:
@@ -127,13 +176,18 @@ def spec_from_schema(schema: pa.Schema, where: str) -> ShardSpec:
     missing = [f.name for f in expected if f.name not in schema.names]
     if missing:
         raise ShardFormatError(f"{where}: missing column(s) {', '.join(missing)}")
+    mistyped = [f"{f.name} is {schema.field(f.name).type}, expected {f.type}" for f in expected
+                if schema.field(f.name).type != f.type]
+    if mistyped:
+        raise ShardFormatError(f"{where}: column {'; column '.join(mistyped)}")
     return spec
 
 
 def encode_row(row: TeacherRow, spec: ShardSpec) -> dict:
     """TeacherRow -> {column: cell}. Validates shapes and ids (names the row).
     Hidden cells are uint8 arrays that may be views of the row's own tensors
-    (fp8 ones are): a backend hands rows over and does not write into them again."""
+    (fp8 ones are): a backend hands rows over and does not write into them again
+    (the checksums taken here would name such a write when the row is read)."""
     where = f"row {row.row_id}"
     input_ids = np.asarray(row.input_ids_L, dtype=np.int32)
     labels = np.asarray(row.labels_L, dtype=np.int32)
@@ -197,6 +251,9 @@ def encode_row(row: TeacherRow, spec: ShardSpec) -> dict:
                 blob, scale_H = codec.encode_hidden_fp8(h_HD, row.hidden_scales.get(layer))
                 cells[hidden_column(layer)] = blob
                 cells[hidden_scale_column(layer)] = codec.encode_float32(scale_H)
+    if spec.row_checksums:
+        # Here, in the encode threads, not in the shard's single writer thread.
+        cells[CHECKSUM_COLUMN] = row_checksums(cells, checksummed_columns(spec))
     return cells
 
 

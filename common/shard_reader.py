@@ -1,5 +1,6 @@
 """Shard reader: memory-maps an Arrow IPC shard, decodes only the columns asked
-for, and verifies checksums and row content hashes on request."""
+for, compares every row it returns with the row's checksums (format 2 on),
+and verifies the file's sha256 and row content hashes on request."""
 
 from __future__ import annotations
 
@@ -12,13 +13,17 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from common.manifest import ShardEntry, file_sha256, load_manifest, resolve_inside
-from common.shard_format import ShardFormatError, TeacherRow, decode_row, spec_from_schema
+from common.shard_format import (CHECKSUM_COLUMN, ShardFormatError, TeacherRow, check_row_checksums,
+                                 checksummed_columns, decode_row, spec_from_schema, warn_unchecked_rows)
 from common.spec import ShardSpec, content_hash
 
 
 class ShardReader:
+    """`verify_checksum`: compare the file's size and sha256 with `entry` on opening.
+    `verify_cells`: compare each row's cells with its checksums as rows are read."""
+
     def __init__(self, path: Path, columns: Sequence[str] | None = None, entry: ShardEntry | None = None,
-                 verify_checksum: bool = False):
+                 verify_checksum: bool = False, verify_cells: bool = True):
         self.path = Path(path)
         if not self.path.is_file():
             raise ShardFormatError(f"{self.path}: shard file not found")
@@ -35,6 +40,8 @@ class ShardReader:
         except (pa.ArrowInvalid, OSError) as exc:
             raise ShardFormatError(f"{self.path}: not a readable Arrow IPC file ({exc})") from exc
         self.spec: ShardSpec = spec_from_schema(self.schema, str(self.path))
+        # The columns a row's checksums cover, in their order (None: nothing to check).
+        self._checksummed = checksummed_columns(self.spec) if verify_cells and self.spec.row_checksums else None
         names = list(self.schema.names)
         if columns is None:
             self.columns = names
@@ -42,7 +49,8 @@ class ShardReader:
             unknown = [c for c in columns if c not in names]
             if unknown:
                 raise ShardFormatError(f"{self.path}: no column(s) {', '.join(unknown)}")
-            self.columns = list(dict.fromkeys(["row_id", *columns]))
+            checksums = [CHECKSUM_COLUMN] if self._checksummed else []
+            self.columns = list(dict.fromkeys(["row_id", *columns, *checksums]))
         options = ipc.IpcReadOptions(included_fields=[names.index(c) for c in self.columns])
         self._reader = ipc.open_file(self._mmap, options=options)
         self.num_batches = self._reader.num_record_batches
@@ -79,11 +87,18 @@ class ShardReader:
                                                          for i in range(self.num_batches)))
         return self._batch_ends
 
+    def cells(self, batch: pa.RecordBatch, r: int) -> dict:
+        """Row r of one of this shard's record batches as {column: cell}, its checksums verified."""
+        cells = row_cells(batch, r)
+        if self._checksummed is not None:
+            check_row_checksums(cells, self._checksummed, where=f"{self.path}: ")
+        return cells
+
     def iter_cells(self) -> Iterator[dict]:
         for b in range(self.num_batches):
             batch = self.read_batch(b)
             for r in range(batch.num_rows):
-                yield row_cells(batch, r)
+                yield self.cells(batch, r)
 
     def iter_rows(self, verify_content: bool = False) -> Iterator[TeacherRow]:
         for cells in self.iter_cells():
@@ -99,7 +114,7 @@ class ShardReader:
             raise ValueError(f"{self.path}: row {index} out of range (shard has {num_rows} rows)")
         b = bisect.bisect_right(ends, index)
         first = ends[b - 1] if b else 0
-        return decode_row(row_cells(self.read_batch(b), index - first), self.spec, where=f"{self.path}: ",
+        return decode_row(self.cells(self.read_batch(b), index - first), self.spec, where=f"{self.path}: ",
                           hidden_stored=hidden_stored)
 
 
@@ -113,7 +128,7 @@ def row_cells(batch: pa.RecordBatch, r: int) -> dict:
 
 def _cell(column: pa.Array, r: int, zero_copy: bool = False):
     value = column[r]
-    if pa.types.is_list(column.type):
+    if pa.types.is_list(column.type) or pa.types.is_fixed_size_list(column.type):
         return value.values.to_numpy(zero_copy_only=False)
     if zero_copy and pa.types.is_binary(column.type) and value.is_valid:
         return value.as_buffer()
@@ -131,7 +146,9 @@ def read_cache_rows(cache_dir: Path) -> dict[int, TeacherRow]:
     """Every row of a cache by row id, each shard's sha256 and each row's content
     hash verified (for checks and comparisons; training reads through its loader)."""
     rows: dict[int, TeacherRow] = {}
-    for entry in load_manifest(cache_dir).shards:
+    manifest = load_manifest(cache_dir)
+    warn_unchecked_rows(manifest.spec, str(cache_dir))
+    for entry in manifest.shards:
         path = resolve_inside(cache_dir, entry.file)
         with ShardReader(path, entry=entry, verify_checksum=True) as reader:
             for row in reader.iter_rows(verify_content=True):

@@ -16,7 +16,7 @@ import pyarrow.ipc as ipc
 
 from common.atomic import publish, tmp_path_for
 from common.manifest import ShardEntry, file_sha256, shard_file_name, write_sidecar
-from common.shard_format import TeacherRow, build_schema, encode_row
+from common.shard_format import CHECKSUM_COLUMN, TeacherRow, build_schema, encode_row
 from common.spec import ShardSpec
 
 DEFAULT_BATCH_ROWS = 16
@@ -55,6 +55,7 @@ class ShardWriter:
 
     def add_cells(self, cells: dict) -> None:
         """Add a row already encoded with `encode_row` (e.g. in an encode thread)."""
+        assert CHECKSUM_COLUMN in cells or not self.spec.row_checksums, "cells come from encode_row"
         self._pending.append(cells)
         self._pending_bytes += _raw_bytes(cells)
         self.rows += 1
@@ -138,6 +139,9 @@ def build_batch(rows: list[dict], schema: pa.Schema) -> pa.RecordBatch:
             else:
                 flat = np.concatenate([np.asarray(v, dtype=np.int32) for v in values]) if values else []
                 arrays.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=f.type.value_type)))
+        elif pa.types.is_fixed_size_list(f.type):  # the row checksums
+            flat = pa.array(np.concatenate(values), type=f.type.value_type)
+            arrays.append(pa.FixedSizeListArray.from_arrays(flat, f.type.list_size))
         else:
             arrays.append(pa.array(values, type=f.type))
     return pa.RecordBatch.from_arrays(arrays, schema=schema)

@@ -11,7 +11,10 @@ import numpy as np
 
 from common.codec import DEFAULT_VALUE_SCALE, id_bytes_for_vocab
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what this build writes
+# Format 1 shards (no row checksums) are still read; see docs/FORMAT.md, Versions.
+READABLE_FORMAT_VERSIONS = (1, 2)
+ROW_CHECKSUMS_SINCE = 2
 TARGET_MODES = ("topk", "sampled")
 HIDDEN_DTYPES = ("bf16", "fp8")
 
@@ -81,10 +84,18 @@ class ShardSpec:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
+        if self.format_version not in READABLE_FORMAT_VERSIONS:
+            raise ValueError(f"unknown format version {self.format_version!r} (this build reads "
+                             f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))})")
         if self.vocab_size < 2:
             raise ValueError(f"vocab_size must be >= 2, got {self.vocab_size}")
         if self.targets.mode == "topk" and self.targets.k > self.vocab_size:
             raise ValueError(f"k={self.targets.k} exceeds the vocabulary ({self.vocab_size})")
+
+    @property
+    def row_checksums(self) -> bool:
+        """Whether each row carries a checksum of every cell (format 2 on)."""
+        return self.format_version >= ROW_CHECKSUMS_SINCE
 
     @property
     def id_bytes(self) -> int:

@@ -16,6 +16,11 @@ every row is read once: the last step is completed with filler rows, copies
 of the epoch's first rows with row id -1, labels all -100 and no hidden mask,
 so they add nothing to any loss or count.
 
+Integrity. Every row read is compared with the checksums stored with it (one
+CRC-32 per cell), in the decode thread or process: a changed byte stops
+training with the shard, row and column named. Row content hashes are
+recomputed from the tokens as well (`verify_content`).
+
 Decoding runs in background threads, at most `prefetch` micro batches ahead;
 each thread keeps its own open shard readers. With `decode_processes` > 0 it
 runs in that many worker processes instead: they build batches in shared
@@ -49,7 +54,7 @@ import numpy as np
 import torch
 
 from common.manifest import MANIFEST_NAME, CacheManifest, ShardEntry, load_manifest, resolve_inside
-from common.shard_format import ShardFormatError, TeacherRow, read_columns
+from common.shard_format import ShardFormatError, TeacherRow, read_columns, warn_unchecked_rows
 from common.shard_reader import ShardReader, check_content_hash
 from common.spec import ShardSpec
 from student_train.batch import IGNORE_INDEX, PAD_TOKEN_ID, StudentBatch
@@ -73,6 +78,7 @@ class LoaderConfig:
     length_window: int = 64  # sort rows by length inside windows of this many global steps
     max_samples: int | None = None  # eval: only the first N rows, in cache order, never shuffled
     verify_content: bool = True  # recompute each row's content hash from its input_ids
+    verify_checksums: bool = True  # compare each row's cells with their stored checksums (off: benchmarks only)
     # Micro batches padded to a multiple of this many tokens: a compiled step then sees a few
     # shapes instead of one per length (pads are masked out of every loss).
     pad_to_multiple: int = 1
@@ -191,7 +197,8 @@ class _BatchDecoder:
     """Reads and assembles micro batches; runs in the decode threads, holds no loader reference."""
 
     def __init__(self, rows: _RowMap, spec: ShardSpec, columns: list[str], hidden_layers: tuple[int, ...],
-                 verify_content: bool, pin_memory: bool, shared_memory: bool = False, pad_to_multiple: int = 1):
+                 verify_content: bool, verify_checksums: bool, pin_memory: bool, shared_memory: bool = False,
+                 pad_to_multiple: int = 1):
         assert not (pin_memory and shared_memory)
         self.pad_to_multiple = pad_to_multiple
         self.rows = rows
@@ -199,6 +206,7 @@ class _BatchDecoder:
         self.columns = columns
         self.hidden_layers = hidden_layers
         self.verify_content = verify_content
+        self.verify_checksums = verify_checksums
         self.pin_memory = pin_memory
         self.shared_memory = shared_memory  # in a decode process: batches go back through shared memory
         self._local = threading.local()
@@ -219,7 +227,8 @@ class _BatchDecoder:
             readers = self._local.readers = OrderedDict()
         reader = readers.get(shard)
         if reader is None:
-            reader = ShardReader(self.rows.paths[shard], columns=self.columns, entry=self.rows.entries[shard])
+            reader = ShardReader(self.rows.paths[shard], columns=self.columns, entry=self.rows.entries[shard],
+                                 verify_cells=self.verify_checksums)
             readers[shard] = reader
             if len(readers) > _MAX_OPEN_SHARDS:
                 readers.popitem(last=False)[1].close()
@@ -399,6 +408,8 @@ class CacheLoader:
         cache_dir = Path(config.cache_dir)
         self.manifest: CacheManifest = load_manifest(cache_dir)
         self.spec: ShardSpec = self.manifest.spec
+        if config.verify_checksums:
+            warn_unchecked_rows(self.spec, str(cache_dir))
         if expected_vocab_size is not None and expected_vocab_size != self.spec.vocab_size:
             raise ValueError(f"{cache_dir}: the cache's vocabulary has {self.spec.vocab_size} ids, the student's "
                              f"has {expected_vocab_size}")
@@ -431,8 +442,9 @@ class CacheLoader:
         in_processes = config.decode_processes > 0
         # In decode processes batches are built in shared memory; this process pins them.
         self._decoder = _BatchDecoder(rows, self.spec, read_columns(self.spec, config.hidden_layers, config.verify_content),
-                                      config.hidden_layers, config.verify_content, pin_memory=pin and not in_processes,
-                                      shared_memory=in_processes, pad_to_multiple=config.pad_to_multiple)
+                                      config.hidden_layers, config.verify_content, config.verify_checksums,
+                                      pin_memory=pin and not in_processes, shared_memory=in_processes,
+                                      pad_to_multiple=config.pad_to_multiple)
         self._pin = pin
         if in_processes:
             self._processes = ProcessPoolExecutor(config.decode_processes, mp_context=_mp_context(),

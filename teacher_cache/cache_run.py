@@ -174,7 +174,9 @@ def resolve_rows_per_shard(cfg: CacheConfig, spec: ShardSpec, source: SourceData
 def header_differences(existing: CacheManifest, header: CacheManifest) -> list[str]:
     """Names of what differs between two caches' identities (empty: same cache)."""
     diffs = []
-    if existing.spec != header.spec:
+    if existing.format_version != header.format_version:
+        diffs.append(f"format version ({existing.format_version} -> {header.format_version})")
+    elif existing.spec != header.spec:
         diffs.append("targets/hidden spec")
     for name, a, b, ignore in (("teacher", existing.teacher, header.teacher, _TEACHER_LOCATION_KEYS),
                                ("source", existing.source, header.source, _SOURCE_LOCATION_KEYS)):

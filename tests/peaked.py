@@ -19,7 +19,9 @@ permutation, the worst case for id coding.
 top-k by torch.topk, log-sum-exp in float64, sampled draws by inverse CDF in
 float64, and greedy next tokens, so input_ids[t + 1] is position t's top-1 id
 (target t predicts token t + 1). `write_cache` writes such rows as a cache
-directory and `rewrite_shard` copies a shard with changes, for corruption tests.
+directory and `rewrite_shard` copies a shard with changes, for corruption tests;
+`flip_cell_byte` changes one stored byte of one cell in place, as a bad disk
+would, and reseals the shard's sha256 so that only the row checksums see it.
 
 Shape suffixes: P positions, V vocabulary, K top-k width, T temperatures,
 L tokens, H stored hidden positions, D hidden size.
@@ -27,6 +29,7 @@ L tokens, H stored hidden positions, D hidden size.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +40,10 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import torch
 
-from common.manifest import CacheManifest, refresh_manifest
-from common.shard_format import SCHEMA_METADATA_KEY, TeacherRow
+from common.manifest import (CacheManifest, file_sha256, load_manifest, read_sidecar, refresh_manifest,
+                             resolve_inside, write_sidecar)
+from common.shard_format import CHECKSUM_COLUMN, SCHEMA_METADATA_KEY, TeacherRow, row_checksums
+from common.shard_reader import row_cells
 from common.shard_writer import ShardWriter
 from common.spec import ShardSpec, hidden_positions
 
@@ -236,11 +241,18 @@ def write_cache(cache_dir: Path, spec: ShardSpec, lengths_per_shard: list[list[i
     return truths
 
 
-def rewrite_shard(src: Path, dst: Path, transform, spec_change: dict | None = None) -> None:
-    """Copy a shard through Arrow, changing its table and/or its spec metadata."""
+def rewrite_shard(src: Path, dst: Path, transform, spec_change: dict | None = None,
+                  keep_checksums: bool = False) -> None:
+    """Copy a shard through Arrow, changing its table and/or its spec metadata.
+
+    The rows' checksums are recomputed from the changed cells, as a writer given
+    them would have stored them; `keep_checksums` keeps the stored ones (bytes
+    that changed after writing)."""
     with pa.memory_map(str(src)) as source:
         table = ipc.open_file(source).read_all()
     table = transform(table)
+    if not keep_checksums and CHECKSUM_COLUMN in table.schema.names:
+        table = _with_fresh_checksums(table)
     metadata = dict(table.schema.metadata)
     if spec_change:
         spec_dict = json.loads(metadata[SCHEMA_METADATA_KEY])
@@ -250,3 +262,41 @@ def rewrite_shard(src: Path, dst: Path, transform, spec_change: dict | None = No
     options = ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=3))
     with ipc.new_file(str(dst), table.schema, options=options) as writer:
         writer.write_table(table)
+
+
+def _with_fresh_checksums(table: pa.Table) -> pa.Table:
+    columns = [name for name in table.schema.names if name != CHECKSUM_COLUMN]
+    field = table.schema.field(CHECKSUM_COLUMN)
+    if len(columns) != field.type.list_size:
+        return table  # a column was dropped: readers refuse the shard before any checksum
+    sums = [row_checksums(row_cells(batch, r), columns) for batch in table.to_batches() for r in range(batch.num_rows)]
+    flat = pa.array(np.concatenate(sums) if sums else [], type=field.type.value_type)
+    return table.set_column(table.schema.get_field_index(CHECKSUM_COLUMN), field,
+                            pa.FixedSizeListArray.from_arrays(flat, len(columns)))
+
+
+def flip_cell_byte(cache_dir: Path, row_id: int, column: str, byte: int = 0, mask: int = 0x01) -> Path:
+    """XOR one byte of a binary cell (default: the lowest bit of its first byte,
+    a change no value check can see), rewrite the shard (zstd re-encodes it, so
+    it decodes as before) and record the new size and sha256 in its sidecar and
+    the manifest. Returns the shard's path."""
+    entry = next(e for e in load_manifest(cache_dir).shards if e.row_start <= row_id < e.row_end)
+    path = resolve_inside(cache_dir, entry.file)
+
+    def flip(table: pa.Table) -> pa.Table:
+        index = table.schema.get_field_index(column)
+        assert pa.types.is_binary(table.schema.field(index).type), f"{column} is not a binary column"
+        cells = table.column(index).to_pylist()
+        r = table.column("row_id").to_pylist().index(row_id)
+        cell = bytearray(cells[r])
+        cell[byte] ^= mask
+        cells[r] = bytes(cell)
+        return table.set_column(index, table.schema.field(index), pa.array(cells, pa.binary()))
+
+    rewrite_shard(path, path.with_name(path.name + ".flipped"), flip, keep_checksums=True)
+    path.with_name(path.name + ".flipped").replace(path)
+    sidecar = path.with_name(path.name + ".json")
+    write_sidecar(cache_dir, dataclasses.replace(read_sidecar(sidecar), bytes=path.stat().st_size,
+                                                 sha256=file_sha256(path)))
+    refresh_manifest(cache_dir, load_manifest(cache_dir))
+    return path

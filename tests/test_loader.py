@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from common.manifest import MANIFEST_NAME, CacheManifest, refresh_manifest
-from common.shard_format import ShardFormatError, TeacherRow, encode_row
+from common.shard_format import (CHECKSUM_COLUMN, ShardFormatError, TeacherRow, checksummed_columns, encode_row,
+                                 row_checksums)
 from common.shard_reader import ShardReader
 from common.shard_writer import ShardWriter
 from common.spec import HiddenSpec, ShardSpec, TargetSpec, hidden_positions
@@ -73,6 +74,7 @@ def write_cache(cache_dir: Path, spec: ShardSpec, rows: list[TeacherRow], rows_p
                 # tokens that no longer match the stored content hash, as from other data
                 cells["input_ids"] = cells["input_ids"].copy()
                 cells["input_ids"][0] = (cells["input_ids"][0] + 1) % VOCAB
+                cells[CHECKSUM_COLUMN] = row_checksums(cells, checksummed_columns(spec))  # written as given
             writer.add_cells(cells)
         writer.close()
     refresh_manifest(cache_dir, CacheManifest(spec=spec, tokenizer={"vocab_size": spec.vocab_size},
