@@ -133,6 +133,15 @@ class CacheManifest:
         return sum(s.rows for s in self.shards)
 
 
+def teacher_differences(a: dict, b: dict) -> list[str]:
+    """What tells two manifests' teachers apart: model type, config and weights, and
+    the model's name or path only where either lacks a weights fingerprint (one
+    model may sit at different paths on different nodes). Empty: the same teacher."""
+    keys = ["model_type", "config_hash"]
+    keys.append("weights_fingerprint" if a.get("weights_fingerprint") and b.get("weights_fingerprint") else "model")
+    return [f"teacher {key} {a.get(key)!r} vs {b.get(key)!r}" for key in keys if a.get(key) != b.get(key)]
+
+
 def resolve_inside(cache_dir: Path, name: str) -> Path:
     """Path of a file a manifest names; refuses names that leave the directory."""
     cache_dir = Path(cache_dir).resolve()

@@ -25,7 +25,7 @@ from student_train import parallel
 from student_train.batch import IGNORE_INDEX
 from student_train.checkpoint import Checkpointer, export_hf, resolve_resume, step_dir_name
 from student_train.config import TrainConfig, grad_accum_steps
-from student_train.evaluate import evaluate, summarise
+from student_train.evaluate import check_eval_teacher, evaluate, summarise
 from student_train.loader import CacheLoader, LoaderConfig
 from student_train.metrics import MetricsLogger, Throughput, flops_model, mfu, peak_memory_gib
 from student_train.model import (
@@ -136,6 +136,7 @@ class Trainer:
             if self.eval_loader.spec.targets != self.train_loader.spec.targets:
                 raise ValueError(f"{cfg.data.eval_cache}: its targets ({self.eval_loader.spec.targets}) differ from "
                                  f"the train cache's ({self.train_loader.spec.targets})")
+            check_eval_teacher(self.train_loader.manifest, self.eval_loader.manifest, cfg.data)
 
         self.accum = grad_accum_steps(cfg.data, env.world_size)
         self.total_steps = cfg.optim.steps or self.train_loader.batches_per_epoch // self.accum
