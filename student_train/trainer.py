@@ -162,8 +162,8 @@ class Trainer:
             self.step = self.checkpointer.load(resume_path, self.model, self.optimizer, self.scheduler,
                                                self.train_loader)
             self.last_checkpoint = resume_path
-            self.logger.truncate_after(self.step)
             print0(f"resumed from {resume_path} at step {self.step}")
+        self.logger.truncate_after(self.step)  # every start: no step is logged twice
         print0(f"world size {env.world_size} x micro batch {cfg.data.micro_batch} x grad accum {self.accum} "
                f"= {env.world_size * cfg.data.micro_batch * self.accum} sequences per step; "
                f"{self.total_steps} steps; {self.train_loader.batches_per_epoch} micro batches per rank per epoch")
