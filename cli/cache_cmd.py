@@ -93,6 +93,8 @@ def cache_teacher(
             zstd_level=zstd_level, show_progress=not no_progress,
         )
         run_cache(cfg, console)
-    except (ValueError, RuntimeError) as exc:
-        Console(stderr=True).print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
+    # OSError: a disk that fills or a directory that turns read-only mid-run (its message names the path).
+    except (ValueError, RuntimeError, OSError) as exc:
+        Console(stderr=True).print(f"error: {' '.join(str(exc).split())}", highlight=False, markup=False,
+                                   soft_wrap=True)
         raise typer.Exit(2)

@@ -74,7 +74,10 @@ def train(
 
     try:
         summary = run(cfg, resume)
-    except (ValueError, NonFiniteError) as exc:
+    except ValueError as exc:  # input the run cannot use: a cache, a checkpoint, the student
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    except NonFiniteError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from common.atomic import atomic_write_text, file_lock
+from common.json_check import check_json, check_known_keys
 from common.shard_format import ShardFormatError
 from common.spec import READABLE_FORMAT_VERSIONS, ShardSpec
 
@@ -23,6 +24,15 @@ MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".manifest.lock"
 SHARD_SUFFIX = ".arrow"
 SIDECAR_SUFFIX = ".arrow.json"
+# Keys of the free-form sections that readers use, and their JSON types; other keys are free.
+SECTION_KEYS = {
+    "teacher": {"model": str, "model_type": str, "config_hash": str, "weights_fingerprint": str, "backend": str,
+                "dtype": str},
+    "tokenizer": {"vocab_size": int},
+    "source": {"path": str, "split": str, "num_rows": int, "has_labels": bool, "fingerprint": str},
+    "work": {"rows_per_shard": int, "num_rows": int, "num_shards": int},
+    "totals": {"rows": int, "tokens": int, "bytes": int},
+}
 
 
 def shard_file_name(index: int) -> str:
@@ -44,9 +54,12 @@ class ShardEntry:
     @classmethod
     def from_dict(cls, d: dict, where: str) -> "ShardEntry":
         try:
-            return cls(**{k: d[k] for k in cls.__dataclass_fields__})
-        except KeyError as exc:
-            raise ShardFormatError(f"{where}: shard entry lacks key {exc}") from exc
+            check_json(d, dict, "")
+            known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}  # other keys are ignored
+            check_json(known, cls, "")
+        except ValueError as exc:
+            raise ShardFormatError(f"{where}: shard entry: {exc}") from exc
+        return cls(**known)
 
 
 @dataclass
@@ -91,6 +104,8 @@ class CacheManifest:
             d = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ShardFormatError(f"{where}: not valid JSON ({exc})") from exc
+        if not isinstance(d, dict):
+            raise ShardFormatError(f"{where}: expects a JSON object, got {type(d).__name__}")
         version = d.get("format_version")
         if version not in READABLE_FORMAT_VERSIONS:
             raise ShardFormatError(f"{where}: unknown format version {version!r} (this build reads "
@@ -98,6 +113,14 @@ class CacheManifest:
         for key in ("spec", "shards"):
             if key not in d:
                 raise ShardFormatError(f"{where}: missing key '{key}'")
+        try:
+            check_json(d["spec"], ShardSpec, "spec")
+            check_json(d["shards"], list[dict], "shards")
+            for section, keys in SECTION_KEYS.items():
+                if section in d:
+                    check_known_keys(d[section], keys, section)
+        except ValueError as exc:
+            raise ShardFormatError(f"{where}: {exc}") from exc
         try:
             spec = ShardSpec.from_dict(d["spec"])
         except ValueError as exc:
@@ -115,6 +138,15 @@ class CacheManifest:
     @property
     def total_rows(self) -> int:
         return sum(s.rows for s in self.shards)
+
+
+def teacher_differences(a: dict, b: dict) -> list[str]:
+    """What tells two manifests' teachers apart: model type, config and weights, and
+    the model's name or path only where either lacks a weights fingerprint (one
+    model may sit at different paths on different nodes). Empty: the same teacher."""
+    keys = ["model_type", "config_hash"]
+    keys.append("weights_fingerprint" if a.get("weights_fingerprint") and b.get("weights_fingerprint") else "model")
+    return [f"teacher {key} {a.get(key)!r} vs {b.get(key)!r}" for key in keys if a.get(key) != b.get(key)]
 
 
 def resolve_inside(cache_dir: Path, name: str) -> Path:

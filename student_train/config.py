@@ -53,6 +53,8 @@ class StudentConfig:
 class DataConfig:
     train_cache: str = ""
     eval_cache: str | None = None
+    # An eval cache made by another teacher than the train cache is refused; true: a warning instead.
+    allow_teacher_mismatch: bool = False
     seed: int = 0
     shuffle: bool = True
     seq_len: int = 4096

@@ -3,10 +3,27 @@ the teacher, and hidden-state cosine, summed on each rank and all-reduced."""
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
+from common.manifest import CacheManifest, teacher_differences
+from student_train.config import DataConfig
 from student_train.model import LossSums
-from student_train.parallel import DistEnv, all_reduce_sum
+from student_train.parallel import DistEnv, all_reduce_sum, print0
+
+
+def check_eval_teacher(train: CacheManifest, eval_: CacheManifest, data: DataConfig) -> None:
+    """Eval targets from another teacher than the train targets measure the wrong
+    distance: refused, or a warning with data.allow_teacher_mismatch."""
+    differences = teacher_differences(train.teacher, eval_.teacher)
+    if not differences:
+        return
+    message = (f"{data.eval_cache}: made by another teacher than the train cache {data.train_cache} "
+               f"({'; '.join(differences)})")
+    if not data.allow_teacher_mismatch:
+        raise ValueError(f"{message}; set data.allow_teacher_mismatch: true to evaluate on it anyway")
+    print0(f"warning: {message}", file=sys.stderr)
 
 
 def summarise(sums_F: torch.Tensor, loss_cfg) -> dict:

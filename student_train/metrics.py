@@ -10,6 +10,7 @@ context per layer (context capped by a sliding window).
 from __future__ import annotations
 
 import json
+import math
 import re
 import resource
 import sys
@@ -135,13 +136,15 @@ class MetricsLogger:
                     print("log.tensorboard: the tensorboard package is not installed; JSONL only", file=sys.stderr)
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop records of steps the restored state has not taken (they are redone)."""
+        """On every start: drop records of steps the restored state has not taken (they
+        are redone); starting at step 0, every record. A line a killed run left half
+        written is dropped too. Replaced atomically."""
         if not self.is_main or not self.path.is_file():
             return
         from common.atomic import atomic_write_text
 
         kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+                if line.strip() and step > 0 and _record_step(line) <= step]
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, record: dict) -> None:
@@ -158,6 +161,16 @@ class MetricsLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _record_step(line: str) -> float:
+    """The step a JSONL line records (0 if none); inf for a line that is no record."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return math.inf
+    step = record.get("step", 0) if isinstance(record, dict) else None
+    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else math.inf
 
 
 def format_record(record: dict) -> str:

@@ -27,7 +27,7 @@ from student_train import parallel
 from student_train.batch import IGNORE_INDEX
 from student_train.checkpoint import Checkpointer, export_hf, resolve_resume, step_dir_name
 from student_train.config import TrainConfig, grad_accum_steps
-from student_train.evaluate import evaluate, summarise
+from student_train.evaluate import check_eval_teacher, evaluate, summarise
 from student_train.loader import CacheLoader, LoaderConfig
 from student_train.metrics import MetricsLogger, Throughput, flops_model, mfu, peak_memory_gib
 from student_train.model import (
@@ -142,6 +142,7 @@ class Trainer:
             if self.eval_loader.spec.targets != self.train_loader.spec.targets:
                 raise ValueError(f"{cfg.data.eval_cache}: its targets ({self.eval_loader.spec.targets}) differ from "
                                  f"the train cache's ({self.train_loader.spec.targets})")
+            check_eval_teacher(self.train_loader.manifest, self.eval_loader.manifest, cfg.data)
 
         self.accum = grad_accum_steps(cfg.data, env.world_size)
         self.total_steps = cfg.optim.steps or self.train_loader.batches_per_epoch // self.accum
@@ -167,8 +168,8 @@ class Trainer:
             self.step = self.checkpointer.load(resume_path, self.model, self.optimizer, self.scheduler,
                                                self.train_loader)
             self.last_checkpoint = resume_path
-            self.logger.truncate_after(self.step)
             print0(f"resumed from {resume_path} at step {self.step}")
+        self.logger.truncate_after(self.step)  # every start: no step is logged twice
         print0(f"world size {env.world_size} x micro batch {cfg.data.micro_batch} x grad accum {self.accum} "
                f"= {env.world_size * cfg.data.micro_batch * self.accum} sequences per step; "
                f"{self.total_steps} steps; {self.train_loader.batches_per_epoch} micro batches per rank per epoch")

@@ -88,6 +88,25 @@ class CacheConfig:
         self.hidden_layers = tuple(int(layer) for layer in self.hidden_layers)
         self.gpus = tuple(int(g) for g in self.gpus)
         buffer_codec(self.compression, self.zstd_level)  # ValueError naming a bad --compression
+        self.check_options()
+
+    def check_options(self) -> None:
+        """ValueError naming the flag of a setting no run can use, before any input is read."""
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"--top-k must be >= 1, got {self.top_k}")
+        if self.sampled is None:
+            if not self.temperatures:
+                raise ValueError("--temperatures needs at least one temperature for top-k targets")
+            bad = [t for t in self.temperatures if not (math.isfinite(t) and t > 0)]
+            if bad:
+                raise ValueError(f"--temperatures must be finite and > 0, got {', '.join(map(str, bad))}")
+            if len(set(self.temperatures)) != len(self.temperatures):
+                raise ValueError(f"--temperatures lists a temperature twice: {self.temperatures}")
+        for flag, value in (("--max-tokens-per-batch", self.max_tokens_per_batch),
+                            ("--logits-chunk", self.logits_chunk), ("--encode-threads", self.encode_threads),
+                            ("--tensor-parallel-size", self.tensor_parallel_size)):
+            if value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"--load-format {self.load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
 
@@ -113,7 +132,8 @@ def build_spec(cfg: CacheConfig, info: TeacherInfo) -> ShardSpec:
     if cfg.sampled is not None:
         targets = TargetSpec(mode="sampled", k=0, temperatures=(), num_samples=cfg.sampled, seed=cfg.seed)
     else:
-        targets = TargetSpec(mode="topk", k=cfg.top_k or DEFAULT_TOP_K, temperatures=cfg.temperatures, seed=cfg.seed)
+        k = DEFAULT_TOP_K if cfg.top_k is None else cfg.top_k
+        targets = TargetSpec(mode="topk", k=k, temperatures=cfg.temperatures, seed=cfg.seed)
     too_deep = [layer for layer in cfg.hidden_layers if layer > info.num_layers]
     if too_deep:
         raise ValueError(f"--hidden-layers {too_deep}: the teacher has {info.num_layers} layers (1-based)")
@@ -137,7 +157,21 @@ class Prepared:
     header: CacheManifest
 
 
+def check_out_dir(out: Path) -> None:
+    """ValueError for an --out that cannot become a cache directory (nothing is created here)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {existing} is not writable")
+
+
 def prepare(cfg: CacheConfig) -> Prepared:
+    check_out_dir(Path(cfg.out))
     info = read_teacher_info(cfg.model, cfg.trust_remote_code)
     source = open_source(cfg.data, cfg.split, cfg.limit_rows)
     source.validate(info.vocab_size, info.max_context)
@@ -300,6 +334,11 @@ def plan_report(cfg: CacheConfig, prep: Prepared, worker: WorkerSlot, workers_pe
         f"source {prep.source.path} split '{prep.source.split}': {prep.source.num_rows:,} rows, {tokens:,} tokens",
         f"targets: {targets}",
     ]
+    if prep.source.num_rows == 0:
+        why = ("--limit-rows 0 selects none of its rows" if prep.source.total_rows
+               else f"split '{prep.source.split}' has no rows")
+        lines.append(f"WARNING: {prep.source.path}: {why}; the cache will hold no shards and `vpmoe train` "
+                     "refuses it")
     if spec.hidden.layers:
         lines.append(f"hidden layers {list(spec.hidden.layers)} in {spec.hidden.dtype}, "
                      f"token fraction {spec.hidden.token_fraction:g}")
@@ -493,6 +532,7 @@ def merge_caches(out: Path, sources: list[Path], link: bool = True) -> MergeRepo
     if not sources:
         raise ValueError("--merge needs at least one cache directory")
     out = Path(out)
+    check_out_dir(out)
     # Sidecars, not the manifest's list: a worker killed between publishing a
     # shard and refreshing its manifest still has the shard's sidecar.
     manifests = [(Path(d), dataclasses.replace(load_manifest(Path(d)), shards=read_sidecars(Path(d))))

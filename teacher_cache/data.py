@@ -29,6 +29,7 @@ IGNORE_INDEX = -100
 INPUT_IDS = "input_ids"
 LABELS = "labels"
 _DATA_SUFFIXES = (".parquet", ".arrow")
+_ARROW_FILE_MAGIC = b"ARROW1"
 
 
 @dataclass
@@ -125,7 +126,7 @@ class SourceData:
             if bad.any():
                 i = int(np.flatnonzero(bad)[0])
                 raise ValueError(f"{self.where(i)} {why} ({int(lengths[i])} tokens)")
-        self._check_ids(vocab_size)
+        self._check_values(self._ids, vocab_size, "token id")
         if self._labels is not None:
             label_lengths = self._labels.lengths()[:self.num_rows]
             mismatch = label_lengths != lengths
@@ -133,21 +134,25 @@ class SourceData:
                 i = int(np.flatnonzero(mismatch)[0])
                 raise ValueError(f"{self.where(i)}: labels has {int(label_lengths[i])} tokens, "
                                  f"input_ids {int(lengths[i])}")
+            self._check_values(self._labels, vocab_size, "label", also_allowed=IGNORE_INDEX)
 
-    def _check_ids(self, vocab_size: int) -> None:
-        for chunk in self._ids.chunks:
+    def _check_values(self, column: _ListColumn, vocab_size: int, what: str, also_allowed: int | None = None) -> None:
+        """ValueError naming the first selected value outside [0, vocab_size) (and not `also_allowed`)."""
+        for chunk in column.chunks:
             rows_here = min(len(chunk.offsets_R1) - 1, self.num_rows - chunk.row_start)
             if rows_here <= 0:
                 break
             lo, hi = chunk.offsets_R1[0], chunk.offsets_R1[rows_here]
             values_F = chunk.values_F[lo:hi]
             bad_F = (values_F < 0) | (values_F >= vocab_size)
+            if also_allowed is not None:
+                bad_F &= values_F != also_allowed
             if bad_F.any():
                 f = int(np.flatnonzero(bad_F)[0]) + lo
                 r = int(np.searchsorted(chunk.offsets_R1, f, side="right")) - 1
-                raise ValueError(f"{self.where(chunk.row_start + r)}: token id {int(chunk.values_F[f])} at position "
-                                 f"{f - int(chunk.offsets_R1[r])} is outside the teacher vocabulary "
-                                 f"[0, {vocab_size})")
+                rule = "is outside" if also_allowed is None else f"is neither {also_allowed} nor in"
+                raise ValueError(f"{self.where(chunk.row_start + r)}: {what} {int(chunk.values_F[f])} at position "
+                                 f"{f - int(chunk.offsets_R1[r])} {rule} the teacher vocabulary [0, {vocab_size})")
 
     def fingerprint(self) -> str:
         """Content hash of the whole split's input_ids and labels (lengths and values),
@@ -170,16 +175,14 @@ class SourceData:
 
 
 def _read_arrow(file: Path) -> pa.Table:
-    """HF writes Arrow IPC streams; plain IPC files work too. Memory-mapped."""
-    source = pa.memory_map(str(file), "r")
+    """HF writes Arrow IPC streams; plain IPC files (which begin with their magic) work too. Memory-mapped."""
     try:
-        return ipc.open_stream(source).read_all()
-    except pa.ArrowInvalid:
+        source = pa.memory_map(str(file), "r")
+        is_file_format = source.read(len(_ARROW_FILE_MAGIC)) == _ARROW_FILE_MAGIC
         source.seek(0)
-        try:
-            return ipc.open_file(source).read_all()
-        except pa.ArrowInvalid as exc:
-            raise ValueError(f"{file}: not an Arrow IPC file or stream ({exc})") from exc
+        return ipc.open_file(source).read_all() if is_file_format else ipc.open_stream(source).read_all()
+    except (pa.ArrowInvalid, OSError) as exc:  # pyarrow reports a truncated stream as an OSError
+        raise ValueError(f"{file}: not an Arrow IPC file or stream ({exc})") from exc
 
 
 def _read_table(file: Path) -> pa.Table:
@@ -191,13 +194,35 @@ def _read_table(file: Path) -> pa.Table:
     return _read_arrow(file)
 
 
+def _read_json_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not readable JSON ({exc})") from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expects a JSON object, got {type(value).__name__}")
+    return value
+
+
 def _saved_dataset_files(dataset_dir: Path) -> list[Path]:
     state_path = dataset_dir / "state.json"
-    try:
-        state = json.loads(state_path.read_text())
-        return [dataset_dir / f["filename"] for f in state["_data_files"]]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"{state_path}: not a readable save_to_disk state ({exc})") from exc
+    files = _read_json_object(state_path).get("_data_files")
+    if not isinstance(files, list) or not all(isinstance(f, dict) and isinstance(f.get("filename"), str)
+                                              for f in files):
+        raise ValueError(f"{state_path}: not a save_to_disk state (key '_data_files' must list "
+                         f"{{\"filename\": ...}} objects)")
+    return [_file_inside(dataset_dir, f["filename"], state_path) for f in files]
+
+
+def _file_inside(dataset_dir: Path, name: str, listed_in: Path) -> Path:
+    """A data file a state.json names; it must lie in the dataset's directory. The
+    file itself may be a link (a hub cache snapshot links its files to blobs), but
+    its name may not climb out (`..`, an absolute path) nor pass through a linked folder."""
+    path = dataset_dir / name
+    root = dataset_dir.resolve()
+    if Path(name).is_absolute() or ".." in Path(name).parts or not path.parent.resolve().is_relative_to(root):
+        raise ValueError(f"{listed_in}: data file {name!r} lies outside the dataset directory {dataset_dir}")
+    return path
 
 
 def _split_of_file(file: Path, root: Path) -> str:
@@ -217,12 +242,14 @@ def resolve_files(path: Path, split: str) -> list[Path]:
             raise ValueError(f"{path}: unsupported data file (use Parquet, Arrow or a save_to_disk directory)")
         return [path]
     if (path / "dataset_dict.json").is_file():
-        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        splits = _read_json_object(path / "dataset_dict.json").get("splits")
+        if not isinstance(splits, list) or not all(isinstance(name, str) for name in splits):
+            raise ValueError(f"{path / 'dataset_dict.json'}: key 'splits' must be a list of split names")
         if split not in splits:
             raise ValueError(f"{path}: unknown split '{split}' (splits: {', '.join(splits)})")
         return _saved_dataset_files(path / split)
     if (path / "state.json").is_file():
-        recorded = json.loads((path / "state.json").read_text()).get("_split")
+        recorded = _read_json_object(path / "state.json").get("_split")
         if recorded is not None and recorded != split:
             raise ValueError(f"{path}: unknown split '{split}' (this dataset holds split '{recorded}')")
         return _saved_dataset_files(path)
