@@ -1,8 +1,10 @@
 """Checkpoints (torch.distributed.checkpoint) and the final HF export.
 
-A checkpoint is a directory `step-NNNNNNNN/` holding the DCP files of model and
-optimizer (each rank writes its shards), `trainer.json` (step, scheduler, world
-size) and `rank-NNNNN.json` per rank (loader position, RNG states). It is
+A checkpoint is a directory `step-NNNNNNNN/` holding the DCP files of the
+trained model state and the optimizer (each rank writes its shards),
+`frozen.json` (a fingerprint of the frozen weights, which are rebuilt at start:
+see frozen_state), `trainer.json` (step, scheduler, world size) and
+`rank-NNNNN.json` per rank (loader position, RNG states). It is
 written under `.tmp-step-NNNNNNNN/`, completed with a `COMPLETE` marker, and
 only then renamed into place, so a crash mid-save leaves the previous
 checkpoints untouched and the half-written one is never picked for resume.
@@ -25,6 +27,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from common.atomic import TMP_PREFIX, atomic_write_text, fsync_dir
+from student_train.frozen_state import (FROZEN_FILE, check_fingerprint, frozen_fingerprint, frozen_names,
+                                        trained_state)
 from student_train.model import PROJECTIONS_FILE, TORCH_DTYPES
 from student_train.parallel import DistEnv, barrier
 
@@ -90,6 +94,9 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
+        # Frozen weights are rebuilt at start; only their fingerprint is kept (frozen_state).
+        model_sd = trained_state(model_sd, frozen_names(model))
+        prints = frozen_fingerprint(model)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
         rank_state = {"rank": self.env.rank, "loader": loader.state_dict(), "rng": rng_state()}
         atomic_write_text(tmp / rank_file(self.env.rank), json.dumps(_jsonable(rank_state)))
@@ -97,6 +104,7 @@ class Checkpointer:
         if self.env.is_main:
             trainer = {"step": step, "world_size": self.env.world_size, "scheduler": scheduler.state_dict()}
             atomic_write_text(tmp / "trainer.json", json.dumps(_jsonable(trainer)))
+            atomic_write_text(tmp / FROZEN_FILE, json.dumps(prints))
             atomic_write_text(tmp / COMPLETE, f"{step}\n")
             if final.exists():  # a rerun of the same step: the new one replaces it
                 shutil.rmtree(final)
@@ -110,7 +118,7 @@ class Checkpointer:
     def load(self, path: Path, model: nn.Module, optimizer, scheduler, loader) -> int:
         """Restores everything saved; returns the step the checkpoint was taken after."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
         path = Path(path)
         trainer = json.loads((path / "trainer.json").read_text())
@@ -120,10 +128,12 @@ class Checkpointer:
         rank_path = path / rank_file(self.env.rank)
         if not rank_path.is_file():
             raise ValueError(f"{rank_path}: missing (checkpoint incomplete for rank {self.env.rank})")
+        check_fingerprint(path, model)
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        state = {"model": trained_state(model_sd, frozen_names(model)), "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=StateDictOptions(strict=False))  # frozen weights: as rebuilt and checked
         scheduler.load_state_dict(trainer["scheduler"])
         rank_state = json.loads(rank_path.read_text())
         loader.load_state_dict(rank_state["loader"])

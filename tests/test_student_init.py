@@ -120,3 +120,35 @@ def test_a_checkpoint_of_another_shape_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="has shape"):
         load_student(StudentConfig(path=str(saved)), device="cpu")
+
+
+def test_checkpoints_hold_the_trained_state_and_refuse_other_frozen_weights(init_setup):
+    """A checkpoint keeps trained weights and optimizer state, not the frozen majority; a resume whose
+    rebuilt frozen weights differ (here: another seed for student.init_config) is refused by name."""
+    import torch.distributed.checkpoint as dcp
+
+    from student_train.trainer import Trainer
+
+    tmp, config_dir = init_setup
+    sets = ["student.path=null", f"student.init_config={config_dir}", "data.micro_batch=1", "data.global_batch=2",
+            "data.seq_len=16", "student.experts_implementation=eager", "optim.steps=2", "checkpoint.every=1",
+            "export.enabled=false"]
+    cfg = tiny_config(tmp / "ckpt", config_dir, tmp / "train", None, *sets)
+    trainer = Trainer(cfg)
+    try:
+        trainer.train()
+        frozen = {n for n, p in trainer.model.named_parameters() if not p.requires_grad}
+        trained = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    finally:
+        trainer.close()
+    step = Path(cfg.checkpoint.dir) / "step-00000002"
+    saved = set(dcp.FileSystemReader(str(step)).read_metadata().state_dict_metadata)
+    assert {f"model.{n}" for n in trained} <= saved
+    assert not {f"model.{n}" for n in frozen} & saved
+    assert frozen and json.loads((step / "frozen.json").read_text()).keys() == frozen
+
+    resumed = Trainer(tiny_config(tmp / "ckpt", config_dir, tmp / "train", None, *sets, "optim.steps=3"), resume="")
+    resumed.close()
+    with pytest.raises(ValueError, match="frozen weight .* differs"):
+        Trainer(tiny_config(tmp / "ckpt", config_dir, tmp / "train", None, *sets, "optim.steps=3", "seed=5"),
+                resume="")

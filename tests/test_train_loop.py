@@ -69,7 +69,9 @@ def records(trainer: Trainer, kind: str = "train") -> list[dict]:
 def dcp_model_state(trainer: Trainer, checkpoint: Path) -> dict:
     import torch.distributed.checkpoint as dcp
 
-    state = {k: torch.full_like(v, float("nan")) for k, v in trainer.model.state_dict().items()}
+    # A checkpoint holds the trained state; frozen weights are rebuilt at start (frozen_state).
+    frozen = {n for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    state = {k: torch.full_like(v, float("nan")) for k, v in trainer.model.state_dict().items() if k not in frozen}
     dcp.load({"model": state}, checkpoint_id=str(checkpoint), no_dist=True)
     return state
 
@@ -104,6 +106,8 @@ def test_one_step_changes_every_trained_weight_and_no_frozen_one(one_step):
             assert not torch.equal(p.detach(), before), f"trained {name} did not change"
         else:
             assert torch.equal(p.detach(), before), f"frozen {name} changed"
+            assert name not in saved, f"frozen {name} was written to the checkpoint"
+            continue
         assert torch.equal(saved[name], p.detach()), f"checkpoint differs from memory at {name}"
 
 
