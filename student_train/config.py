@@ -83,12 +83,14 @@ class LossSection:
     kl_mode: str = "tail"  # tail | renorm (top-k caches), sampled (sampled caches)
     scale_by_t2: bool = True
     chunk_size: int = 1024  # positions per lm_head chunk
+    compile_chunks: bool = False  # torch.compile the per-chunk loss and its gradient (GPU: fewer passes)
     layer_pairs: list[list[int]] = field(default_factory=list)  # [[student_layer, teacher_layer], ...], 1-based
 
     def to_loss_config(self) -> LossConfig:
         return LossConfig(ce_weight=self.ce, kl_weight=self.kl, hidden_cosine_weight=self.hidden_cosine,
                           kl_temperature=self.kl_temperature, kl_mode=self.kl_mode, scale_by_t2=self.scale_by_t2,
-                          chunk_size=self.chunk_size, layer_pairs=tuple(tuple(p) for p in self.layer_pairs))
+                          chunk_size=self.chunk_size, compile_chunks=self.compile_chunks,
+                          layer_pairs=tuple(tuple(p) for p in self.layer_pairs))
 
 
 @dataclass

@@ -34,6 +34,7 @@ class LossConfig:
     kl_mode: str = "tail"
     scale_by_t2: bool = True  # Hinton: keeps the KL gradient's size independent of T
     chunk_size: int = 1024
+    compile_chunks: bool = False  # torch.compile the per-chunk loss and gradient (one fused pass on GPUs)
     # (student_layer, teacher_layer), both 1-based: the stream leaving that decoder layer
     layer_pairs: tuple[tuple[int, int], ...] = ()
 
@@ -78,7 +79,7 @@ class LossConfig:
         """The keyword arguments of `distill_loss` that this config sets."""
         return dict(ce_weight=self.ce_weight, kl_weight=self.kl_weight, kl_mode=self.kl_mode,
                     kl_temperature=self.kl_temperature, scale_by_t2=self.scale_by_t2,
-                    chunk_size=self.chunk_size)
+                    chunk_size=self.chunk_size, compile_chunks=self.compile_chunks)
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,7 @@ def distill_loss(
     kl_temperature: float = 1.0,
     scale_by_t2: bool = True,
     chunk_size: int = 1024,
+    compile_chunks: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """sum over positions with labels_N != -100 of (ce_weight*CE + kl_weight*s*KL_T), divided by
     num_valid_tokens_global; s = T**2 when scale_by_t2, else 1.
@@ -166,7 +168,7 @@ def distill_loss(
     loss, ce_sum, kl_sum, agree_sum, valid = _FusedLinearDistill.apply(
         hidden_ND, weight_VD, labels_N, targets, kl_mode, float(kl_temperature),
         ce_weight / num_valid_tokens_global, kl_weight * kl_scale / num_valid_tokens_global, chunk_size,
-        torch.is_grad_enabled() and (hidden_ND.requires_grad or weight_VD.requires_grad))
+        torch.is_grad_enabled() and (hidden_ND.requires_grad or weight_VD.requires_grad), compile_chunks)
     metrics = dict(ce_sum=ce_sum, kl_sum=kl_sum, valid_tokens=valid, top1_agree_sum=agree_sum)
     return loss, metrics
 
@@ -205,7 +207,7 @@ class _FusedLinearDistill(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden_ND, weight_VD, labels_N, targets, kl_mode, temperature, ce_coef, kl_coef,
-                chunk_size, need_grads=True):
+                chunk_size, need_grads=True, compile_chunks=False):
         # float64 inputs get a float64 loss (tests); everything else computes in float32.
         compute_dtype = torch.float64 if torch.float64 in (hidden_ND.dtype, weight_VD.dtype) else torch.float32
         # The weight is the big operand: never copy it, bring the hidden rows to its dtype instead.
@@ -226,19 +228,23 @@ class _FusedLinearDistill(torch.autograd.Function):
         zero = hidden_ND.new_zeros((), dtype=compute_dtype)
         ce_sum, kl_sum, agree_sum = zero.clone(), zero.clone(), zero.clone()
 
+        chunk_fn = _compiled_chunk_loss_and_grad() if compile_chunks else _chunk_loss_and_grad
+        # Tensors, not floats: the coefficients change every step (they hold the global token count),
+        # which would otherwise recompile a compiled chunk function each time.
+        ce_coef_t, kl_coef_t = (torch.tensor(c, dtype=compute_dtype, device=hidden_ND.device)
+                                for c in (ce_coef, kl_coef))
         for start in range(0, rows_R.numel(), chunk_size):
             chunk = slice(start, start + chunk_size)
             hidden_CD = hidden_RD[chunk]
-            logits_CV = (hidden_CD @ weight_VD.T).to(compute_dtype)
-            ce_C, kl_C, agree_C, grad_logits_CV = _chunk_loss_and_grad(
-                logits_CV, labels_R[chunk], targets_R.rows(chunk) if targets_R is not None else None,
-                kl_mode, temperature, ce_coef, kl_coef)
+            ce_C, kl_C, agree_C, grad_logits_CV = chunk_fn(
+                hidden_CD @ weight_VD.T, labels_R[chunk], targets_R.rows(chunk) if targets_R is not None else None,
+                kl_mode, temperature, ce_coef_t, kl_coef_t, compute_dtype)
             ce_sum += ce_C.sum()
             kl_sum += kl_C.sum()
             agree_sum += agree_C.sum()
 
             if not need_grads:
-                del logits_CV, grad_logits_CV
+                del grad_logits_CV
                 continue
             grad_logits_CV = grad_logits_CV.to(mm_dtype)
             grad_hidden_ND.index_copy_(0, rows_R[chunk], (grad_logits_CV @ weight_VD).to(hidden_ND.dtype))
@@ -247,7 +253,7 @@ class _FusedLinearDistill(torch.autograd.Function):
                     grad_weight_VD.addmm_(grad_logits_CV.T, hidden_CD)
                 else:  # low-precision product, full-precision sum over chunks
                     grad_weight_VD += grad_logits_CV.T @ hidden_CD
-            del logits_CV, grad_logits_CV
+            del grad_logits_CV
 
         if want_weight_grad:
             grad_weight_VD = grad_weight_VD.to(weight_VD.dtype)
@@ -264,11 +270,14 @@ class _FusedLinearDistill(torch.autograd.Function):
         grad_hidden_ND = grad_hidden_ND * grad_loss.to(grad_hidden_ND.dtype)
         if grad_weight_VD is not None:
             grad_weight_VD = grad_weight_VD * grad_loss.to(grad_weight_VD.dtype)
-        return grad_hidden_ND, grad_weight_VD, None, None, None, None, None, None, None, None
+        return grad_hidden_ND, grad_weight_VD, None, None, None, None, None, None, None, None, None
 
 
-def _chunk_loss_and_grad(logits_CV, labels_C, targets, kl_mode, temperature, ce_coef, kl_coef):
-    """Per-position CE and KL, top-1 agreement, and d(loss)/d(logits), written over logits_CV."""
+def _chunk_loss_and_grad(logits_mm_CV, labels_C, targets, kl_mode, temperature, ce_coef, kl_coef,
+                         compute_dtype):
+    """Per-position CE and KL, top-1 agreement, and d(loss)/d(logits), from the lm_head's output in its
+    own dtype; ce_coef and kl_coef are 0-dim tensors."""
+    logits_CV = logits_mm_CV.to(compute_dtype)
     lse_C = torch.logsumexp(logits_CV, -1)  # shared by CE and, at T=1, the KL
     ce_C = lse_C - logits_CV.gather(1, labels_C[:, None]).squeeze(1)
 
@@ -282,12 +291,25 @@ def _chunk_loss_and_grad(logits_CV, labels_C, targets, kl_mode, temperature, ce_
 
     # d/dlogits = ce_coef * (softmax - onehot) + kl_coef / T * dKL/d(logits / T)
     grad_CV = logits_CV.sub_(lse_C[:, None]).exp_().mul_(ce_coef)
-    grad_CV.scatter_add_(1, labels_C[:, None], grad_CV.new_full((labels_C.numel(), 1), -ce_coef))
+    grad_CV.scatter_add_(1, labels_C[:, None], (-ce_coef).expand(labels_C.numel(), 1).to(grad_CV.dtype))
     if dense_CV is not None:
-        grad_CV.add_(dense_CV, alpha=kl_coef / temperature)
+        grad_CV.add_(dense_CV.mul_(kl_coef / temperature))
     if sparse_ids_CK is not None:
         grad_CV.scatter_add_(1, sparse_ids_CK, sparse_grad_CK.mul_(kl_coef / temperature))
     return ce_C, kl_C, agree_C, grad_CV
+
+
+_COMPILED_CHUNK = None
+
+
+def _compiled_chunk_loss_and_grad():
+    """_chunk_loss_and_grad under torch.compile, built once per process: the dozen passes over a
+    [chunk, V] float32 buffer become a few fused kernels. Chunk lengths vary (the last chunk of a
+    micro batch), so the chunk dimension is dynamic."""
+    global _COMPILED_CHUNK
+    if _COMPILED_CHUNK is None:
+        _COMPILED_CHUNK = torch.compile(_chunk_loss_and_grad, dynamic=True)
+    return _COMPILED_CHUNK
 
 
 # Each KL returns (kl_C, dense_CV | None, ids_CK, grad_CK): dKL/d(student_logits / T) is dense_CV
