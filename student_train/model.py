@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from common.model_files import require_safetensors
 from common.spec import ShardSpec
 from student_train.batch import StudentBatch
 from student_train.config import StudentConfig
@@ -55,6 +56,7 @@ def load_student(cfg: StudentConfig, seed: int = 0, on_meta: bool = False) -> nn
     if cfg.experts_implementation:
         kwargs["experts_implementation"] = cfg.experts_implementation
     if cfg.path is not None:
+        require_safetensors(cfg.path, "student.path")
         try:
             if on_meta:
                 config = AutoConfig.from_pretrained(cfg.path, local_files_only=True,
@@ -62,7 +64,8 @@ def load_student(cfg: StudentConfig, seed: int = 0, on_meta: bool = False) -> nn
                 with torch.device("meta"):
                     model = AutoModelForCausalLM.from_config(config, **kwargs)
             else:
-                model = AutoModelForCausalLM.from_pretrained(cfg.path, local_files_only=True, **kwargs)
+                model = AutoModelForCausalLM.from_pretrained(cfg.path, local_files_only=True, use_safetensors=True,
+                                                             **kwargs)
         except (OSError, ValueError) as exc:
             where = "does not exist and is not a model in the local HF cache" if not Path(cfg.path).exists() \
                 else f"could not be loaded ({str(exc).splitlines()[0]})"

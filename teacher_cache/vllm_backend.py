@@ -58,6 +58,7 @@ def engine_kwargs(spec: ShardSpec, options: BackendOptions, info: TeacherInfo, w
         raise ValueError(f"dtype {options.dtype!r} is not one of {', '.join(_DTYPES)}")
     return dict(
         model=options.model,
+        load_format="safetensors",  # never the pickle formats (pytorch_model.bin)
         skip_tokenizer_init=True,  # prompts are token ids; the teacher's tokenizer is never needed
         enable_prefix_caching=False,  # every position must be computed, never served from cache
         dtype=_DTYPES[options.dtype],

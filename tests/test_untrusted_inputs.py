@@ -1,5 +1,5 @@
 """Files a user may be handed run no code: a crafted checkpoint is refused by name
-and its payload never runs."""
+and its payload never runs; pickle-format model weights are refused by name."""
 
 from __future__ import annotations
 
@@ -95,3 +95,39 @@ def test_a_crafted_non_tensor_entry_is_refused_and_never_runs(tmp_path):
         load_checkpoint_state({"weight": torch.zeros(3), "param_groups": [{"lr": 0.0}]}, tmp_path / "crafted",
                               no_dist=True)
     assert not marker.exists()
+
+
+def pickled_copy(model_dir: Path, out: Path) -> Path:
+    """The model's config and its weights as pytorch_model.bin (a pickle) only."""
+    from safetensors.torch import load_file
+
+    out.mkdir()
+    shutil.copy(model_dir / "config.json", out / "config.json")
+    torch.save(load_file(str(model_dir / "model.safetensors")), out / "pytorch_model.bin")
+    return out
+
+
+def test_a_student_holding_only_pytorch_model_bin_is_refused_by_name(trained, tmp_path):
+    tmp, student, _ = trained
+    bin_student = pickled_copy(student, tmp_path / "bin_student")
+    cfg = tiny_config(tmp_path, bin_student, tmp / "train", None, *SMALL, "loss.hidden_cosine=0")
+    result = CliRunner().invoke(app, ["train", str(save_config(cfg, tmp_path / "c.yaml"))])
+    assert result.exit_code == 1, result.output
+    assert f"error: student.path {bin_student}: its weights are pytorch_model.bin, a pickle format" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_teacher_holding_only_pytorch_model_bin_is_refused_by_name(trained, tmp_path):
+    import datasets
+
+    _, student, _ = trained
+    teacher = pickled_copy(student, tmp_path / "bin_teacher")
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"input_ids": [[1, 2, 3, 4, 5]]})}) \
+        .save_to_disk(str(tmp_path / "data"))
+    result = CliRunner().invoke(app, ["cache-teacher", "--model", str(teacher), "--data", str(tmp_path / "data"),
+                                      "--out", str(tmp_path / "cache"), "--backend", "hf", "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert f"model {teacher}: its weights are pytorch_model.bin" in result.output.replace("\n", "")
+    assert not (tmp_path / "cache").exists()
