@@ -29,6 +29,7 @@ from common.atomic import file_lock, publish, remove_stale_tmp, tmp_path_for
 from common.manifest import (LOCK_NAME, MANIFEST_NAME, SIDECAR_SUFFIX, CacheManifest, ShardEntry, file_sha256,
                              load_manifest, read_sidecars, refresh_manifest, shard_file_name, write_manifest,
                              write_sidecar)
+from common.paths import is_within, overlap, overlap_error
 from common.spec import HiddenSpec, ShardSpec, TargetSpec
 from teacher_cache.backend import BackendOptions, TeacherInfo, default_backend_name, make_backend, read_teacher_info
 from teacher_cache.data import SourceData, open_source
@@ -320,8 +321,19 @@ def _print(console: Console, lines: list[str]) -> None:
         console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
+def check_paths(cfg: CacheConfig) -> None:
+    """The cache is written apart from what it is made from: --out neither is, holds, nor lies inside
+    --data, and a local teacher directory does not lie inside --out."""
+    if overlap(cfg.out, cfg.data):
+        raise overlap_error("--out", cfg.out, "--data", cfg.data,
+                            "the cache must be written outside the dataset, and the dataset must not lie inside it")
+    if Path(cfg.model).expanduser().exists() and is_within(cfg.model, cfg.out):
+        raise overlap_error("--model", cfg.model, "--out", cfg.out, "the teacher must not lie inside the cache")
+
+
 def run_cache(cfg: CacheConfig, console: Console | None = None) -> RunSummary | None:
     """Run (or dry-run) one cache-teacher invocation; returns the summary of a real run."""
+    check_paths(cfg)
     console = console or Console()
     if cfg.gpus:
         return _run_gpus(cfg, console)
