@@ -29,6 +29,7 @@ from common.atomic import file_lock, publish, remove_stale_tmp, tmp_path_for
 from common.manifest import (LOCK_NAME, MANIFEST_NAME, SIDECAR_SUFFIX, CacheManifest, ShardEntry, file_sha256,
                              load_manifest, read_sidecars, refresh_manifest, shard_file_name, write_manifest,
                              write_sidecar)
+from common.parent_death import dies_with_this_process
 from common.paths import is_within, overlap, overlap_error
 from common.spec import HiddenSpec, ShardSpec, TargetSpec
 from teacher_cache.backend import BackendOptions, TeacherInfo, default_backend_name, make_backend, read_teacher_info
@@ -427,7 +428,7 @@ def _run_gpus(cfg: CacheConfig, console: Console) -> RunSummary | None:
                                     show_progress=False, quiet=True, device="auto")
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
         procs.append((gpu, subprocess.Popen([sys.executable, "-m", "teacher_cache.cache_run", child.to_json()],
-                                            env=env)))
+                                            env=env, preexec_fn=dies_with_this_process())))
     total_rows = sum(s.num_rows for s in prep.plan if s.index in node_shards)
     progress = ProgressView(total_rows, enabled=cfg.show_progress and not cfg.quiet, description="caching (node)")
     try:
