@@ -8,8 +8,9 @@ see frozen_state), `trainer.json` (step, scheduler, world size) and
 written under `.tmp-step-NNNNNNNN/`, completed with a `COMPLETE` marker, and
 only then renamed into place, so a crash mid-save leaves the previous
 checkpoints untouched and the half-written one is never picked for resume.
-Rank files are JSON, so resuming unpickles nothing but DCP's own metadata file,
-which this process wrote.
+Rank files are JSON, and DCP's own files are read without running code they
+might carry (see checkpoint_reader), so resuming from a handed-over directory
+cannot execute it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from common.atomic import TMP_PREFIX, atomic_write_text, fsync_dir
+from student_train.checkpoint_reader import load_checkpoint_state
 from student_train.frozen_state import (FROZEN_FILE, check_fingerprint, frozen_fingerprint, frozen_names,
                                         trained_state)
 from student_train.model import PROJECTIONS_FILE, TORCH_DTYPES
@@ -117,7 +119,6 @@ class Checkpointer:
 
     def load(self, path: Path, model: nn.Module, optimizer, scheduler, loader) -> int:
         """Restores everything saved; returns the step the checkpoint was taken after."""
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
         path = Path(path)
@@ -131,7 +132,7 @@ class Checkpointer:
         check_fingerprint(path, model)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": trained_state(model_sd, frozen_names(model)), "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+        load_checkpoint_state(state, path, no_dist=not dist.is_initialized())
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=StateDictOptions(strict=False))  # frozen weights: as rebuilt and checked
         scheduler.load_state_dict(trainer["scheduler"])

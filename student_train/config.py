@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from common.paths import is_within, overlap, overlap_error
 from student_train.losses import KL_MODES, LossConfig
 
 DTYPES = ("fp32", "bf16", "fp16")
@@ -360,6 +361,46 @@ def validate(config: TrainConfig, where: str = "config") -> None:
     need(config.device in DEVICES, "device", f"must be one of {DEVICES}")
     need(config.frozen_weights in FROZEN_PLACEMENTS, "frozen_weights", f"must be one of {FROZEN_PLACEMENTS}")
     need(config.gpu_hour_price >= 0, "gpu_hour_price", "must be >= 0")
+    check_run_paths(config, where)
+
+
+def run_outputs(config: TrainConfig) -> dict[str, Path]:
+    """What a run writes, by config key."""
+    outputs = {"checkpoint.dir": Path(config.checkpoint.dir), "log.jsonl": config.jsonl_path}
+    if config.export.enabled:
+        outputs["export.dir"] = config.export_dir
+    if config.log.tensorboard:
+        outputs["log.tensorboard"] = Path(config.log.tensorboard)
+    return outputs
+
+
+def run_inputs(config: TrainConfig) -> dict[str, Path]:
+    """What a run reads, by config key (a student given as a hub id resolves to no real path)."""
+    named = {"data.train_cache": config.data.train_cache,
+             "data.eval_cache": config.data.eval_cache if config.eval.every > 0 else None,
+             "student.path": config.student.path, "student.init_config": config.student.init_config}
+    return {key: Path(value) for key, value in named.items() if value}
+
+
+def check_run_paths(config: TrainConfig, where: str = "config") -> None:
+    """No output overlaps another, and no input lies inside an output.
+
+    The export replaces its directory at the end of the run and checkpoint
+    rotation deletes directories inside checkpoint.dir: an export.dir holding
+    checkpoint.dir (e.g. the run directory itself) would delete every checkpoint.
+    """
+    outputs = list(run_outputs(config).items())
+    for i, (key, path) in enumerate(outputs):
+        for other_key, other in outputs[i + 1:]:
+            if overlap(path, other):
+                raise overlap_error(f"{where}: {key}", path, other_key, other,
+                                    "run outputs must be separate paths, none inside another (the export replaces "
+                                    "its directory, old checkpoints are deleted)")
+    for key, path in run_inputs(config).items():
+        for out_key, out in outputs:
+            if is_within(path, out):
+                raise overlap_error(f"{where}: {key}", path, out_key, out,
+                                    "an input must not lie inside what the run writes or replaces")
 
 
 def grad_accum_steps(data: DataConfig, world_size: int) -> int:

@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from common.manifest import MANIFEST_NAME, CacheManifest, ShardEntry, load_manifest, resolve_inside
+from common.parent_death import die_with_parent
 from common.shard_format import ShardFormatError, TeacherRow, read_columns, warn_unchecked_rows
 from common.shard_reader import ShardReader, check_content_hash
 from common.spec import ShardSpec
@@ -355,6 +356,7 @@ _process_decoder: _BatchDecoder | None = None  # this decode process's decoder
 
 def _start_decode_process(decoder: _BatchDecoder) -> None:
     global _process_decoder
+    die_with_parent()  # a killed rank leaves no decoders behind
     torch.set_num_threads(1)  # decoding is numpy work; no OpenMP team per process
     _process_decoder = decoder
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from torch.profiler import record_function
 
+from common.model_files import require_safetensors
 from common.spec import ShardSpec
 from student_train.batch import StudentBatch
 from student_train.config import StudentConfig
@@ -67,7 +68,8 @@ def load_student(cfg: StudentConfig, seed: int = 0, device: torch.device | str =
     except (OSError, ValueError) as exc:
         raise ValueError(f"{key} {source}: not a model config ({str(exc).splitlines()[0]})") from exc
     if cfg.path is not None:
-        weight_files = safetensors_files(Path(cfg.path))  # a clear error before anything is built
+        require_safetensors(cfg.path, "student.path")  # a clear error before anything is built
+        weight_files = safetensors_files(Path(cfg.path))
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, **kwargs)

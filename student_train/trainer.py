@@ -23,7 +23,7 @@ from torch.profiler import record_function
 
 from common.gil import shorten_switch_interval
 from common.spec import ShardSpec
-from student_train import parallel
+from student_train import parallel, run_lock
 from student_train.batch import IGNORE_INDEX
 from student_train.checkpoint import Checkpointer, export_hf, resolve_resume, step_dir_name
 from student_train.config import TrainConfig, grad_accum_steps
@@ -110,7 +110,7 @@ def build_distill_model(cfg: TrainConfig, env: DistEnv, student, spec: ShardSpec
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: str | None = None):
         self.cfg = cfg
-        self.train_loader = self.eval_loader = self.logger = None
+        self.train_loader = self.eval_loader = self.logger = self.held_lock = None
         # Loader threads decode beside this thread's kernel launches (see common.gil).
         self._switch_interval = shorten_switch_interval()
         try:
@@ -123,6 +123,8 @@ class Trainer:
         cfg = self.cfg
         self.env: DistEnv = parallel.init_distributed(cfg.device)
         env = self.env
+        # Before anything is written: one run per run directory (rank 0 holds the lock for all).
+        self.held_lock = run_lock.acquire(cfg.run_dir) if env.is_main else None
         self.loss_cfg = cfg.loss.to_loss_config()
         torch.manual_seed(cfg.seed)
 
@@ -307,6 +309,9 @@ class Trainer:
             self._switch_interval = None
         if self.logger is not None:
             self.logger.close()
+        if self.held_lock is not None:
+            run_lock.release(self.held_lock)
+            self.held_lock = None
 
 
 def run(cfg: TrainConfig, resume: str | None = None) -> TrainSummary:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from common.codec import quantize_fp8
+from common.model_files import require_safetensors
 from common.shard_format import TeacherRow
 from common.spec import ShardSpec, hidden_positions
 from teacher_cache.targets import PositionTargets, row_uniforms
@@ -203,6 +204,7 @@ def read_teacher_info(model_path: str, trust_remote_code: bool = False) -> Teach
         raise ValueError(f"model path {model_path} does not exist")
     if local.exists() and not (local / "config.json").is_file():
         raise ValueError(f"model path {model_path} has no config.json (not a Hugging Face model directory)")
+    require_safetensors(local, "model")
     try:
         config = AutoConfig.from_pretrained(str(local) if local.exists() else model_path,
                                             trust_remote_code=trust_remote_code)

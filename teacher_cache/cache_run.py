@@ -29,6 +29,8 @@ from common.atomic import file_lock, publish, remove_stale_tmp, tmp_path_for
 from common.manifest import (LOCK_NAME, MANIFEST_NAME, SIDECAR_SUFFIX, CacheManifest, ShardEntry, file_sha256,
                              load_manifest, read_sidecars, refresh_manifest, shard_file_name, write_manifest,
                              write_sidecar)
+from common.parent_death import dies_with_this_process
+from common.paths import is_within, overlap, overlap_error
 from common.spec import HiddenSpec, ShardSpec, TargetSpec
 from teacher_cache.backend import BackendOptions, TeacherInfo, default_backend_name, make_backend, read_teacher_info
 from teacher_cache.data import SourceData, open_source
@@ -367,8 +369,19 @@ def _print(console: Console, lines: list[str]) -> None:
         console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
+def check_paths(cfg: CacheConfig) -> None:
+    """The cache is written apart from what it is made from: --out neither is, holds, nor lies inside
+    --data, and a local teacher directory does not lie inside --out."""
+    if overlap(cfg.out, cfg.data):
+        raise overlap_error("--out", cfg.out, "--data", cfg.data,
+                            "the cache must be written outside the dataset, and the dataset must not lie inside it")
+    if Path(cfg.model).expanduser().exists() and is_within(cfg.model, cfg.out):
+        raise overlap_error("--model", cfg.model, "--out", cfg.out, "the teacher must not lie inside the cache")
+
+
 def run_cache(cfg: CacheConfig, console: Console | None = None) -> RunSummary | None:
     """Run (or dry-run) one cache-teacher invocation; returns the summary of a real run."""
+    check_paths(cfg)
     console = console or Console()
     if cfg.gpus:
         return _run_gpus(cfg, console)
@@ -462,7 +475,7 @@ def _run_gpus(cfg: CacheConfig, console: Console) -> RunSummary | None:
                                     show_progress=False, quiet=True, device="auto")
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
         procs.append((gpu, subprocess.Popen([sys.executable, "-m", "teacher_cache.cache_run", child.to_json()],
-                                            env=env)))
+                                            env=env, preexec_fn=dies_with_this_process())))
     total_rows = sum(s.num_rows for s in prep.plan if s.index in node_shards)
     progress = ProgressView(total_rows, enabled=cfg.show_progress and not cfg.quiet, description="caching (node)")
     try:

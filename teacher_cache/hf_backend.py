@@ -126,7 +126,7 @@ class HFBackend:
                 model = AutoModelForCausalLM.from_config(config, dtype=self.dtype,
                                                          trust_remote_code=options.trust_remote_code)
         elif model is None:
-            model = AutoModelForCausalLM.from_pretrained(options.model, dtype=self.dtype,
+            model = AutoModelForCausalLM.from_pretrained(options.model, dtype=self.dtype, use_safetensors=True,
                                                          trust_remote_code=options.trust_remote_code)
         self.model = model.to(self.device).eval()
         self.decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model

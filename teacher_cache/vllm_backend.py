@@ -58,6 +58,8 @@ def engine_kwargs(spec: ShardSpec, options: BackendOptions, info: TeacherInfo, w
         raise ValueError(f"dtype {options.dtype!r} is not one of {', '.join(_DTYPES)}")
     return dict(
         model=options.model,
+        # Never the pickle formats (pytorch_model.bin); "dummy": random weights at the config's shape.
+        load_format="dummy" if options.load_format == "dummy" else "safetensors",
         skip_tokenizer_init=True,  # prompts are token ids; the teacher's tokenizer is never needed
         enable_prefix_caching=False,  # every position must be computed, never served from cache
         dtype=_DTYPES[options.dtype],
@@ -66,7 +68,6 @@ def engine_kwargs(spec: ShardSpec, options: BackendOptions, info: TeacherInfo, w
         max_num_batched_tokens=options.max_tokens_per_batch,
         gpu_memory_utilization=options.gpu_memory_utilization,
         enforce_eager=options.enforce_eager,
-        load_format=options.load_format,
         max_model_len=info.max_context,
         worker_cls=worker_cls,
         additional_config={CAPTURE_CONFIG_KEY: CaptureConfig(spec, options.logits_chunk).to_dict()},

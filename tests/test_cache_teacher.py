@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -401,6 +402,37 @@ def test_cli_reports_bad_input_in_one_line(llama, tmp_path):
     assert result.exit_code == 2
     assert "--hidden-layers [9]" in result.output and "4 layers" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_out_overlapping_the_data_or_holding_the_teacher_is_refused_before_any_work(llama, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    model_dir, _, _, rows = llama
+    import datasets
+
+    data = tmp_path / "data"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"input_ids": [r.tolist() for r in rows]})}) \
+        .save_to_disk(str(data))
+    held_teacher = tmp_path / "out" / "teacher"
+    shutil.copytree(model_dir, held_teacher)
+
+    def no_work(*a, **kw):
+        raise AssertionError("work started on overlapping paths")
+
+    monkeypatch.setattr(cache_run, "prepare", no_work)
+    for out, model, fragment in ((data, model_dir, f"--out {data} is the same path as --data {data}"),
+                                 (data / "cache", model_dir, f"--out {data / 'cache'} lies inside --data {data}"),
+                                 (tmp_path, model_dir, f"--out {tmp_path} contains --data {data}"),
+                                 (tmp_path / "out", held_teacher, f"--model {held_teacher} lies inside --out")):
+        with pytest.raises(ValueError) as err:
+            run_cache(CacheConfig(model=str(model), data=str(data), out=str(out)), quiet_console()[0])
+        assert fragment in str(err.value) and "\n" not in str(err.value)
+    assert not (data / "cache").exists()
+    result = CliRunner().invoke(app, ["cache-teacher", "--model", str(model_dir), "--data", str(data),
+                                      "--out", str(data)])
+    assert result.exit_code == 2 and "is the same path as --data" in result.output
 
 
 def test_changing_targets_or_teacher_is_refused_without_overwrite(llama, tmp_path):

@@ -140,3 +140,33 @@ def test_train_command_parses_resume_and_overrides(tmp_path, monkeypatch):
         result = CliRunner().invoke(app, ["train", str(path), *args])
         assert result.exit_code == 0, result.output
         assert seen[-1] == expected, args
+
+
+@pytest.mark.parametrize("sets,message", [
+    (["export.dir={run}"], r"checkpoint\.dir \S+/run/checkpoints lies inside export\.dir \S+/run: run outputs"),
+    (["log.jsonl={run}/checkpoints/log.jsonl"], r"checkpoint\.dir \S+ contains log\.jsonl \S+/checkpoints/log\.jsonl"),
+    (["log.tensorboard={run}/export"], r"export\.dir \S+ is the same path as log\.tensorboard"),
+    (["data.train_cache={run}/export/cache"], r"data\.train_cache \S+ lies inside export\.dir \S+: an input must not"),
+    (["student.path={run}/checkpoints"], r"student\.path \S+ is the same path as checkpoint\.dir"),
+    (["export.dir={link}"], r"lies inside export\.dir \S+/link \(= \S+/run\)"),  # symlinks are resolved
+])
+def test_overlapping_run_paths_are_refused_when_the_config_loads(tmp_path, sets, message):
+    run = tmp_path / "run"
+    run.mkdir()
+    (tmp_path / "link").symlink_to(run)
+    base = [f"checkpoint.dir={run / 'checkpoints'}", f"log.jsonl={run / 'log.jsonl'}", f"export.dir={run / 'export'}"]
+    with pytest.raises(ValueError, match=message) as err:
+        load_config(write(tmp_path, MINIMAL), base + [s.format(run=run, link=tmp_path / "link") for s in sets])
+    assert "\n" not in str(err.value)
+    load_config(write(tmp_path, MINIMAL), base)  # side by side in one run directory: fine
+
+
+def test_train_command_refuses_an_export_dir_holding_the_checkpoints_before_any_work(tmp_path):
+    from cli.main import app
+
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", str(write(tmp_path, MINIMAL)), "--set", f"checkpoint.dir={run}/checkpoints",
+                                      f"export.dir={run}", "--nproc-per-node", "2"])
+    assert result.exit_code == 2
+    assert f"checkpoint.dir {run}/checkpoints lies inside export.dir {run}" in result.output
+    assert not run.exists()

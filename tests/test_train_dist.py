@@ -1,12 +1,15 @@
 """1 rank and 2 gloo ranks (FSDP2, started by `vpmoe train --nproc-per-node 2`, frozen weights
-replicated or sharded) train the same global batches to the same losses and gradient norms."""
+replicated or sharded) train the same global batches to the same losses and gradient norms; the
+ranks die with their launcher."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -81,3 +84,59 @@ def test_one_and_two_ranks_give_the_same_losses(setup, frozen):
     b = AutoModelForCausalLM.from_pretrained(str(cfg_two.export_dir))
     for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         torch.testing.assert_close(pb, pa, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def children_by_parent() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    return children
+
+
+def running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"  # a zombie has exited
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_killing_the_launcher_ends_torchruns_agent_and_both_ranks(setup, tmp_path):
+    tmp, student = setup
+    cfg = tiny_config(tmp_path, student, tmp / "train", None, *run_sets(1), "optim.steps=100000")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    launcher = subprocess.Popen([sys.executable, "-m", "cli", "train", str(save_config(cfg, tmp_path / "run.yaml")),
+                                 "--nproc-per-node", "2"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    started = []
+    try:
+        deadline = time.monotonic() + 180
+        while not (cfg.jsonl_path.is_file() and cfg.jsonl_path.read_text().strip()):  # both ranks are stepping
+            assert launcher.poll() is None and time.monotonic() < deadline, "the run never got to its first step"
+            time.sleep(0.2)
+        children = children_by_parent()
+        (agent,) = children[launcher.pid]
+        ranks = children.get(agent, [])
+        started = [agent, *ranks]
+        assert len(ranks) == 2
+        # SIGKILL to the launcher alone: its agent must die with it, and the ranks with the agent (which
+        # covers the whole process group too: torchrun starts the ranks in sessions of their own).
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+        deadline = time.monotonic() + 10
+        while any(map(running, started)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(map(running, started)), [p for p in started if running(p)]
+    finally:
+        for pid in started:
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)

@@ -4,7 +4,11 @@ resume equality, bad caches, the HF export, and the guards."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -281,6 +285,25 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint_usable(caches, tmp_path
     resumed = trainer_for(tmp_path, caches, "optim.steps=2", "checkpoint.every=1", resume="")
     resumed.close()
     assert resumed.step == 1 and not (ckpt_dir / ".tmp-step-00000002").exists()
+
+
+def test_a_second_run_on_a_run_directory_in_use_is_refused_and_a_dead_runs_lock_taken_over(caches, tmp_path, capsys):
+    first = trainer_for(tmp_path, caches, "optim.steps=1")
+    try:
+        with pytest.raises(ValueError, match=rf"run is in use by another training run \(pid {os.getpid()} on host "):
+            trainer_for(tmp_path, caches, "optim.steps=1")
+    finally:
+        first.close()
+    run = tmp_path / "run"
+    assert not (run / "train.lock").exists()  # released by close()
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (run / "train.lock").write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname(),
+                                                "started": "2026-01-01T00:00:00+00:00", "process_start": None}))
+    t = train(tmp_path, caches, "optim.steps=1", "checkpoint.every=1")
+    assert f"taking over the lock of a run that is gone (pid {gone.pid} on host" in capsys.readouterr().out
+    assert t.step == 1 and not (run / "train.lock").exists()
 
 
 def test_keep_last_k_and_resume_paths(tmp_path):
