@@ -119,13 +119,18 @@ def profile_breakdown(prof, step_seconds: float, steps: int, on_gpu: bool) -> di
     from torch.autograd import DeviceType
 
     per_category: dict[str, float] = {}
+    per_kernel: dict[str, float] = {}
     busy_us = 0.0
     if on_gpu:
+        seen = set()
         for evt in prof.events():
-            if evt.device_type == DeviceType.CUDA:
+            key = (evt.name, evt.time_range.start, evt.device_index)
+            if evt.device_type == DeviceType.CUDA and key not in seen:
+                seen.add(key)
                 us = evt.time_range.elapsed_us()
                 busy_us += us
                 per_category[classify(evt.name)] = per_category.get(classify(evt.name), 0.0) + us
+                per_kernel[evt.name] = per_kernel.get(evt.name, 0.0) + us
     else:
         for avg in prof.key_averages():
             if avg.key.startswith("aten::") or "nccl" in avg.key or "gloo" in avg.key:
@@ -141,7 +146,9 @@ def profile_breakdown(prof, step_seconds: float, steps: int, on_gpu: bool) -> di
     return {"step_ms": step_ms, "busy_ms": busy_us / 1e3 / steps,
             "host_gap_ms": max(step_ms - busy_us / 1e3 / steps, 0.0),
             "categories_ms": {k: v / 1e3 / steps for k, v in sorted(per_category.items(), key=lambda kv: -kv[1])},
-            "ranges": ranges}
+            "ranges": ranges,
+            "top_kernels_ms": {name[:90]: us / 1e3 / steps
+                               for name, us in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:15]}}
 
 
 def common_overrides(args, cache: Path, student: Path, ckpt: Path, teacher_layers) -> list[str]:
@@ -256,6 +263,9 @@ def print_tables(results: list[dict], args, world_size: int) -> None:
         print("| range (forward ones on the device; backward kernels run on autograd's thread) | CPU ms | device ms |")
         for key, value in prof["ranges"].items():
             print(f"| {key} | {value['cpu_ms']:.1f} | {value['gpu_ms']:.1f} |")
+        print("| kernel | ms per step | category |")
+        for name, ms in prof["top_kernels_ms"].items():
+            print(f"| {name} | {ms:.1f} | {classify(name)} |")
 
 
 def main():
