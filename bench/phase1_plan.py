@@ -189,9 +189,11 @@ def main() -> None:
     args = ap.parse_args()
     measured = measured_from_rehearsal(json.loads(args.rehearsal.read_text()))
     if args.cache_tokens_per_s:
-        measured = replace(measured, cache_tokens_per_s_one_gpu=args.cache_tokens_per_s)
+        measured = replace(measured, cache_tokens_per_s_one_gpu=args.cache_tokens_per_s,
+                           card=f"{measured.card}, cache rate {args.cache_tokens_per_s:,.0f} tok/s from a flag")
     if args.train_tokens_per_s:
-        measured = replace(measured, train_tokens_per_s_one_gpu=args.train_tokens_per_s)
+        measured = replace(measured, train_tokens_per_s_one_gpu=args.train_tokens_per_s,
+                           card=f"{measured.card}, train rate {args.train_tokens_per_s:,.0f} tok/s from a flag")
     prices = {card: getattr(args, f"price_{card.lower()}") for card in PLACEHOLDER_PRICES}
     print(format_plan(measured, Assumptions(tokens=args.tokens, prices=prices)))
 
