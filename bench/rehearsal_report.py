@@ -318,17 +318,18 @@ def train_rows(stages: dict, report_checks: dict) -> list[tuple[str, str, str, s
 
 def resume_rows(c: dict, report_checks: dict) -> list[tuple[str, str, str, str]]:
     spread, resumed = report_checks.get("b_vs_a"), report_checks.get("c_vs_a")
-    rows = [("train", "run-to-run spread max |B - A| (loss)", _fmt(spread and spread["max_abs_diff"], ".3g")
-             + (" (bitwise equal)" if spread and spread["bitwise_equal"] else ""), "log.jsonl, every step")]
+    rows = [("train", "run-to-run spread: max abs(B - A) of the loss",
+             _fmt(spread and spread["max_abs_diff"], ".3g") + (" (bitwise equal)" if spread and spread["bitwise_equal"]
+                                                               else ""), "log.jsonl, every step")]
     if resumed:
         kill = c["kill"]
         rows += [
             ("train", "C killed", (f"at {kill['killed_at_s']:.1f} s, checkpoints {kill['checkpoints']}, "
                                    f"logged to step {kill['last_step_logged']}"), "SIGKILL to the process tree"),
             ("train", "resumed C: same steps as A", str(resumed["same_steps"]), f"{resumed['steps']} steps"),
-            ("train", "resumed C: max |C - A| (loss)", _fmt(resumed["max_abs_diff"], ".3g")
+            ("train", "resumed C: max abs(C - A) of the loss", _fmt(resumed["max_abs_diff"], ".3g")
              + (" (bitwise equal)" if resumed["bitwise_equal"] else ""),
-             f"eval max |C - A| {_fmt(report_checks['c_vs_a_eval']['max_abs_diff'], '.3g')}"),
+             f"eval max abs(C - A) {_fmt(report_checks['c_vs_a_eval']['max_abs_diff'], '.3g')}"),
         ]
     return rows
 
