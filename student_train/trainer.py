@@ -167,10 +167,12 @@ class Trainer:
         if resume is not None and resume_path is None:
             print0(f"--resume: no checkpoint in {cfg.checkpoint.dir} yet; starting from step 0")
         if resume_path is not None:
+            load_start = time.perf_counter()
             self.step = self.checkpointer.load(resume_path, self.model, self.optimizer, self.scheduler,
                                                self.train_loader)
             self.last_checkpoint = resume_path
-            print0(f"resumed from {resume_path} at step {self.step}")
+            print0(f"resumed from {resume_path} at step {self.step} "
+                   f"(loaded in {time.perf_counter() - load_start:.2f} s)")
         self.logger.truncate_after(self.step)  # every start: no step is logged twice
         print0(f"world size {env.world_size} x micro batch {cfg.data.micro_batch} x grad accum {self.accum} "
                f"= {env.world_size * cfg.data.micro_batch * self.accum} sequences per step; "
@@ -275,9 +277,10 @@ class Trainer:
         return patience > 0 and len(recent) == patience + 1 and all(b > a for a, b in zip(recent, recent[1:]))
 
     def _save(self) -> None:
+        start = time.perf_counter()
         self.last_checkpoint = self.checkpointer.save(self.step, self.model, self.optimizer, self.scheduler,
                                                       self.train_loader)
-        print0(f"saved {self.last_checkpoint}")
+        print0(f"saved {self.last_checkpoint} in {time.perf_counter() - start:.2f} s")
 
     def _summary(self, throughput: Throughput, stopped_early: bool, export_dir) -> TrainSummary:
         seconds = throughput.elapsed  # wall time of the run, evals and checkpoints included
