@@ -72,7 +72,7 @@ def test_crafted_checkpoint_metadata_is_refused_by_resume_from_and_never_runs(tr
     (crafted / ".metadata").write_bytes(pickle.dumps(metadata))
 
     result = CliRunner().invoke(app, resume_command(tmp_path, student, tmp / "train", crafted))
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 2, result.output  # bad input: one line, exit 2
     assert f"error: {crafted}/.metadata: refers to" in result.output
     assert "which checkpoint metadata never holds; refused without running it" in result.output
     assert "Traceback" not in result.output
@@ -112,7 +112,7 @@ def test_a_student_holding_only_pytorch_model_bin_is_refused_by_name(trained, tm
     bin_student = pickled_copy(student, tmp_path / "bin_student")
     cfg = tiny_config(tmp_path, bin_student, tmp / "train", None, *SMALL, "loss.hidden_cosine=0")
     result = CliRunner().invoke(app, ["train", str(save_config(cfg, tmp_path / "c.yaml"))])
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 2, result.output  # bad input: one line, exit 2
     assert f"error: student.path {bin_student}: its weights are pytorch_model.bin, a pickle format" in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "run").exists()
