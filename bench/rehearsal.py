@@ -58,6 +58,7 @@ HIDDEN_TOKEN_FRACTION = 0.25
 TARGET_GLOBAL_BATCHES = (256, 512)
 CPU_WORLD = 2
 # Settings that change what `prepare` wrote; later commands must agree with it on these.
+MIX_SUMMARY = "chat_mix.json"
 PREPARED_KEYS = ("device", "layers", "rows_train", "rows_val", "min_len", "max_len", "seed")
 
 
@@ -100,6 +101,7 @@ class Context:
     stages: Stages
     verbose: bool = False
     card: str = "cpu"
+    data_from: Path | None = None  # a chat mix built elsewhere (--build-data) instead of building it here
 
     def path(self, *parts: str) -> Path:
         return self.scratch.joinpath(*parts)
@@ -166,7 +168,15 @@ def stage_prepare(ctx: Context) -> dict:
         write_cpu_teacher(ctx.path("teacher"), s.seed)
     shutil.rmtree(ctx.path("data"), ignore_errors=True)
     shape = MixShape(s.rows_train, s.rows_val, s.min_len, s.max_len, teacher["vocab_size"], s.seed)
-    data = build_chat_mix(ctx.path("data"), shape)
+    if ctx.data_from is not None:  # built elsewhere (`--build-data DIR` with the same flags): no `datasets` here
+        summary = json.loads((ctx.data_from / MIX_SUMMARY).read_text())
+        if summary["shape"] != dataclasses.asdict(shape):
+            raise ValueError(f"--data-from {ctx.data_from}: built for {summary['shape']}, this run needs "
+                             f"{dataclasses.asdict(shape)}")
+        shutil.copytree(ctx.data_from, ctx.path("data"))
+        data = summary["data"]
+    else:
+        data = build_chat_mix(ctx.path("data"), shape)
     return {"settings": dataclasses.asdict(s), "data": data, "vocab_size": teacher["vocab_size"],
             "token_mapping": "two UTF-8 bytes of Python standard-library source per token (bench/chat_mix.py)",
             "teacher": {"layers": teacher["num_hidden_layers"], "hidden_size": teacher["hidden_size"],
@@ -352,12 +362,12 @@ def check_export(export_dir: Path, device: str, tokens: list[int]) -> dict:
 
 
 def stage_export(ctx: Context) -> dict:
-    from datasets import load_from_disk
+    from teacher_cache.data import open_source  # the product's reader: no `datasets` needed on the GPU machine
 
     export_dir = ctx.run_dir("a") / "export"
     if not (export_dir / "config.json").is_file():
         raise RuntimeError(f"{export_dir}: no export (run stage train_a first)")
-    tokens = list(load_from_disk(str(ctx.path("data")))["validation"][0]["input_ids"][:16])
+    tokens = [int(t) for t in open_source(ctx.path("data"), "validation", 1).row(0).input_ids[:16]]
     command = [sys.executable, str(Path(__file__).resolve()), "--check-export", str(export_dir),
                "--device", ctx.settings.device, "--tokens", ",".join(map(str, tokens))]
     log(f"$ {' '.join(command)}")
@@ -386,7 +396,20 @@ def parse_stages(text: str, on_gpu: bool) -> list[str]:
     return [name for name in STAGES if name in names]
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
+def build_data_elsewhere(args: argparse.Namespace) -> None:
+    """--build-data DIR: the chat mix the given flags ask for, built here for a machine without `datasets`."""
+    from bench.chat_mix import MixShape, build_chat_mix
+
+    s = settings_from_args(args, world=1)
+    teacher, _ = teacher_and_student_configs(s)
+    shape = MixShape(s.rows_train, s.rows_val, s.min_len, s.max_len, teacher["vocab_size"], s.seed)
+    shutil.rmtree(args.build_data, ignore_errors=True)
+    data = build_chat_mix(args.build_data, shape)
+    (args.build_data / MIX_SUMMARY).write_text(json.dumps({"shape": dataclasses.asdict(shape), "data": data}))
+    log(f"chat mix for {dataclasses.asdict(shape)} in {args.build_data}; run with --data-from {args.build_data}")
+
+
+def settings_from_args(args: argparse.Namespace, world: int | None = None) -> Settings:
     on_gpu = args.device == "cuda"
     if not on_gpu and args.layers not in (None, 2):
         raise ValueError("--device cpu uses GPT-OSS's 2-layer miniature; --layers is for --device cuda")
@@ -394,7 +417,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     def pick(value, gpu_default, cpu_default):
         return value if value is not None else (gpu_default if on_gpu else cpu_default)
 
-    world = visible_gpus() if on_gpu else CPU_WORLD
+    world = world or (visible_gpus() if on_gpu else CPU_WORLD)
     if world < 1:
         raise ValueError("--device cuda: no GPU is visible")
     rows_train = pick(args.rows_train, 256, 32)
@@ -476,6 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="extra cache-teacher argument (repeatable), e.g. --cache-arg=--enforce-eager")
     ap.add_argument("--train-set", action="append", help="extra train --set KEY=VALUE (repeatable)")
     ap.add_argument("--verbose", action="store_true", help="echo every command's output")
+    ap.add_argument("--build-data", type=Path, help="only build the chat mix these flags ask for into DIR, then exit")
+    ap.add_argument("--data-from", type=Path, help="copy the chat mix from DIR (made by --build-data) in prepare")
     ap.add_argument("--check-export", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--tokens", help=argparse.SUPPRESS)
     return ap
@@ -487,11 +512,15 @@ def main() -> int:
         tokens = [int(t) for t in args.tokens.split(",")]
         print(json.dumps(check_export(args.check_export, args.device, tokens)))
         return 0
+    if args.build_data:
+        build_data_elsewhere(args)
+        return 0
     try:
         settings = settings_from_args(args)
         out = args.out.resolve()
         scratch = (args.scratch or out / "work").resolve()
-        ctx = Context(settings, out, scratch, Stages(out), args.verbose, card_name(settings.on_gpu, settings.world))
+        ctx = Context(settings, out, scratch, Stages(out), args.verbose, card_name(settings.on_gpu, settings.world),
+                      data_from=args.data_from.resolve() if args.data_from else None)
         names = parse_stages(args.stages, settings.on_gpu)
         if names and "prepare" not in names:
             check_prepared(ctx)
