@@ -209,14 +209,21 @@ def run_variant(name: str, overrides: list[str], args, on_gpu: bool) -> dict:
                   "flop_per_token": trainer.flops.per_token, "trained_params": trainer.param_counts.trained,
                   "frozen_params": trainer.param_counts.frozen}
         if args.loader and name == args.loader_variant:
-            kind, count = args.loader.split(":")
-            config = dataclasses.replace(trainer.train_loader.config, num_threads=int(count),
-                                         decode_processes=int(count) if kind == "processes" else 0)
-            with CacheLoader(config, rank=trainer.env.rank, world_size=trainer.env.world_size) as loader:
-                it = iter(loader)
-                loader_tps = timed_steps(lambda: [next(it) for _ in range(args.accum)], args.steps)
-            result.update(loader=args.loader, loader_tokens_per_s_per_gpu=loader_tps,
-                          loader_over_synthetic=loader_tps / synthetic_tps)
+            fed = {}
+            for spec in args.loader.split(","):
+                # threads:N or processes:N, and ":nocheck" to skip the row checksums (their cost, side by side)
+                kind, count, *flags = spec.split(":")
+                assert kind in ("threads", "processes") and set(flags) <= {"nocheck"}, spec
+                config = dataclasses.replace(trainer.train_loader.config, num_threads=int(count),
+                                             decode_processes=int(count) if kind == "processes" else 0,
+                                             verify_checksums="nocheck" not in flags)
+                with CacheLoader(config, rank=trainer.env.rank, world_size=trainer.env.world_size) as loader:
+                    it = iter(loader)
+                    fed[spec] = timed_steps(lambda: [next(it) for _ in range(args.accum)], args.steps)
+            first = next(iter(fed))
+            result.update(loader=first, loader_tokens_per_s_per_gpu=fed[first],
+                          loader_over_synthetic=fed[first] / synthetic_tps,
+                          loaders_over_synthetic={k: v / synthetic_tps for k, v in fed.items()})
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
 
@@ -252,6 +259,9 @@ def print_tables(results: list[dict], args, world_size: int) -> None:
               f"{r['useful_tflops_per_gpu']:.0f} | {mfu_text} | {r['peak_mem_gib']:.1f} | {r['first_step_s']:.1f} | "
               f"{fed} |")
     for r in results:
+        for spec, ratio in r.get("loaders_over_synthetic", {}).items():
+            print(f"loader-fed / synthetic, {r['variant']}, {spec}: {ratio:.3f}")
+    for r in results:
         if "profile" not in r:
             continue
         prof = r["profile"]
@@ -283,7 +293,9 @@ def main():
     ap.add_argument("--dtype", default="fp32", help="student.dtype (trained weights and optimizer state)")
     ap.add_argument("--variants", default="shipped:",
                     help='"name:key=value,...;name2:..." config overrides per variant, the first is the baseline')
-    ap.add_argument("--loader", default="threads:6", help="loader-fed pass (threads:N or processes:N); '' for none")
+    ap.add_argument("--loader", default="threads:6",
+                    help="loader-fed passes, comma-separated: threads:N or processes:N, ':nocheck' skips row "
+                         "checksums; '' for none")
     ap.add_argument("--loader-variant", default=None, help="the variant the loader-fed pass runs (default: last)")
     ap.add_argument("--profile", action="store_true", help="a profiled pass per variant: GPU time by category")
     ap.add_argument("--nproc", type=int, default=1, help="ranks on this node (FSDP2 over NCCL; gloo on CPU)")

@@ -119,6 +119,7 @@ def parallelize(wrapper: nn.Module, env: DistEnv, cfg: ParallelConfig) -> nn.Mod
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(student)
     if cfg.compile:
+        allow_shape_recompiles()
         for layer in layers:
             layer.compile()
     wrapper.to(env.device)
@@ -150,6 +151,21 @@ def parallelize(wrapper: nn.Module, env: DistEnv, cfg: ParallelConfig) -> nn.Mod
             if env.device.type == "cpu":  # gloo has no PREMUL_SUM: plain SUM, then a division by 1
                 module.set_force_sum_reduction_for_comms(True)
     return wrapper
+
+
+# Compiled frames may compile once per micro-batch shape: up to seq_len / data.pad_to_multiple of
+# them (16 at 4096 / 256). transformers compiles flex attention with static shapes, and past
+# dynamo's default limit of 8 a frame runs eagerly for good: unfused flex attention, a tenth of
+# the speed (seen at 24 layers with lengths 256..4096 padded to 128).
+RECOMPILE_LIMIT = 64
+
+
+def allow_shape_recompiles() -> None:
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
 
 
 def sync_after_micro_batch(model: nn.Module, last: bool, frozen: str) -> None:
