@@ -25,6 +25,9 @@ def autotune(
     max_micro_batch: int = typer.Option(0, "--max-micro-batch", help="Search cap (default 256 on GPU, 4 on CPU)."),
     nproc_per_node: int = typer.Option(0, "--nproc-per-node", help="Probe on this many local ranks."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    recompute: str = typer.Option("measure", "--recompute",
+                                  help="measure: search with activation checkpointing off and on and keep the "
+                                       "faster; config: only the config's setting."),
 ):
     """Probe forward/backward/optimizer steps at growing micro batches until one runs out of memory."""
     from student_train.config import load_config
@@ -47,13 +50,14 @@ def autotune(
         raise typer.Exit(2)
     if nproc_per_node > 0 and "RANK" not in os.environ:
         argv = ["autotune", str(config), "--seq-len", str(seq_len), "--max-micro-batch", str(max_micro_batch),
+                "--recompute", recompute,
                 *[a for g in gbs for a in ("--target-gbs", str(g))], *[a for o in overrides for a in ("--set", o)]]
         raise typer.Exit(relaunch(nproc_per_node, argv + (["--json"] if as_json else [])))
 
     from student_train.autotune import run
 
     try:
-        result = run(cfg, seq_len, gbs, max_micro_batch)
+        result = run(cfg, seq_len, gbs, max_micro_batch, recompute)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1)
@@ -63,7 +67,7 @@ def autotune(
         typer.echo(json.dumps(asdict(result)))
         return
     typer.echo(f"largest micro batch at seq_len {result.seq_len} on {result.world_size} x {result.device}: "
-               f"{result.max_micro_batch}")
+               f"{result.max_micro_batch} (activation_checkpointing: {str(result.activation_checkpointing).lower()})")
     for note in result.notes:
         typer.echo(f"note: {note}")
     for plan in result.plans:

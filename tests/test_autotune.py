@@ -88,3 +88,31 @@ def test_autotune_command_accepts_several_target_batches(tiny_run, tmp_path):
     assert result.exit_code == 0, result.output
     out = json.loads(result.output.strip().splitlines()[-1])
     assert [p["target_gbs"] for p in out["plans"]] == [4, 8] and out["max_micro_batch"] == 2
+
+
+def test_measure_recompute_times_both_settings_and_keeps_the_faster(tiny_run, monkeypatch):
+    """--recompute measure: a search per setting, each timed at its largest micro batch; the result
+    (micro batch, plans) is the faster setting's. A fake memory limit lets only recompute reach 4."""
+    from student_train.model import DistillModel
+
+    tmp, student = tiny_run
+    real_forward = DistillModel.forward
+
+    def forward(self, batch, *args):
+        limit = 4 if self.student.is_gradient_checkpointing else 1
+        if batch.batch_size > limit:
+            raise torch.OutOfMemoryError("fake: over the limit")
+        return real_forward(self, batch, *args)
+
+    monkeypatch.setattr(DistillModel, "forward", forward)
+    cfg = tiny_config(tmp, student, tmp / "train", None, "student.experts_implementation=eager")
+    result = autotune_mod.run(cfg, seq_len=16, target_gbs=[8], max_micro_batch=4, recompute="measure")
+    off, on = result.candidates
+    assert (off.activation_checkpointing, off.max_micro_batch) == (False, 1)
+    assert (on.activation_checkpointing, on.max_micro_batch) == (True, 4)
+    assert off.tokens_per_s > 0 and on.tokens_per_s > 0
+    faster = max(result.candidates, key=lambda c: c.tokens_per_s)
+    assert result.activation_checkpointing == faster.activation_checkpointing
+    assert result.max_micro_batch == faster.max_micro_batch
+    assert result.plans[0].micro_batch == faster.max_micro_batch
+    assert any("chosen: activation_checkpointing" in n for n in result.notes)
