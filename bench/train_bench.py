@@ -125,7 +125,9 @@ def profile_breakdown(prof, step_seconds: float, steps: int, on_gpu: bool) -> di
         seen = set()
         for evt in prof.events():
             key = (evt.name, evt.time_range.start, evt.device_index)
-            if evt.device_type == DeviceType.CUDA and key not in seen:
+            # The product's ranges show up on the device timeline too (as annotations spanning their
+            # kernels): count kernels only, or the busy time would include them twice.
+            if evt.device_type == DeviceType.CUDA and key not in seen and evt.name not in RANGES:
                 seen.add(key)
                 us = evt.time_range.elapsed_us()
                 busy_us += us
