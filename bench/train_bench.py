@@ -242,7 +242,7 @@ def run_variant(name: str, overrides: list[str], args, on_gpu: bool) -> dict:
         return result
     finally:
         trainer.close()
-        del trainer
+        trainer = None  # the model's GPU memory goes before the next variant is built
         gc.collect()
         if on_gpu:
             torch.cuda.empty_cache()
@@ -250,8 +250,8 @@ def run_variant(name: str, overrides: list[str], args, on_gpu: bool) -> dict:
 
 def print_tables(results: list[dict], args, world_size: int) -> None:
     base = results[0]["tokens_per_s_per_gpu"]
-    print(f"\n| variant | GPUs | tok/s per GPU | vs {results[0]['variant']} | useful TFLOP/s per GPU | MFU | peak GiB | "
-          "first step s | loader-fed / synthetic |")
+    print(f"\n| variant | GPUs | tok/s per GPU | vs {results[0]['variant']} | useful TFLOP/s per GPU | MFU | "
+          "peak GiB | first step s | loader-fed / synthetic |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         fed = f"{r['loader_over_synthetic']:.3f}" if "loader_over_synthetic" in r else "-"
