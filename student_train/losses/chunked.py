@@ -34,7 +34,8 @@ def distill_loss(
     compile_chunks: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """sum over positions with labels_N != -100 of (ce_weight*CE + kl_weight*s*KL_T), divided by
-    num_valid_tokens_global; s = T**2 when scale_by_t2, else 1.
+    num_valid_tokens_global; s = T**2 when scale_by_t2, else 1 (config.objective_weights). KL_T is the
+    divergence named kl_mode (divergences.DIVERGENCES) between the teacher and the student at temperature T.
 
     Logits exist one chunk of chunk_size positions at a time, in forward and backward: the
     gradients are computed in forward and only [N, D] and [V, D] tensors are kept for backward.

@@ -7,13 +7,15 @@ temperature T and its gradient with respect to the tempered student logits s = l
   `needs_teacher_lse` whether the cache must hold the log-sum-exp at the KL temperature;
   `check_cache` turns both into errors that name the cache, before any training work.
 - `value(scaled_CV, targets, temperature)` defines kl_C as a differentiable function of s; the
-  default `value_and_grad` differentiates it with autograd (one more [C, V] buffer per chunk).
+  default `value_and_grad` differentiates it with autograd (a few more [C, V] buffers per chunk).
 - `value_and_grad(logits_CV, lse_C, targets, temperature)` overridden is a hand-derived gradient,
   the fast path: tail, renorm and sampled below. It returns (kl_C, dense_CV | None, ids_CK | None,
   grad_CK | None), dKL/ds being dense_CV plus grad_CK added at ids_CK, and never mutates logits_CV.
 
 A new divergence is a subclass here under `@register`: the config's choices, the cache
-check, the chunked loss (student_train/losses/chunked.py) and the float64 tests pick it up.
+check, the chunked loss (student_train/losses/chunked.py) and the float64 tests pick it up (the
+tests differentiate its `value`; one with only a hand-derived gradient also needs its KL written
+out in tests/test_losses.py, REFERENCE_KL).
 Shape suffixes as in student_train/losses/__init__.py.
 """
 
@@ -26,10 +28,12 @@ from torch import Tensor
 
 from student_train.losses.targets import SampledTargets, TopkTargets, lse_column
 
-DIVERGENCES: dict[str, "Divergence"] = {}
+DIVERGENCES: dict[str, Divergence] = {}  # by name, in registration order
 
 
 class Divergence:
+    """One KL the loss can use: what it reads from the cache, its value, its gradient."""
+
     name: str
     targets: type  # TopkTargets or SampledTargets
     needs_teacher_lse: bool = False
