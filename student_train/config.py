@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from common.paths import is_within, overlap, overlap_error
-from student_train.losses import KL_MODES, LossConfig
+from student_train.losses import LossConfig, divergence_names
 
 DTYPES = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "muon")
@@ -81,7 +81,7 @@ class LossSection:
     kl: float = 0.0
     hidden_cosine: float = 0.0
     kl_temperature: float = 1.0
-    kl_mode: str = "tail"  # tail | renorm (top-k caches), sampled (sampled caches)
+    kl_mode: str = "tail"  # tail | renorm (top-k caches), sampled (sampled caches): student_train/losses/divergences.py
     scale_by_t2: bool = True
     chunk_size: int = 1024  # positions per lm_head chunk
     compile_chunks: bool = False  # torch.compile the per-chunk loss and its gradient (GPU: fewer passes)
@@ -337,7 +337,7 @@ def validate(config: TrainConfig, where: str = "config") -> None:
     need(d.num_threads >= 1 and d.prefetch >= 1, "data.num_threads", "num_threads and prefetch must be >= 1")
     need(d.pad_to_multiple >= 1, "data.pad_to_multiple", "must be >= 1")
     need(d.decode_processes >= 0, "data.decode_processes", "must be 0 (decode in threads) or a process count")
-    need(config.loss.kl_mode in KL_MODES, "loss.kl_mode", f"must be one of {KL_MODES}")
+    need(config.loss.kl_mode in divergence_names(), "loss.kl_mode", f"must be one of {divergence_names()}")
     for i, pair in enumerate(config.loss.layer_pairs):
         need(len(pair) == 2, f"loss.layer_pairs[{i}]", "must be [student_layer, teacher_layer]")
     try:

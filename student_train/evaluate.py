@@ -32,8 +32,7 @@ def summarise(sums_F: torch.Tensor, loss_cfg) -> dict:
     tokens = max(s["valid_tokens"], 1.0)
     out = {"ce": s["ce_sum"] / tokens, "kl": s["kl_sum"] / tokens, "top1": s["top1_agree_sum"] / tokens,
            "tokens": int(s["valid_tokens"])}
-    kl_scale = loss_cfg.kl_temperature**2 if loss_cfg.scale_by_t2 else 1.0
-    loss = loss_cfg.ce_weight * out["ce"] + loss_cfg.kl_weight * kl_scale * out["kl"]
+    loss = loss_cfg.objective(out["ce"], out["kl"])
     if s["hidden_positions"] > 0:
         dist = s["hidden_dist_sum"] / s["hidden_positions"]
         out["hidden_cos"] = 1.0 - dist

@@ -31,7 +31,9 @@ from student_train.losses import (
     TopkTargets,
     build_hidden_projection,
     distill_loss,
+    get_divergence,
     hidden_cosine_loss,
+    lse_column,
 )
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -154,25 +156,19 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 # ---------------------------------------------------------------- the wrapper
 
 
-def lse_column(temperatures, kl_temperature: float) -> int | None:
-    """Which cached log-sum-exp temperature is the KL temperature (None: not cached)."""
-    return next((i for i, t in enumerate(temperatures) if abs(t - kl_temperature) < 1e-6), None)
-
-
 @dataclass(frozen=True)
 class TargetLayout:
     """What the cache holds, as the loss needs it."""
 
     mode: str  # topk | sampled
-    lse_index: int  # column of lse_BPT at the KL temperature (top-k)
+    lse_index: int  # column of lse_BPT at the KL temperature (top-k; 0 when not cached)
     num_samples: int  # draws per position (sampled)
     teacher_hidden_size: int
 
     @classmethod
     def from_spec(cls, spec: ShardSpec, loss: LossConfig) -> "TargetLayout":
-        lse_index = 0
-        if spec.targets.mode == "topk":
-            lse_index = lse_column(spec.targets.temperatures, loss.kl_temperature) or 0
+        # Whether a missing column is an error is the divergence's call (check_cache_fits).
+        lse_index = lse_column(spec.targets.temperatures, loss.kl_temperature) or 0
         return cls(mode=spec.targets.mode, lse_index=lse_index, num_samples=spec.targets.num_samples,
                    teacher_hidden_size=spec.hidden.hidden_size)
 
@@ -298,19 +294,7 @@ def check_cache_fits(spec: ShardSpec, loss: LossConfig, student_vocab: int, num_
     """Everything about the cache that would fail mid-run, checked before training."""
     if spec.vocab_size != student_vocab:
         raise ValueError(f"{where}: cache vocabulary {spec.vocab_size} != student vocabulary {student_vocab}")
-    mode = spec.targets.mode
-    if loss.kl_mode == "sampled" and mode != "sampled":
-        raise ValueError(f"{where}: loss.kl_mode 'sampled' needs a sampled cache, this one holds {mode} targets")
-    if loss.kl_mode in ("tail", "renorm") and mode != "topk":
-        raise ValueError(f"{where}: loss.kl_mode {loss.kl_mode!r} needs a top-k cache, this one holds {mode} "
-                         "targets (use kl_mode: sampled)")
-    if loss.kl_weight > 0 and loss.kl_mode == "tail":
-        temps = spec.targets.temperatures
-        if lse_column(temps, loss.kl_temperature) is None:
-            raise ValueError(f"{where}: loss.kl_temperature {loss.kl_temperature} is not among the cached "
-                             f"log-sum-exp temperatures {list(temps)}; the tail bucket needs it")
-    if loss.kl_weight > 0 and loss.kl_mode == "sampled" and abs(loss.kl_temperature - 1.0) > 1e-6:
-        raise ValueError(f"{where}: sampled targets are draws at T=1; set loss.kl_temperature: 1.0")
+    get_divergence(loss.kl_mode).check_cache(spec.targets, loss, where)
     if loss.hidden_cosine_weight > 0:
         stored = set(spec.hidden.layers)
         for s, t in loss.layer_pairs:

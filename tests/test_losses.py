@@ -13,15 +13,22 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from common.spec import TargetSpec
+from student_train.evaluate import summarise
 from student_train.losses import (
+    DIVERGENCES,
+    Divergence,
     HiddenProjection,
     LossConfig,
     SampledTargets,
     TopkTargets,
     build_hidden_projection,
     distill_loss,
+    divergence_names,
     hidden_cosine_loss,
+    register,
 )
+from student_train.model import LossSums
 
 N, V, D = 37, 1000, 24
 TEMPERATURES = (1.0, 2.0)  # what a cache stores lse for; lse_index picks the KL temperature
@@ -74,8 +81,9 @@ def make_case(seed=0, n=N, vocab=V, width=D, dtype=torch.float64, k=16, masked_f
     hidden_ND, weight_VD = (hidden_ND + 2 * lean_N1 * weight_VD[t_logits_NV.argmax(1)]).to(dtype), weight_VD.to(dtype)
     labels_N = torch.multinomial(torch.softmax(t_logits_NV, -1), 1, generator=gen).squeeze(1)
     labels_N[torch.rand(n, generator=gen) < masked_fraction] = -100
-    targets = {"tail": topk_targets(t_logits_NV, k), "sampled": sampled_targets(t_logits_NV, gen)}
-    targets["renorm"] = targets["tail"]
+    by_kind = {TopkTargets: topk_targets(t_logits_NV, k), SampledTargets: sampled_targets(t_logits_NV, gen)}
+    # Each registered divergence's targets under its name.
+    targets = {name: by_kind[divergence.targets] for name, divergence in DIVERGENCES.items()}
     return dict(hidden=hidden_ND, weight=weight_VD, labels=labels_N, teacher=t_logits_NV, targets=targets)
 
 
@@ -90,46 +98,74 @@ def run(hidden_ND, weight_VD, labels_N, targets, num_valid, weight_grad=True, **
 # ---------------------------------------------------------------- float64 references
 
 
+def reference_tail_kl(scaled_RV, targets: TopkTargets, t):
+    """The kept ids and one bucket for the rest, the student's tail as 1 - sum(q)."""
+    q = F.log_softmax(scaled_RV, -1).exp().gather(1, targets.ids_NK)
+    p = torch.exp(targets.logits_NK.double() / t - targets.lse_NT[:, targets.lse_index, None].double())
+    p_tail = (1 - p.sum(-1)).clamp_min(0)
+    q_tail = 1 - q.sum(-1)
+    return (p * (p.log() - q.log())).sum(-1) + torch.xlogy(p_tail, p_tail) - p_tail * q_tail.log()
+
+
+def reference_renorm_kl(scaled_RV, targets: TopkTargets, t):
+    q = F.log_softmax(scaled_RV, -1).exp().gather(1, targets.ids_NK)
+    p = torch.softmax(targets.logits_NK.double() / t, -1)
+    q = q / q.sum(-1, keepdim=True)
+    return (p * (p.log() - q.log())).sum(-1)
+
+
+def reference_sampled_kl(scaled_RV, targets: SampledTargets, t):
+    """Row by row over the drawn ids, in Python."""
+    log_q = F.log_softmax(scaled_RV, -1)
+    terms = []
+    for j in range(log_q.shape[0]):
+        pairs = [(i, c) for i, c in zip(targets.ids_NM[j].tolist(), targets.counts_NM[j].tolist()) if c > 0]
+        terms.append(sum((c / targets.num_samples) * (math.log(c / targets.num_samples) - log_q[j, i])
+                         for i, c in pairs))
+    return torch.stack(terms)
+
+
+# The built-in divergences written out directly, from full float64 softmaxes.
+REFERENCE_KL = {"tail": reference_tail_kl, "renorm": reference_renorm_kl, "sampled": reference_sampled_kl}
+
+
+def reference_kl(kl_mode):
+    """A divergence's hand-written KL, else its own `value` (differentiated by autograd on full logits)."""
+    if kl_mode in REFERENCE_KL:
+        return REFERENCE_KL[kl_mode]
+    divergence = DIVERGENCES[kl_mode]
+    if type(divergence).value is Divergence.value:
+        pytest.fail(f"divergence {kl_mode!r}: give it a value, or a hand-written KL in REFERENCE_KL")
+    return divergence.value
+
+
+def reference_top1(targets):
+    if isinstance(targets, TopkTargets):
+        return targets.ids_NK.gather(1, targets.logits_NK.double().argmax(1, keepdim=True)).squeeze(1)
+    return torch.tensor([max(((i, c) for i, c in zip(ids.tolist(), counts.tolist()) if c > 0),
+                             key=lambda ic: ic[1])[0]
+                         for ids, counts in zip(targets.ids_NM, targets.counts_NM)], dtype=torch.int64)
+
+
 def reference(hidden_ND, weight_VD, labels_N, targets, num_valid, *, kl_mode="tail", ce_weight=1.0,
               kl_weight=1.0, kl_temperature=1.0, scale_by_t2=True, full_teacher_NV=None, chunk_size=None):
-    """Full logits in float64; the KL per mode written out directly. full_teacher_NV: full-vocab KL."""
+    """Full logits in float64, the KL from reference_kl. full_teacher_NV: full-vocab KL."""
     h = hidden_ND.detach().double().requires_grad_(True)
     w = weight_VD.detach().double().requires_grad_(True)
     t = kl_temperature
     keep = labels_N != -100
     logits = (h @ w.T)[keep]
     ce = F.cross_entropy(logits, labels_N[keep], reduction="sum")
-    log_q = F.log_softmax(logits / t, -1)
-    rows = keep.nonzero().squeeze(1)
 
-    kl = torch.zeros(len(rows), dtype=torch.float64)
+    kl = torch.zeros(logits.shape[0], dtype=torch.float64)
     teacher_top1 = None
     if full_teacher_NV is not None:
         log_p = F.log_softmax(full_teacher_NV[keep] / t, -1)
-        kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-    elif isinstance(targets, TopkTargets):
-        ids = targets.ids_NK[keep]
-        t_logits = targets.logits_NK[keep].double()
-        teacher_top1 = ids.gather(1, t_logits.argmax(1, keepdim=True)).squeeze(1)
-        q = log_q.exp().gather(1, ids)
-        if kl_mode == "tail":
-            p = torch.exp(t_logits / t - targets.lse_NT[keep, targets.lse_index, None].double())
-            p_tail = (1 - p.sum(-1)).clamp_min(0)
-            q_tail = 1 - q.sum(-1)
-            kl = (p * (p.log() - q.log())).sum(-1) + torch.xlogy(p_tail, p_tail) - p_tail * q_tail.log()
-        else:
-            p = torch.softmax(t_logits / t, -1)
-            q = q / q.sum(-1, keepdim=True)
-            kl = (p * (p.log() - q.log())).sum(-1)
-    elif isinstance(targets, SampledTargets):
-        terms, teacher_top1 = [], []
-        for j, row in enumerate(rows.tolist()):
-            pairs = [(i, c) for i, c in zip(targets.ids_NM[row].tolist(), targets.counts_NM[row].tolist()) if c > 0]
-            terms.append(sum((c / targets.num_samples) * (math.log(c / targets.num_samples) - log_q[j, i])
-                             for i, c in pairs))
-            teacher_top1.append(max(pairs, key=lambda ic: ic[1])[0])
-        kl = torch.stack(terms)
-        teacher_top1 = torch.tensor(teacher_top1)
+        kl = (log_p.exp() * (log_p - F.log_softmax(logits / t, -1))).sum(-1)
+    elif targets is not None:
+        targets_R = targets.rows(keep)
+        kl = reference_kl(kl_mode)(logits / t, targets_R, t)
+        teacher_top1 = reference_top1(targets_R)
 
     scale = t**2 if scale_by_t2 else 1.0
     loss = (ce_weight * ce + kl_weight * scale * kl.sum()) / num_valid
@@ -165,7 +201,7 @@ def test_teacher_fixture_is_peaked_and_student_is_not_degenerate():
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 1024])  # 1 and 7 do not divide the ~30 valid rows
 @pytest.mark.parametrize("temperature", TEMPERATURES)
-@pytest.mark.parametrize("kl_mode", ["ce_only", "tail", "renorm", "sampled"])
+@pytest.mark.parametrize("kl_mode", ["ce_only", *divergence_names()])
 def test_matches_float64_reference(kl_mode, temperature, chunk_size):
     case = make_case(seed=1)
     if kl_mode == "ce_only":
@@ -192,7 +228,7 @@ def test_matches_float64_reference(kl_mode, temperature, chunk_size):
         assert not value.requires_grad
 
 
-@pytest.mark.parametrize("kl_mode", ["tail", "renorm", "sampled"])
+@pytest.mark.parametrize("kl_mode", divergence_names())
 def test_float32_inputs_match_float64_reference(kl_mode):
     case = make_case(seed=2, dtype=torch.float32)
     targets = with_temperature(case["targets"][kl_mode], 2.0)
@@ -258,6 +294,89 @@ def test_t_squared_scaling():
     assert scaled.item() == pytest.approx(4 * plain.item(), rel=1e-12)
     assert plain.item() == pytest.approx(metrics["kl_sum"].item() / 30, rel=1e-12)
     assert torch.allclose(g_scaled, 4 * g_plain, rtol=1e-12, atol=0)
+
+
+# ---------------------------------------------------------------- divergences
+
+
+class ByValue(Divergence):
+    """A built-in divergence given by its reference KL alone: gradients from the default autograd path."""
+
+    def __init__(self, kl_mode):
+        fast = DIVERGENCES[kl_mode]
+        self.name, self.targets, self.needs_teacher_lse = f"{kl_mode}_by_value", fast.targets, fast.needs_teacher_lse
+        self.kl_fn = REFERENCE_KL[kl_mode]
+
+    def value(self, scaled_CV, targets, temperature):
+        return self.kl_fn(scaled_CV, targets, temperature)
+
+
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("kl_mode", sorted(REFERENCE_KL))
+def test_a_divergence_defined_by_value_matches_its_hand_derived_gradient(kl_mode, temperature, monkeypatch):
+    by_value = ByValue(kl_mode)
+    monkeypatch.setitem(DIVERGENCES, by_value.name, by_value)
+    case = make_case(seed=17)
+    targets = with_temperature(case["targets"][kl_mode], temperature)
+    args = (case["hidden"], case["weight"], case["labels"], targets, 50)
+    kwargs = dict(ce_weight=0.7, kl_weight=1.3, kl_temperature=temperature, chunk_size=7)
+    loss, g_hidden, g_weight, metrics = run(*args, kl_mode=kl_mode, **kwargs)
+    loss_v, g_hidden_v, g_weight_v, metrics_v = run(*args, kl_mode=by_value.name, **kwargs)
+    assert loss_v.item() == pytest.approx(loss.item(), rel=1e-12)
+    assert_close(g_hidden_v, g_hidden, 1e-10, "hidden grad")
+    assert_close(g_weight_v, g_weight, 1e-10, "weight grad")
+    for key, value in metrics.items():
+        assert metrics_v[key].item() == pytest.approx(value.item(), rel=1e-12, abs=1e-14), key
+    with torch.no_grad():  # eval: the autograd path runs under no_grad too
+        eval_loss, _ = distill_loss(*args, kl_mode=by_value.name, **kwargs)
+    assert torch.equal(eval_loss, loss_v)
+
+
+def test_a_divergence_defined_by_value_compiles(monkeypatch):
+    """compile_chunks traces the autograd path as well."""
+    by_value = ByValue("tail")
+    monkeypatch.setitem(DIVERGENCES, by_value.name, by_value)
+    case = make_case(seed=18, dtype=torch.float32)
+    targets = with_temperature(case["targets"]["tail"], 2.0)
+    args = (case["hidden"], case["weight"], case["labels"], targets, 40)
+    kwargs = dict(kl_temperature=2.0, chunk_size=8)
+    loss, g_hidden, g_weight, _ = run(*args, kl_mode="tail", **kwargs)
+    loss_v, g_hidden_v, g_weight_v, _ = run(*args, kl_mode=by_value.name, compile_chunks=True, **kwargs)
+    assert loss_v.item() == pytest.approx(loss.item(), rel=1e-5)
+    assert_close(g_hidden_v, g_hidden, 1e-5, "hidden grad")
+    assert_close(g_weight_v, g_weight, 1e-5, "weight grad")
+
+
+@pytest.mark.parametrize("kl_mode", divergence_names())
+def test_every_divergence_names_the_cache_it_cannot_read(kl_mode):
+    divergence = DIVERGENCES[kl_mode]
+    mode = divergence.targets.cache_mode
+    other = TargetSpec(mode="sampled", num_samples=8) if mode == "topk" else TargetSpec(mode="topk")
+    loss = LossConfig(kl_mode=kl_mode)
+    with pytest.raises(ValueError, match=f"^caches/x: loss.kl_mode '{kl_mode}' needs a .* cache, this one "
+                                         f"holds {other.mode} targets"):
+        divergence.check_cache(other, loss, "caches/x")
+    fitting = TargetSpec(mode=mode, num_samples=8, temperatures=(1.0, 2.0))
+    divergence.check_cache(fitting, loss, "caches/x")
+    uncached = LossConfig(kl_mode=kl_mode, kl_temperature=3.0)
+    if divergence.needs_teacher_lse:
+        with pytest.raises(ValueError, match="^caches/x: loss.kl_temperature 3.0 is not among the cached"):
+            divergence.check_cache(fitting, uncached, "caches/x")
+    with pytest.raises(ValueError, match="already registered"):
+        register(type(divergence))
+
+
+def test_eval_summary_weighs_ce_and_kl_as_the_training_loss_does():
+    """One objective: evaluate.summarise of the sums gives distill_loss's loss, T**2 included."""
+    case = make_case(seed=19)
+    cfg = LossConfig(ce_weight=0.7, kl_weight=1.3, kl_temperature=2.0)
+    targets = with_temperature(case["targets"]["tail"], 2.0)
+    num_valid = (case["labels"] != -100).sum().item()
+    loss, _, _, metrics = run(case["hidden"], case["weight"], case["labels"], targets, num_valid,
+                              **cfg.distill_kwargs())
+    sums_F = torch.tensor([metrics[key].item() if key in metrics else 0.0 for key in LossSums.FIELDS],
+                          dtype=torch.float64)
+    assert summarise(sums_F, cfg)["loss"] == pytest.approx(loss.item(), rel=1e-12)
 
 
 # ---------------------------------------------------------------- the tail bucket
@@ -367,7 +486,7 @@ def test_all_positions_masked_gives_zero_loss_and_gradient():
     assert not g_hidden.any() and not g_weight.any()
 
 
-@pytest.mark.parametrize("kl_mode", ["tail", "renorm", "sampled"])
+@pytest.mark.parametrize("kl_mode", divergence_names())
 def test_two_calls_with_the_global_count_add_up_to_one_call(kl_mode):
     case = make_case(seed=13)
     targets = case["targets"][kl_mode]
@@ -403,7 +522,7 @@ class LargestOutput(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("weight_grad", [True, False])
-@pytest.mark.parametrize("kl_mode", ["tail", "renorm", "sampled"])
+@pytest.mark.parametrize("kl_mode", divergence_names())
 def test_nothing_of_size_positions_by_vocab_is_created_or_saved(kl_mode, weight_grad):
     n, vocab, width, chunk = 120, 500, 16, 8
     case = make_case(seed=14, n=n, vocab=vocab, width=width, dtype=torch.float32)
