@@ -40,9 +40,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common.pretrain import PretrainConfig, evaluate_lm, pretrain  # noqa: E402
-from common.tiny_corpus import build_dataset, read_split_texts  # noqa: E402
-from common.tiny_models import build_model, save_model, tiny_llama_config, train_bpe_tokenizer  # noqa: E402
+from demo.pretrain import PretrainConfig, evaluate_lm, pretrain  # noqa: E402
+from demo.tiny_corpus import build_dataset, read_split_texts  # noqa: E402
+from demo.tiny_models import build_model, save_model, tiny_llama_config, train_bpe_tokenizer  # noqa: E402
 
 
 def cache_flags(args) -> dict[str, list[str]]:

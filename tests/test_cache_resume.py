@@ -17,7 +17,7 @@ import torch
 from typer.testing import CliRunner
 
 from common.manifest import load_manifest, shard_file_name
-from common.tiny_models import build_model, save_model, tiny_llama_config
+from demo.tiny_models import build_model, save_model, tiny_llama_config
 from teacher_cache.cache_run import merge_caches
 from teacher_cache.plan import WorkerSlot, node_local_worker, plan_shards, resolve_worker, shards_for_worker
 from test_cache_teacher import VOCAB, cache, random_rows, shard_bytes, write_parquet

@@ -22,7 +22,7 @@ from common import codec
 from common.manifest import MANIFEST_NAME, load_manifest
 from common.shard_reader import ShardReader, read_cache_rows
 from common.spec import HiddenSpec, ShardSpec, TargetSpec, content_hash, hidden_positions
-from common.tiny_models import build_model, save_model, tiny_gpt_oss_config, tiny_llama_config
+from demo.tiny_models import build_model, save_model, tiny_gpt_oss_config, tiny_llama_config
 from teacher_cache import cache_run
 from teacher_cache.cache_run import CacheConfig, run_cache
 

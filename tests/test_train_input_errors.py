@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from common.manifest import MANIFEST_NAME, teacher_differences
-from common.tiny_models import save_model
+from demo.tiny_models import save_model
 from student_train.metrics import MetricsLogger
 from student_train.trainer import Trainer
 from train_fixtures import VOCAB, make_rows, save_tiny_student, tiny_config, tiny_teacher, write_cache

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from common.tiny_models import build_model, tiny_gpt_oss_config, tiny_llama_config
+from demo.tiny_models import build_model, tiny_gpt_oss_config, tiny_llama_config
 from student_train.batch import StudentBatch
 from student_train.config import OptimConfig, StudentConfig
 from student_train.losses import LossConfig
