@@ -37,7 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-IGNORE_INDEX = -100
+from common.causal_lm import IGNORE_INDEX
+
 USER, ANALYSIS, FINAL = 0, 1, 2  # turn markers
 TEXT_ID_BASE = 8  # ids below this are kept for markers
 BYTES_PER_TOKEN = 2

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from student_train.batch import IGNORE_INDEX
+from common.causal_lm import IGNORE_INDEX
 
 KL_MODES = ("tail", "renorm", "sampled")
 

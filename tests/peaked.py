@@ -40,14 +40,13 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import torch
 
+from common.causal_lm import IGNORE_INDEX
 from common.manifest import (CacheManifest, file_sha256, load_manifest, read_sidecar, refresh_manifest,
                              resolve_inside, write_sidecar)
 from common.shard_format import CHECKSUM_COLUMN, SCHEMA_METADATA_KEY, TeacherRow, row_checksums
 from common.shard_reader import row_cells
 from common.shard_writer import ShardWriter
 from common.spec import ShardSpec, hidden_positions
-
-LABEL_IGNORE = -100
 
 
 @dataclass(frozen=True)
@@ -174,7 +173,7 @@ def teacher_row(spec: ShardSpec, row_id: int, length: int, seed: int,
     # Greedy continuation: the target at t is the teacher's view of token t + 1.
     input_ids_L[1:] = logits_PV.argmax(axis=1)
     labels_L = input_ids_L.copy()
-    labels_L[:min(prompt_tokens, length)] = LABEL_IGNORE
+    labels_L[:min(prompt_tokens, length)] = IGNORE_INDEX
 
     row = TeacherRow(row_id=row_id, input_ids_L=input_ids_L, labels_L=labels_L)
     tspec = spec.targets
