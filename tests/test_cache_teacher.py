@@ -89,14 +89,7 @@ def cache(model_dir: Path, data: Path, out: Path, **kw) -> cache_run.RunSummary 
 
 # ---- fixtures -----------------------------------------------------------------------
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls on 2 shared cores run far faster on one thread (module scope:
-    # the model fixtures need it too).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # before the model fixtures too
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt_oss"])

@@ -20,13 +20,7 @@ V = 300
 TEMPERATURES = (1.0, 2.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two shared cores: several intra-op threads only contend.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gpt_oss_student(dtype=torch.float64, lm_head_scale=4.0):
