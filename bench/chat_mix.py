@@ -14,7 +14,7 @@ with `train` and `validation` splits of rows
 This module writes rows of that schema: four named sources mixed in about the
 phase-1 proportions, lengths spread log-uniformly between `min_len` and
 `max_len` (a chat mix, not all rows full), and tokens taken from real text,
-the Python standard library's sources (common.tiny_corpus; files split
+the Python standard library's sources (demo.tiny_corpus; files split
 between train and validation by path). No tokenizer is trained: every two
 UTF-8 bytes become one id, `TEXT_ID_BASE + (b0 * 256 + b1) % (vocab - TEXT_ID_BASE)`,
 so the same text fits a 1,024-id CPU teacher and GPT-OSS's 201,088 ids (where
@@ -37,7 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-IGNORE_INDEX = -100
+from common.causal_lm import IGNORE_INDEX
+
 USER, ANALYSIS, FINAL = 0, 1, 2  # turn markers
 TEXT_ID_BASE = 8  # ids below this are kept for markers
 BYTES_PER_TOKEN = 2
@@ -163,7 +164,7 @@ def build_chat_mix(out_dir: Path, shape: MixShape) -> dict:
     """Writes the DatasetDict to `out_dir` and returns what it holds."""
     from datasets import Dataset, DatasetDict, disable_progress_bars
 
-    from common.tiny_corpus import read_split_texts
+    from demo.tiny_corpus import read_split_texts
 
     disable_progress_bars()
     train_texts, validation_texts = read_split_texts(text_bytes_needed(shape))

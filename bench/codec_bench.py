@@ -3,8 +3,8 @@ KL error of decoded top-k targets.
 
     .venv/bin/python bench/codec_bench.py            # V = 201,088, 2 rows x 4096 tokens per id order
 
-For each id order of the synthetic teacher (tests/peaked.py: `clustered` puts
-frequent tokens at small ids as BPE vocabularies roughly do, `scattered` spreads
+For each id order of the synthetic teacher (demo/peaked_teacher.py: `clustered`
+puts frequent tokens at small ids as BPE vocabularies roughly do, `scattered` spreads
 them over the vocabulary at random), it writes real shards with ShardWriter
 and reads them back with ShardReader, single-threaded (torch and Arrow pinned
 to one thread, best of --repeats runs), and reports:
@@ -46,8 +46,9 @@ from common.shard_format import TeacherRow  # noqa: E402
 from common.shard_reader import ShardReader  # noqa: E402
 from common.shard_writer import DEFAULT_ZSTD_LEVEL, ShardWriter  # noqa: E402
 from common.spec import HiddenSpec, ShardSpec, TargetSpec  # noqa: E402
+from demo.peaked_teacher import (PeakedConfig, hidden_like, lse_float64, peaked_logits,  # noqa: E402
+                                 sample_counts, topk_tail_kl)
 from teacher_cache.targets import row_uniforms  # noqa: E402
-from tests.peaked import PeakedConfig, hidden_like, lse_float64, peaked_logits, sample_counts, topk_tail_kl  # noqa: E402
 
 TEMPERATURES = (1.0, 2.0)
 GEN_CHUNK = 256  # positions per generated [chunk, V] logits block

@@ -17,13 +17,14 @@ import time
 import torch
 import torch.nn.functional as F
 
+from common.causal_lm import IGNORE_INDEX
 from student_train.losses import TopkTargets, distill_loss
 
 
 def naive_loss(hidden_ND, weight_VD, labels_N, targets: TopkTargets, temperature, num_valid):
     """What a straightforward trainer does: full [N, V] logits, CE + top-k tail KL."""
     logits_NV = (hidden_ND @ weight_VD.T).float()
-    ce = F.cross_entropy(logits_NV, labels_N, ignore_index=-100, reduction="sum")
+    ce = F.cross_entropy(logits_NV, labels_N, ignore_index=IGNORE_INDEX, reduction="sum")
     logq_NV = torch.log_softmax(logits_NV / temperature, dim=-1)
     logq_NK = logq_NV.gather(1, targets.ids_NK)
     logp_NK = targets.logits_NK / temperature - targets.lse_NT[:, targets.lse_index:targets.lse_index + 1]
@@ -31,7 +32,7 @@ def naive_loss(hidden_ND, weight_VD, labels_N, targets: TopkTargets, temperature
     p_tail = (1 - p_NK.sum(-1)).clamp_min(1e-12)
     q_tail = (1 - logq_NK.exp().sum(-1)).clamp_min(1e-12)
     kl_N = (p_NK * (logp_NK - logq_NK)).sum(-1) + p_tail * (p_tail.log() - q_tail.log())
-    valid = labels_N != -100
+    valid = labels_N != IGNORE_INDEX
     kl = (kl_N * valid).sum() * temperature**2
     return (ce + kl) / num_valid
 
@@ -41,7 +42,7 @@ def make_inputs(tokens, vocab, dim, k, device, seed=0):
     hidden = torch.randn(tokens, dim, generator=g).to(device, torch.bfloat16).requires_grad_(True)
     weight = (torch.randn(vocab, dim, generator=g) * dim**-0.5 * 4).to(device, torch.bfloat16).requires_grad_(True)
     labels = torch.randint(0, vocab, (tokens,), generator=g).to(device)
-    labels[: tokens // 4] = -100
+    labels[: tokens // 4] = IGNORE_INDEX
     teacher_logits = torch.randn(tokens, vocab, generator=g) * 3
     top_logits, top_ids = teacher_logits.topk(k, dim=-1)
     lse = torch.stack([torch.logsumexp(teacher_logits / t, -1) for t in (1.0, 2.0)], -1)
@@ -80,7 +81,7 @@ def main():
     args = ap.parse_args()
     assert torch.cuda.is_available(), "this benchmark measures GPU memory"
     hidden, weight, labels, targets = make_inputs(args.tokens, args.vocab, args.dim, args.k, "cuda")
-    num_valid = int((labels != -100).sum())
+    num_valid = int((labels != IGNORE_INDEX).sum())
     chunked = lambda: distill_loss(hidden, weight, labels, targets, num_valid, ce_weight=1.0, kl_weight=1.0,
                                    kl_mode="tail", kl_temperature=2.0, chunk_size=args.chunk)[0]
     naive = lambda: naive_loss(hidden, weight, labels, targets, 2.0, num_valid)

@@ -40,9 +40,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common.pretrain import PretrainConfig, evaluate_lm, pretrain  # noqa: E402
-from common.tiny_corpus import build_dataset, read_split_texts  # noqa: E402
-from common.tiny_models import build_model, save_model, tiny_llama_config, train_bpe_tokenizer  # noqa: E402
+from common.causal_lm import IGNORE_INDEX  # noqa: E402
+from demo.pretrain import PretrainConfig, evaluate_lm, pretrain  # noqa: E402
+from demo.tiny_corpus import build_dataset, read_split_texts  # noqa: E402
+from demo.tiny_models import build_model, save_model, tiny_llama_config, train_bpe_tokenizer  # noqa: E402
 
 
 def cache_flags(args) -> dict[str, list[str]]:
@@ -180,7 +181,7 @@ def heldout_metrics(model, teacher, val_ids, val_labels, device: str, batch: int
             s_logits = model(input_ids=ids).logits[:, :-1].float()
             t_logits = teacher(input_ids=ids).logits[:, :-1].float()
         target = lab[:, 1:]  # logits at t predict token t+1
-        valid = target != -100
+        valid = target != IGNORE_INDEX
         ce_sum += F.cross_entropy(s_logits[valid], target[valid], reduction="sum").item()
         count += int(valid.sum())
         probs = s_logits[valid].softmax(-1)

@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import rehearsal_report  # noqa: E402
 from bench.watched_run import Watched, run_watched  # noqa: E402
-from common.quickstart import Stages  # noqa: E402
+from demo.quickstart import Stages  # noqa: E402
 
 STAGES = ("prepare", "cache", "cache_1gpu", "autotune", "train_a", "train_b", "train_c", "train_1gpu", "export")
 TRAIN_STAGES = ("train_a", "train_b", "train_c", "train_1gpu")
@@ -150,7 +150,7 @@ def write_cpu_teacher(teacher_dir: Path, seed: int) -> None:
     """Random weights for the CPU teacher (its lm_head scaled so its distributions are peaked)."""
     from transformers import AutoConfig
 
-    from common.tiny_models import build_model, save_model
+    from demo.tiny_models import build_model, save_model
 
     save_model(build_model(AutoConfig.from_pretrained(str(teacher_dir)), seed=seed), teacher_dir)
 

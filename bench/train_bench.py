@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.gpt_oss_shape import gpt_oss_config  # noqa: E402
+from common.causal_lm import IGNORE_INDEX  # noqa: E402
 from common.manifest import CacheManifest, refresh_manifest  # noqa: E402
 from common.shard_format import TeacherRow  # noqa: E402
 from common.shard_writer import ShardWriter  # noqa: E402
@@ -60,7 +61,7 @@ def synthetic_row(row_id: int, length: int, spec: ShardSpec, rng: np.random.Gene
     lse_PT = np.stack([top + 0.3, np.log(np.exp(logits_PK / 2).sum(1)) + 1.0], axis=1).astype(np.float32)
     input_ids = rng.integers(0, vocab, size=length).astype(np.int32)
     labels = input_ids.copy()
-    labels[: length // 8] = -100
+    labels[: length // 8] = IGNORE_INDEX
     keep = hidden_positions(row_id, length, spec.hidden.token_fraction, spec.hidden.seed)
     hidden = {layer: torch.from_numpy(rng.standard_normal((len(keep), width)).astype(np.float32))
               for layer in spec.hidden.layers}

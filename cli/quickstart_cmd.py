@@ -18,7 +18,7 @@ def quickstart(
     size: str = typer.Option("default", help="default (a few minutes on 2 cores) or ci (well under a minute)."),
 ):
     """Run corpus -> teacher -> cache-teacher -> inspect-shard -> train (2 gloo ranks) -> export."""
-    from common.quickstart import run_quickstart
+    from demo.quickstart import run_quickstart
 
     try:
         summary = run_quickstart(out, size)

@@ -39,13 +39,13 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from common import codec
+from common.causal_lm import IGNORE_INDEX
 from common.manifest import MANIFEST_NAME, CacheManifest, ShardEntry, load_manifest, read_sidecar, resolve_inside
 from common.shard_format import (CHECKSUM_COLUMN, TOKEN_COLUMNS, ShardFormatError, TeacherRow, decode_row,
                                  warn_unchecked_rows)
 from common.shard_reader import ShardReader
 from common.spec import ShardSpec, content_hash, hidden_positions
 
-LABEL_IGNORE = -100
 # float32 rounding allowance for log-sum-exp comparisons (relative).
 LSE_TOLERANCE = 1e-5
 
@@ -270,7 +270,7 @@ class DistributionStats:
         self.rows += 1
         next_ids_P = row.input_ids_L[1:].astype(np.int64)
         if row.labels_L is not None:
-            self._flag("trained_position", row.labels_L[1:] != LABEL_IGNORE)
+            self._flag("trained_position", row.labels_L[1:] != IGNORE_INDEX)
         if self.spec.targets.mode == "topk":
             self._add_topk(row, next_ids_P)
         else:

@@ -24,6 +24,7 @@ COPY cli cli
 COPY common common
 COPY teacher_cache teacher_cache
 COPY student_train student_train
+COPY demo demo
 COPY configs configs
 RUN pip install --no-deps -e . && pip install typer rich pyyaml zstandard "pyarrow>=17" datasets huggingface_hub safetensors
 

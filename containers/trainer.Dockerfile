@@ -24,6 +24,7 @@ COPY cli cli
 COPY common common
 COPY teacher_cache teacher_cache
 COPY student_train student_train
+COPY demo demo
 COPY configs configs
 RUN pip install -e .
 

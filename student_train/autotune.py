@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from common.causal_lm import decoder_layers
 from common.manifest import load_manifest
 from common.spec import HiddenSpec, ShardSpec, TargetSpec
 from student_train import parallel
 from student_train.batch import StudentBatch
 from student_train.config import TrainConfig
-from student_train.model import decoder_layers
 from student_train.optim import build_optimizer
 from student_train.parallel import DistEnv, all_reduce_min, print0
 

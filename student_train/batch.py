@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from common.causal_lm import IGNORE_INDEX
 from common.codec import dequantize_fp8
 
-IGNORE_INDEX = -100
 PAD_TOKEN_ID = 0
 
 

@@ -28,10 +28,11 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from common.atomic import TMP_PREFIX, atomic_write_text, fsync_dir
+from common.causal_lm import TORCH_DTYPES
 from student_train.checkpoint_reader import load_checkpoint_state
 from student_train.frozen_state import (FROZEN_FILE, check_fingerprint, frozen_fingerprint, frozen_names,
                                         trained_state)
-from student_train.model import PROJECTIONS_FILE, TORCH_DTYPES
+from student_train.model import PROJECTIONS_FILE
 from student_train.parallel import DistEnv, barrier
 
 COMPLETE = "COMPLETE"

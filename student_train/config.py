@@ -19,10 +19,11 @@ from typing import Any
 
 import yaml
 
+from common.causal_lm import TORCH_DTYPES
 from common.paths import is_within, overlap, overlap_error
 from student_train.losses import LossConfig, divergence_names
 
-DTYPES = ("fp32", "bf16", "fp16")
+DTYPES = tuple(TORCH_DTYPES)
 OPTIMIZERS = ("adamw", "muon")
 DEVICES = ("auto", "cpu", "cuda")
 FROZEN_PLACEMENTS = ("replicate", "shard")

@@ -53,12 +53,13 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from common.causal_lm import IGNORE_INDEX
 from common.manifest import MANIFEST_NAME, CacheManifest, ShardEntry, load_manifest, resolve_inside
 from common.parent_death import die_with_parent
 from common.shard_format import ShardFormatError, TeacherRow, read_columns, warn_unchecked_rows
 from common.shard_reader import ShardReader, check_content_hash
 from common.spec import ShardSpec
-from student_train.batch import IGNORE_INDEX, PAD_TOKEN_ID, StudentBatch
+from student_train.batch import PAD_TOKEN_ID, StudentBatch
 
 _ORDER_TAG = 0x4C4F4144  # keeps the loader's random stream apart from other users of the seed
 _MAX_OPEN_SHARDS = 32  # per decode thread

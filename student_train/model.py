@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from torch.profiler import record_function
 
+from common.causal_lm import TORCH_DTYPES, capture_block_outputs, decoder_layers
 from common.model_files import require_safetensors
 from common.spec import ShardSpec
 from student_train.batch import StudentBatch
@@ -36,7 +37,6 @@ from student_train.losses import (
     lse_column,
 )
 
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROJECTIONS_FILE = "hidden_projections.safetensors"
 
 
@@ -139,20 +139,6 @@ def cast_trained(model: nn.Module, dtype: str) -> None:
             p.data = p.data.to(TORCH_DTYPES[dtype])
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks in order (FSDP units, and the layers hidden states are taken from)."""
-    num_layers = getattr(model.config, "num_hidden_layers", None)
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    layers = getattr(decoder, "layers", None)
-    if isinstance(layers, nn.ModuleList) and (num_layers is None or len(layers) == num_layers):
-        return layers
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
-            return module
-    raise ValueError(f"cannot find the decoder layers of {type(model).__name__} "
-                     f"(no ModuleList of num_hidden_layers={num_layers} blocks)")
-
-
 # ---------------------------------------------------------------- the wrapper
 
 
@@ -207,21 +193,16 @@ class DistillModel(nn.Module):
             if proj is not None:
                 self.projections[projection_key(s, t)] = proj.to(dtype)
         layers = decoder_layers(student)
-        self._captured: dict[int, torch.Tensor] = {}
-        self._hooks = []
-        for s in sorted({s for s, _ in loss.hidden_pairs}):
+        student_layers = sorted({s for s, _ in loss.hidden_pairs})
+        for s in student_layers:
             if not 1 <= s <= len(layers):
                 raise ValueError(f"loss.layer_pairs: student layer {s} outside 1..{len(layers)}")
-            # Layer s (1-based) is the stream leaving decoder block s, as the teacher's is.
-            self._hooks.append(layers[s - 1].register_forward_hook(self._capture_hook(s)))
+        # Layer s (1-based) is the stream leaving decoder block s, as the teacher's is.
+        self._captured: dict[int, torch.Tensor] = {}
+        self._hooks = capture_block_outputs(layers, student_layers, self._captured)
         head = student.get_output_embeddings()
         if getattr(head, "bias", None) is not None:
             raise ValueError("the student's lm_head has a bias; the fused loss supports a bias-free lm_head only")
-
-    def _capture_hook(self, layer: int):
-        def hook(_module, _inputs, output):
-            self._captured[layer] = output[0] if isinstance(output, (tuple, list)) else output
-        return hook
 
     def forward(self, batch: StudentBatch, num_valid_global: float, num_hidden_global: float = 0.0):
         self._captured.clear()

@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from common.causal_lm import TORCH_DTYPES, decoder_layers
 from student_train.config import FROZEN_PLACEMENTS
-from student_train.model import TORCH_DTYPES, decoder_layers
 
 
 @dataclass

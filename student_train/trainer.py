@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from torch.profiler import record_function
 
+from common.causal_lm import IGNORE_INDEX, decoder_layers
 from common.gil import shorten_switch_interval
 from common.spec import ShardSpec
 from student_train import parallel, run_lock
-from student_train.batch import IGNORE_INDEX
 from student_train.checkpoint import Checkpointer, export_hf, resolve_resume, step_dir_name
 from student_train.config import TrainConfig, grad_accum_steps
 from student_train.evaluate import check_eval_teacher, evaluate, summarise
@@ -36,7 +36,6 @@ from student_train.model import (
     TargetLayout,
     cast_trained,
     check_cache_fits,
-    decoder_layers,
     load_student,
     select_trainable,
 )

@@ -23,9 +23,9 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
+from common.causal_lm import IGNORE_INDEX
 from teacher_cache.backend import SourceRow
 
-IGNORE_INDEX = -100
 INPUT_IDS = "input_ids"
 LABELS = "labels"
 _DATA_SUFFIXES = (".parquet", ".arrow")

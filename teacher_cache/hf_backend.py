@@ -19,15 +19,13 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
+from common.causal_lm import DTYPES_BY_NAME, capture_block_outputs, decoder_layers
 from common.codec import quantize_fp8
 from common.shard_format import TeacherRow
 from common.spec import ShardSpec
 from teacher_cache.backend import (BackendOptions, SourceRow, assemble_rows, flat_uniforms, kept_positions,
                                    read_teacher_info)
 from teacher_cache.targets import compute_targets
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -43,9 +41,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         # bf16 is what GPUs run the teacher in; CPUs are faster and exact in fp32.
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in _DTYPES:
-        raise ValueError(f"--dtype must be auto or one of {', '.join(_DTYPES)}, got {name!r}")
-    return _DTYPES[name]
+    if name not in DTYPES_BY_NAME:
+        raise ValueError(f"--dtype must be auto or one of {', '.join(DTYPES_BY_NAME)}, got {name!r}")
+    return DTYPES_BY_NAME[name]
 
 
 def token_budget_batches(rows: Sequence[SourceRow], max_tokens: int) -> list[list[SourceRow]]:
@@ -92,16 +90,6 @@ def row_windows(rows: Iterable[SourceRow], max_rows: int, max_tokens: int,
         yield window
 
 
-def _decoder_layers(decoder: nn.Module, num_layers: int) -> nn.ModuleList:
-    layers = getattr(decoder, "layers", None)
-    if isinstance(layers, nn.ModuleList) and len(layers) == num_layers:
-        return layers
-    for module in decoder.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
-            return module
-    raise ValueError(f"cannot find the {num_layers} decoder layers in {type(decoder).__name__}")
-
-
 class HFBackend:
     def __init__(self, spec: ShardSpec, options: BackendOptions, model: nn.Module | None = None):
         """`model`: an already loaded teacher whose config is `options.model`'s
@@ -133,15 +121,9 @@ class HFBackend:
         self.lm_head = model.get_output_embeddings()
         text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.softcap = getattr(text_config, "final_logit_softcapping", None)
-        layers = _decoder_layers(self.decoder, self.info.num_layers)
         self._captured: dict[int, torch.Tensor] = {}
-        self._hooks = [layers[layer - 1].register_forward_hook(self._capture_hook(layer))
-                       for layer in spec.hidden.layers]
-
-    def _capture_hook(self, layer: int):
-        def hook(module, inputs, output):
-            self._captured[layer] = output[0] if isinstance(output, (tuple, list)) else output
-        return hook
+        self._hooks = capture_block_outputs(decoder_layers(model, self.info.num_layers), spec.hidden.layers,
+                                            self._captured)
 
     def _logits(self, hidden_nD: torch.Tensor) -> torch.Tensor:
         # The lm_head's own dtype: target selection reads bf16 logits without a

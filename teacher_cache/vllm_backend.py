@@ -26,14 +26,16 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from common.causal_lm import DTYPES_BY_NAME, dtype_name
 from common.shard_format import TeacherRow
 from common.spec import ShardSpec
 from teacher_cache.backend import BackendOptions, SourceRow, TeacherInfo, assemble_rows, read_teacher_info
 from teacher_cache.targets import PositionTargets
 from teacher_cache.vllm_worker import CAPTURE_CONFIG_KEY, ROW_ID_KEY, CaptureConfig, unpack_arrays
 
-_DTYPES = {"auto": "auto", "bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
-           "half": "float16", "fp32": "float32", "float32": "float32", "float": "float32"}
+# vLLM takes torch's dtype names; "half" and "float" are its own aliases.
+_DTYPES = {"auto": "auto", **{name: dtype_name(dtype) for name, dtype in DTYPES_BY_NAME.items()},
+           "half": "float16", "float": "float32"}
 # Tokens kept queued in the engine beyond one step's budget, so that the
 # scheduler always has the next prompts at hand and steps stay full.
 _QUEUE_STEPS = 4

@@ -30,14 +30,11 @@ def test_grad_accumulation_per_target_global_batch():
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def tiny_run(tmp_path_factory, one_thread):
     tmp = tmp_path_factory.mktemp("autotune")
     write_cache(tmp / "train", make_rows(8, 8, 12, seed=0), tiny_teacher(), hidden_layers=(2,))
     student = save_tiny_student(tmp / "student")
-    yield tmp, student
-    torch.set_num_threads(threads)
+    return tmp, student
 
 
 def test_cpu_autotune_probes_up_to_the_cap_and_says_so(tiny_run):

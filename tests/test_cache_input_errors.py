@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from common.manifest import MANIFEST_NAME, load_manifest
 from common.shard_reader import read_cache_rows
-from common.tiny_models import build_model, save_model, tiny_llama_config
+from demo.tiny_models import build_model, save_model, tiny_llama_config
 
 VOCAB = 384
 

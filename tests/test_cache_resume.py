@@ -13,11 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from common.manifest import load_manifest, shard_file_name
-from common.tiny_models import build_model, save_model, tiny_llama_config
+from demo.tiny_models import build_model, save_model, tiny_llama_config
 from teacher_cache.cache_run import merge_caches
 from teacher_cache.plan import WorkerSlot, node_local_worker, plan_shards, resolve_worker, shards_for_worker
 from test_cache_teacher import VOCAB, cache, random_rows, shard_bytes, write_parquet
@@ -35,14 +34,11 @@ def setup(tmp_path_factory):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Runs compared byte for byte use one thread, as do the worker subprocesses
-    # (and 2 shared cores run tiny matmuls far faster single-threaded).
-    before, env_before = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-    torch.set_num_threads(1)
+def one_thread_workers(one_thread):
+    # Runs compared byte for byte use one thread, as do the worker subprocesses.
+    env_before = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
     yield
-    torch.set_num_threads(before)
     if env_before is None:
         os.environ.pop("OMP_NUM_THREADS", None)
     else:

@@ -22,7 +22,7 @@ from common import codec
 from common.manifest import MANIFEST_NAME, load_manifest
 from common.shard_reader import ShardReader, read_cache_rows
 from common.spec import HiddenSpec, ShardSpec, TargetSpec, content_hash, hidden_positions
-from common.tiny_models import build_model, save_model, tiny_gpt_oss_config, tiny_llama_config
+from demo.tiny_models import build_model, save_model, tiny_gpt_oss_config, tiny_llama_config
 from teacher_cache import cache_run
 from teacher_cache.cache_run import CacheConfig, run_cache
 
@@ -89,14 +89,7 @@ def cache(model_dir: Path, data: Path, out: Path, **kw) -> cache_run.RunSummary 
 
 # ---- fixtures -----------------------------------------------------------------------
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls on 2 shared cores run far faster on one thread (module scope:
-    # the model fixtures need it too).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # before the model fixtures too
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt_oss"])

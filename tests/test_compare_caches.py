@@ -1,5 +1,6 @@
-"""bench/compare_caches.py, the row-by-row check behind the multi-GPU run,
-against overlaps and differences recomputed in float64 from the teachers."""
+"""teacher_cache/compare.py and its command, bench/compare_caches.py, the row-by-row
+check behind the multi-GPU run, against overlaps and differences recomputed in float64
+from the teachers."""
 
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from bench.compare_caches import compare
 from common.manifest import MANIFEST_NAME
 from common.shard_format import ShardFormatError
 from common.shard_reader import read_cache_rows
-from tests.train_fixtures import make_rows, tiny_teacher, write_cache
+from teacher_cache.compare import compare
+from train_fixtures import make_rows, tiny_teacher, write_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 8

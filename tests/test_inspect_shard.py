@@ -19,9 +19,10 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from common import codec
+from common.causal_lm import IGNORE_INDEX
 from common.manifest import MANIFEST_NAME, shard_file_name
 from common.spec import HiddenSpec, ShardSpec, TargetSpec, hidden_positions
-from peaked import LABEL_IGNORE, rewrite_shard, write_cache
+from peaked import rewrite_shard, write_cache
 
 V = 5_000
 LENGTHS = [[40, 33], [50]]
@@ -104,7 +105,7 @@ def test_json_reports_what_was_written(cache):
     assert stats["topk_mass"]["mean"] == pytest.approx(mass_P.mean(), abs=1e-3)
     assert stats["entropy_lower"]["mean"] <= stats["entropy_upper"]["mean"]
     assert stats["next_token_is_top1_fraction"] == 1.0
-    trained = np.concatenate([t.row.labels_L[1:] != LABEL_IGNORE for t in truths.values()])
+    trained = np.concatenate([t.row.labels_L[1:] != IGNORE_INDEX for t in truths.values()])
     assert stats["trained_position_fraction"] == pytest.approx(trained.mean())
     norms = np.concatenate([t.hidden[2].norm(dim=-1).numpy() for t in truths.values()])
     assert stats["hidden"]["2"]["norm"]["mean"] == pytest.approx(norms.mean(), rel=1e-2)

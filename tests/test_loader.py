@@ -16,13 +16,14 @@ import numpy as np
 import pytest
 import torch
 
+from common.causal_lm import IGNORE_INDEX
 from common.manifest import MANIFEST_NAME, CacheManifest, refresh_manifest
 from common.shard_format import (CHECKSUM_COLUMN, ShardFormatError, TeacherRow, checksummed_columns, encode_row,
                                  row_checksums)
 from common.shard_reader import ShardReader
 from common.shard_writer import ShardWriter
 from common.spec import HiddenSpec, ShardSpec, TargetSpec, hidden_positions
-from student_train.batch import IGNORE_INDEX, StudentBatch
+from student_train.batch import StudentBatch
 from student_train.loader import CacheLoader, LoaderConfig, plan_epoch
 from teacher_cache.targets import compute_targets, row_uniforms
 

@@ -95,7 +95,7 @@ def test_inspect_shard_exits_2_with_one_line(cache_dir, case):
 
 def test_cache_teacher_resume_over_a_malformed_manifest_exits_2(tmp_path, cache_dir):
     """The existing cache in --out is read before any model work."""
-    from common.tiny_models import build_model, save_model, tiny_llama_config
+    from demo.tiny_models import build_model, save_model, tiny_llama_config
     import pyarrow as pa
     import pyarrow.parquet as pq
 

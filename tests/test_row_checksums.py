@@ -21,7 +21,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -41,14 +40,11 @@ TAMPERED_ROW = 9  # in the second shard (8 rows per shard)
 
 
 @pytest.fixture(scope="module")
-def sound(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two shared cores: intra-op threads only contend
+def sound(tmp_path_factory, one_thread):
     tmp = tmp_path_factory.mktemp("checksums")
     ns = SimpleNamespace(cache=tmp / "cache", student=save_tiny_student(tmp / "student"))
     write_cache(ns.cache, make_rows(16, 10, 16, seed=0), tiny_teacher(), hidden_layers=(2,))
-    yield ns
-    torch.set_num_threads(threads)
+    return ns
 
 
 def tampered_copy(sound, tmp_path: Path, column: str) -> tuple[Path, Path]:

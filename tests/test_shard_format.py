@@ -2,7 +2,8 @@
 is refused with a one-line error naming the file, and a killed writer leaves
 no visible partial shard.
 
-References are float64 and come from peaked teacher distributions (tests/peaked.py).
+References are float64 and come from peaked teacher distributions
+(demo/peaked_teacher.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from common.shard_format import ShardFormatError
 from common.shard_reader import ShardReader
 from common.shard_writer import ShardWriter
 from common.spec import HiddenSpec, ShardSpec, TargetSpec, content_hash, hidden_positions
-from peaked import hidden_like, rewrite_shard, teacher_row, topk_tail_kl, write_cache
+from demo.peaked_teacher import hidden_like, topk_tail_kl
+from peaked import rewrite_shard, teacher_row, write_cache
 
 REPO = Path(__file__).resolve().parents[1]
 BIG_V = 201_088  # the teacher's padded vocabulary: 18-bit ids

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common.tiny_models import tiny_gpt_oss_config
+from demo.tiny_models import tiny_gpt_oss_config
 from student_train.model import load_student
 from train_fixtures import VOCAB, make_rows, save_tiny_student, tiny_config, tiny_teacher, write_cache
 

@@ -11,12 +11,11 @@ from types import SimpleNamespace
 import datasets
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from cli.main import app
 from common.manifest import MANIFEST_NAME, teacher_differences
-from common.tiny_models import save_model
+from demo.tiny_models import save_model
 from student_train.metrics import MetricsLogger
 from student_train.trainer import Trainer
 from train_fixtures import VOCAB, make_rows, save_tiny_student, tiny_config, tiny_teacher, write_cache
@@ -28,9 +27,7 @@ TEACHER = {"model": "/models/teacher", "model_type": "llama", "config_hash": "c0
 
 
 @pytest.fixture(scope="module")
-def caches(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def caches(tmp_path_factory, one_thread):
     tmp = tmp_path_factory.mktemp("caches")
     teacher = tiny_teacher()
     ns = SimpleNamespace(tmp=tmp, teacher=teacher)
@@ -41,8 +38,7 @@ def caches(tmp_path_factory):
     for cache in (ns.train, ns.eval):
         set_teacher(cache, TEACHER)
     ns.student = save_tiny_student(tmp / "student")
-    yield ns
-    torch.set_num_threads(threads)
+    return ns
 
 
 def set_teacher(cache: Path, teacher: dict) -> None:

@@ -30,9 +30,7 @@ TIMING = ("tokens_per_s", "tokens_per_s_per_device", "elapsed_s", "peak_mem_gib"
 
 
 @pytest.fixture(scope="module")
-def caches(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two shared cores: intra-op threads only contend
+def caches(tmp_path_factory, one_thread):
     tmp = tmp_path_factory.mktemp("caches")
     teacher = tiny_teacher()  # 3 layers, width 48; the student is 64 wide, so a projection is learned
     ns = SimpleNamespace(tmp=tmp)
@@ -47,8 +45,7 @@ def caches(tmp_path_factory):
     ns.wide_vocab = tmp / "wide_vocab"
     write_cache(ns.wide_vocab, make_rows(8, 10, 16, seed=4), teacher, vocab=320)
     ns.student = save_tiny_student(tmp / "student")
-    yield ns
-    torch.set_num_threads(threads)
+    return ns
 
 
 def trainer_for(tmp: Path, caches, *sets, train_cache=None, eval_cache=None, resume=None) -> Trainer:

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from common.tiny_models import build_model, tiny_gpt_oss_config, tiny_llama_config
+from demo.tiny_models import build_model, tiny_gpt_oss_config, tiny_llama_config
 from student_train.batch import StudentBatch
 from student_train.config import OptimConfig, StudentConfig
 from student_train.losses import LossConfig
@@ -20,13 +20,7 @@ V = 300
 TEMPERATURES = (1.0, 2.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two shared cores: several intra-op threads only contend.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gpt_oss_student(dtype=torch.float64, lm_head_scale=4.0):

@@ -32,10 +32,8 @@ class CreatesFile:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, one_thread):
     """A cache, a student and a real one-step checkpoint."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("trained")
     write_cache(tmp / "train", make_rows(8, 10, 16, seed=0), tiny_teacher())
     student = save_tiny_student(tmp / "student")
@@ -44,8 +42,7 @@ def trained(tmp_path_factory):
         trainer.train()
     finally:
         trainer.close()
-    yield tmp, student, trainer.last_checkpoint
-    torch.set_num_threads(threads)
+    return tmp, student, trainer.last_checkpoint
 
 
 def resume_command(tmp: Path, student: Path, train_cache: Path, checkpoint: Path) -> list[str]:

@@ -194,7 +194,7 @@ def test_packed_rows_round_trip_bytes_only(num_tokens):
 def teacher(tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
-    from common.tiny_models import build_model, save_model, tiny_llama_config
+    from demo.tiny_models import build_model, save_model, tiny_llama_config
 
     # Two heads of 32: the CPU attention backend's smallest head size.
     config = tiny_llama_config(VOCAB, hidden_size=HIDDEN, num_layers=LAYERS, num_heads=2, num_kv_heads=1)
@@ -208,7 +208,7 @@ def teacher(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gpt_oss_dir(tmp_path_factory) -> str:
-    from common.tiny_models import build_model, save_model, tiny_gpt_oss_config
+    from demo.tiny_models import build_model, save_model, tiny_gpt_oss_config
 
     # vLLM's GPT-OSS reads YaRN rope parameters (as the real teacher has); heads of 32.
     config = tiny_gpt_oss_config(VOCAB, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, sliding_window=16)

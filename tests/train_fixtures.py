@@ -16,7 +16,7 @@ from common.manifest import CacheManifest, refresh_manifest
 from common.shard_format import TeacherRow
 from common.shard_writer import ShardWriter
 from common.spec import HiddenSpec, ShardSpec, TargetSpec
-from common.tiny_models import build_model, save_model, tiny_gpt_oss_config, tiny_llama_config
+from demo.tiny_models import build_model, save_model, tiny_gpt_oss_config, tiny_llama_config
 from student_train.config import load_config
 
 VOCAB = 300

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from student_train.batch import IGNORE_INDEX
+from common.causal_lm import IGNORE_INDEX
 from student_train.losses.config import objective_weights
 from student_train.losses.divergences import get_divergence
 from student_train.losses.targets import Targets

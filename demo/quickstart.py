@@ -92,8 +92,8 @@ def vpmoe(*args: str, capture: bool = False) -> str:
 
 
 def stage_data(out: Path, size: QuickstartSize) -> dict:
-    from common.tiny_corpus import build_dataset, read_split_texts
-    from common.tiny_models import train_bpe_tokenizer
+    from demo.tiny_corpus import build_dataset, read_split_texts
+    from demo.tiny_models import train_bpe_tokenizer
 
     train_texts, validation_texts = read_split_texts(size.corpus_bytes)
     tokenizer = train_bpe_tokenizer(train_texts, size.vocab_size, out / "tokenizer")
@@ -113,7 +113,7 @@ def _split_arrays(out: Path, split: str):
 
 def _tiny_llama(vocab_size: int, hidden: int, layers: int, seq_len: int, seed: int):
     """The quickstart's teacher and student shape: a Llama-style model initialised for training."""
-    from common.tiny_models import build_model, tiny_llama_config
+    from demo.tiny_models import build_model, tiny_llama_config
 
     config = tiny_llama_config(vocab_size, hidden_size=hidden, num_layers=layers, num_heads=4, num_kv_heads=2,
                                intermediate_size=2 * hidden, max_positions=max(256, seq_len))
@@ -124,8 +124,8 @@ def stage_teacher(out: Path, size: QuickstartSize, vocab_size: int) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from common.pretrain import PretrainConfig, evaluate_lm, pretrain
-    from common.tiny_models import save_model
+    from demo.pretrain import PretrainConfig, evaluate_lm, pretrain
+    from demo.tiny_models import save_model
 
     torch.set_num_threads(max(os.cpu_count() or 1, 1))
     model = _tiny_llama(vocab_size, size.teacher_hidden, size.teacher_layers, size.seq_len, seed=0)
@@ -159,7 +159,7 @@ def stage_inspect(out: Path) -> dict:
 def stage_student(out: Path, size: QuickstartSize, vocab_size: int) -> dict:
     from transformers import AutoTokenizer
 
-    from common.tiny_models import save_model
+    from demo.tiny_models import save_model
 
     model = _tiny_llama(vocab_size, size.student_hidden, size.student_layers, size.seq_len, seed=1)
     save_model(model, out / "student-init", AutoTokenizer.from_pretrained(str(out / "tokenizer")))

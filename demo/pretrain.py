@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.causal_lm import IGNORE_INDEX
+
 
 @dataclass
 class PretrainConfig:
@@ -34,7 +36,7 @@ def _lr_at(step: int, cfg: PretrainConfig) -> float:
 def causal_lm_loss(model, input_ids_BL: torch.Tensor, labels_BL: torch.Tensor) -> torch.Tensor:
     """Mean CE of logits at t against labels at t+1 (the shift is explicit)."""
     logits_BLV = model(input_ids=input_ids_BL).logits
-    return F.cross_entropy(logits_BLV[:, :-1].flatten(0, 1).float(), labels_BL[:, 1:].flatten(), ignore_index=-100)
+    return F.cross_entropy(logits_BLV[:, :-1].flatten(0, 1).float(), labels_BL[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
 
 
 @torch.no_grad()
@@ -47,8 +49,8 @@ def evaluate_lm(model, input_ids: np.ndarray, labels: np.ndarray, batch_size: in
         lab = torch.as_tensor(labels[start:start + batch_size], dtype=torch.long, device=device)
         logits = model(input_ids=ids).logits[:, :-1].float()
         target = lab[:, 1:]
-        total += F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum").item()
-        count += int((target != -100).sum())
+        total += F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum").item()
+        count += int((target != IGNORE_INDEX).sum())
     model.train()
     return total / max(count, 1)
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.causal_lm import IGNORE_INDEX
+
 # The first tokens of every row are masked in `labels`, like the system/user
 # turns of the production data, so the label mask is exercised end to end.
 PROMPT_FRACTION = 0.25
@@ -70,7 +72,7 @@ def tokenize_rows(texts: list[str], tokenizer, seq_len: int, max_rows: int | Non
         num_rows = min(num_rows, max_rows)
     ids = np.asarray(stream[: num_rows * seq_len], dtype=np.int32).reshape(num_rows, seq_len)
     labels = ids.copy()
-    labels[:, : int(seq_len * PROMPT_FRACTION)] = -100
+    labels[:, : int(seq_len * PROMPT_FRACTION)] = IGNORE_INDEX
     return {
         "input_ids": ids.tolist(),
         "labels": labels.tolist(),
