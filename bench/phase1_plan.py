@@ -30,9 +30,11 @@ flags) and these stated assumptions:
   lower bound.
 - Cache size: file bytes/token as inspect-shard measured them, at the cached
   hidden-state token fraction; other fractions scale the hidden part. A teacher
-  with dummy weights has flat distributions and scattered top-k ids, the
-  codec's dearest case (top-64 targets 152 B/token scattered vs 89 clustered,
-  docs/BENCHMARKS.md), so a real teacher's cache is likely smaller. The
+  with dummy weights does not compress like a real one (vLLM's dummy
+  GPT-OSS-20B gave nearly the same top-64 at every position: 12 B/token of
+  targets, and low-entropy hidden states), so pass a real teacher's figures
+  with --file-bytes-per-token / --hidden-bytes-per-token (docs/BENCHMARKS.md:
+  top-64 about 150 B/token, one fp8 2880-wide layer 2.4 KB/token). The
   validation split adds its own tokens.
 """
 
