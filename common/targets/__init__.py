@@ -13,7 +13,8 @@ token t + 1), B batch rows, N flattened batch positions.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, ClassVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -98,4 +99,4 @@ def target_kind(mode: str) -> TargetKind:
         raise ValueError(f"target mode must be one of {tuple(KINDS)}, got {mode!r}") from None
 
 
-from common.targets import topk, sampled  # noqa: E402,F401  (registers the kinds, in this order)
+from common.targets import topk, sampled  # noqa: F401,I001  registers the kinds; this order is TARGET_MODES'
