@@ -38,16 +38,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from common import codec
 from common.causal_lm import IGNORE_INDEX
 from common.manifest import MANIFEST_NAME, CacheManifest, ShardEntry, load_manifest, read_sidecar, resolve_inside
 from common.shard_format import (CHECKSUM_COLUMN, TOKEN_COLUMNS, ShardFormatError, TeacherRow, decode_row,
                                  warn_unchecked_rows)
 from common.shard_reader import ShardReader
 from common.spec import ShardSpec, content_hash, hidden_positions
-
-# float32 rounding allowance for log-sum-exp comparisons (relative).
-LSE_TOLERANCE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -155,76 +151,8 @@ def check_row(row: TeacherRow, spec: ShardSpec, where: str) -> list[str]:
         problems.append(f"{at}: {len(row.labels_L)} labels for {length} tokens")
     if length and (input_ids_L.min() < 0 or input_ids_L.max() >= spec.vocab_size):
         problems.append(f"{at}: input id outside [0, {spec.vocab_size})")
-    if spec.targets.mode == "topk":
-        problems += _check_topk(row, spec, at, num_pos)
-    else:
-        problems += _check_sampled(row, spec, at, num_pos)
+    problems += spec.targets.kind.check_row(row, spec, at, num_pos)
     problems += _check_hidden(row, spec, at, length)
-    return problems
-
-
-def _check_topk(row: TeacherRow, spec: ShardSpec, at: str, num_pos: int) -> list[str]:
-    ids_PK, logits_PK, lse_PT = row.topk_ids_PK, row.topk_logits_PK, row.lse_PT
-    if ids_PK.shape[0] != num_pos:
-        return [f"{at}: {ids_PK.shape[0]} target positions for {num_pos + 1} tokens"]
-    problems = []
-    if ids_PK.size and (ids_PK.min() < 0 or ids_PK.max() >= spec.vocab_size):
-        p = int(np.argmax((ids_PK < 0).any(1) | (ids_PK >= spec.vocab_size).any(1)))
-        problems.append(f"{at}: position {p}: top-k id outside [0, {spec.vocab_size})")
-    if ids_PK.shape[1] > 1 and not (np.diff(ids_PK, axis=1) > 0).all():
-        p = int(np.argmax(~(np.diff(ids_PK, axis=1) > 0).all(1)))
-        problems.append(f"{at}: position {p}: repeated top-k id")
-    bad_P = ~np.isfinite(logits_PK).all(1) | ~np.isfinite(lse_PT).all(1)
-    if bad_P.any():
-        problems.append(f"{at}: position {int(np.argmax(bad_P))}: NaN or Inf in top-k logits or lse")
-        return problems
-    if not num_pos:
-        return problems
-    max_P = logits_PK.max(axis=1).astype(np.float64)
-    # Smallest true logits consistent with the stored codes: their
-    # log-sum-exp is a floor the full-vocabulary lse can never be under.
-    gap_hi_PK = codec.gap_upper_bound(max_P[:, None] - logits_PK, spec.targets.value_scale)
-    for ti, temperature in enumerate(spec.targets.temperatures):
-        lse_P = lse_PT[:, ti].astype(np.float64)
-        tol_P = LSE_TOLERANCE * np.maximum(1.0, np.abs(lse_P))
-        below_max = lse_P < max_P / temperature - tol_P
-        if below_max.any():
-            p = int(np.argmax(below_max))
-            problems.append(f"{at}: position {p}: lse at T={temperature} ({lse_P[p]:.6g}) is below "
-                            f"max logit / T ({max_P[p] / temperature:.6g})")
-            continue
-        with np.errstate(over="ignore"):
-            floor_PK = (max_P[:, None] - gap_hi_PK) / temperature
-            kept_lse_P = np.logaddexp.reduce(floor_PK, axis=1)
-        below_kept = lse_P < kept_lse_P - tol_P
-        if below_kept.any():
-            p = int(np.argmax(below_kept))
-            problems.append(f"{at}: position {p}: lse at T={temperature} ({lse_P[p]:.6g}) is below the "
-                            f"log-sum-exp of its own top-k ({kept_lse_P[p]:.6g})")
-    return problems
-
-
-def _check_sampled(row: TeacherRow, spec: ShardSpec, at: str, num_pos: int) -> list[str]:
-    sizes_P, ids_S, counts_S = row.sample_sizes_P, row.sample_ids_S, row.sample_counts_S
-    if len(sizes_P) != num_pos:
-        return [f"{at}: {len(sizes_P)} target positions for {num_pos + 1} tokens"]
-    problems = []
-    if ids_S.size and (ids_S.min() < 0 or ids_S.max() >= spec.vocab_size):
-        problems.append(f"{at}: sampled id outside [0, {spec.vocab_size})")
-    if counts_S.size and counts_S.min() < 1:
-        problems.append(f"{at}: sampled count below 1")
-    starts_P = np.cumsum(sizes_P) - sizes_P
-    sums_P = np.add.reduceat(counts_S, starts_P[sizes_P > 0]) if counts_S.size else np.zeros(0, np.int64)
-    full_sums_P = np.zeros(num_pos, np.int64)
-    full_sums_P[sizes_P > 0] = sums_P
-    off_P = full_sums_P != spec.targets.num_samples
-    if off_P.any():
-        p = int(np.argmax(off_P))
-        problems.append(f"{at}: position {p}: counts sum to {full_sums_P[p]}, expected N={spec.targets.num_samples}")
-    group_S = np.repeat(np.arange(num_pos), sizes_P)
-    repeated = (np.diff(ids_S) <= 0) & (np.diff(group_S) == 0)
-    if repeated.any():
-        problems.append(f"{at}: position {int(group_S[np.argmax(repeated)])}: sampled ids not distinct")
     return problems
 
 
@@ -260,68 +188,26 @@ class DistributionStats:
         self.hidden_norms: dict[int, list[np.ndarray]] = {}
         self.hidden_max_abs: dict[int, float] = {}
 
-    def _add(self, name: str, values: np.ndarray) -> None:
+    def add_values(self, name: str, values: np.ndarray) -> None:
         self.values.setdefault(name, []).append(np.asarray(values, dtype=np.float64))
 
-    def _flag(self, name: str, flags: np.ndarray) -> None:
+    def add_flags(self, name: str, flags: np.ndarray) -> None:
         self.flags.setdefault(name, []).append(np.asarray(flags, dtype=bool))
 
     def add(self, row: TeacherRow) -> None:
         self.rows += 1
         next_ids_P = row.input_ids_L[1:].astype(np.int64)
         if row.labels_L is not None:
-            self._flag("trained_position", row.labels_L[1:] != IGNORE_INDEX)
-        if self.spec.targets.mode == "topk":
-            self._add_topk(row, next_ids_P)
-        else:
-            self._add_sampled(row, next_ids_P)
+            self.add_flags("trained_position", row.labels_L[1:] != IGNORE_INDEX)
+        self.spec.targets.kind.add_statistics(self, row, self.spec, next_ids_P)
         for layer, hidden_HD in row.hidden.items():
             self.hidden_norms.setdefault(layer, []).append(hidden_HD.float().norm(dim=-1).numpy())
             if hidden_HD.numel():
                 max_abs = float(hidden_HD.abs().max())
                 self.hidden_max_abs[layer] = max(self.hidden_max_abs.get(layer, 0.0), max_abs)
 
-    def _add_topk(self, row: TeacherRow, next_ids_P: np.ndarray) -> None:
-        temperature = self.spec.targets.temperatures[self.t_index]
-        logp_PK = row.topk_logits_PK.astype(np.float64) / temperature - row.lse_PT[:, self.t_index, None]
-        p_PK = np.exp(logp_PK)
-        mass_P = p_PK.sum(axis=1)
-        tail_P = np.clip(1.0 - mass_P, 0.0, 1.0)
-        kept_entropy_P = -(p_PK * logp_PK).sum(axis=1)
-        rest = self.spec.vocab_size - self.spec.targets.k
-        with np.errstate(divide="ignore", invalid="ignore"):
-            # Tail tokens are each below the smallest kept probability (lower
-            # bound) and at most uniform over the rest of the vocabulary (upper).
-            tail_low_P = np.where(tail_P > 0, -tail_P * logp_PK.min(axis=1, initial=0.0), 0.0)
-            tail_high_P = np.where(tail_P > 0, tail_P * (np.log(max(rest, 1)) - np.log(tail_P)), 0.0)
-        self._add("top1_prob", p_PK.max(axis=1, initial=0.0))
-        self._add("topk_mass", mass_P)
-        self._add("tail_mass", tail_P)
-        self._add("entropy_lower", kept_entropy_P + tail_low_P)
-        self._add("entropy_upper", kept_entropy_P + tail_high_P)
-        self._flag("next_token_in_topk", (row.topk_ids_PK == next_ids_P[:, None]).any(axis=1))
-        top1_ids_P = row.topk_ids_PK[np.arange(len(p_PK)), p_PK.argmax(axis=1)] if len(p_PK) else next_ids_P
-        self._flag("next_token_is_top1", top1_ids_P == next_ids_P)
-
-    def _add_sampled(self, row: TeacherRow, next_ids_P: np.ndarray) -> None:
-        sizes_P = row.sample_sizes_P
-        num_samples = self.spec.targets.num_samples
-        group_S = np.repeat(np.arange(len(sizes_P)), sizes_P)
-        freq_S = row.sample_counts_S / num_samples
-        top1_P = np.zeros(len(sizes_P))
-        np.maximum.at(top1_P, group_S, freq_S)
-        entropy_P = np.zeros(len(sizes_P))
-        np.add.at(entropy_P, group_S, -freq_S * np.log(freq_S))
-        hit_P = np.zeros(len(sizes_P), dtype=bool)
-        hit_P[group_S[row.sample_ids_S == next_ids_P[group_S]]] = True
-        self._add("distinct_ids", sizes_P)
-        self._add("top1_freq", top1_P)
-        self._add("sample_entropy", entropy_P)
-        self._flag("next_token_sampled", hit_P)
-
     def report(self) -> dict:
-        out = {"rows": self.rows, "temperature": self.spec.targets.temperatures[self.t_index]
-               if self.spec.targets.mode == "topk" else 1.0}
+        out = {"rows": self.rows, "temperature": self.spec.targets.kind.stats_temperature(self.spec, self.t_index)}
         for name, parts in self.values.items():
             out[name] = summarize(np.concatenate(parts))
         for name, parts in self.flags.items():
@@ -355,26 +241,9 @@ def row_report(row: TeacherRow, spec: ShardSpec, decode_token: Callable[[int], s
     if decode_token is not None:
         out["tokens"] = [decode_token(int(i)) for i in row.input_ids_L]
     positions = []
-    temps = spec.targets.temperatures
-    if spec.targets.mode != "topk":
-        starts_P = np.cumsum(row.sample_sizes_P) - row.sample_sizes_P
-    for t in range(row.num_positions):
-        entry = {"t": t, "next_token": int(row.input_ids_L[t + 1]), "next_label": int(row.labels_L[t + 1])}
-        if spec.targets.mode == "topk":
-            order = np.argsort(-row.topk_logits_PK[t], kind="stable")
-            logits_K = row.topk_logits_PK[t][order].astype(np.float64)
-            entry["ids"] = row.topk_ids_PK[t][order].tolist()
-            entry["logits"] = logits_K.tolist()
-            entry["logprobs"] = {str(T): (logits_K / T - float(row.lse_PT[t, i])).tolist()
-                                 for i, T in enumerate(temps)}
-            entry["lse"] = {str(T): float(row.lse_PT[t, i]) for i, T in enumerate(temps)}
-        else:
-            start = int(starts_P[t])
-            ids = row.sample_ids_S[start:start + row.sample_sizes_P[t]]
-            counts = row.sample_counts_S[start:start + row.sample_sizes_P[t]]
-            order = np.lexsort((ids, -counts))
-            entry["ids"] = ids[order].tolist()
-            entry["counts"] = counts[order].tolist()
+    for t, targets in enumerate(spec.targets.kind.position_entries(row, spec)):
+        entry = {"t": t, "next_token": int(row.input_ids_L[t + 1]), "next_label": int(row.labels_L[t + 1]),
+                 **targets}
         if decode_token is not None:
             entry["id_tokens"] = [decode_token(i) for i in entry["ids"]]
         positions.append(entry)

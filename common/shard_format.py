@@ -79,19 +79,7 @@ def build_schema(spec: ShardSpec) -> pa.Schema:
         pa.field("input_ids", pa.list_(pa.int32())),
         pa.field("labels", pa.list_(pa.int32())),
     ]
-    if spec.targets.mode == "topk":
-        fields += [
-            pa.field("topk_ids", pa.binary()),  # delta-coded byte planes, P*K
-            pa.field("topk_values", pa.binary()),  # companded gap codes, P*K
-            pa.field("topk_max", pa.binary()),  # float32 planes, P
-            pa.field("lse", pa.binary()),  # float32 planes, P*T position-major
-        ]
-    else:
-        fields += [
-            pa.field("sample_sizes", pa.binary()),  # uint16 planes, P
-            pa.field("sample_ids", pa.binary()),  # delta-coded byte planes, S
-            pa.field("sample_counts", pa.binary()),  # uint8/uint16 planes, S
-        ]
+    fields += spec.targets.kind.schema_fields()
     if spec.hidden.layers:
         if spec.hidden.subset:
             fields.append(pa.field("hidden_positions", pa.list_(pa.int32())))
@@ -193,44 +181,13 @@ def encode_row(row: TeacherRow, spec: ShardSpec) -> dict:
     labels = np.asarray(row.labels_L, dtype=np.int32)
     if input_ids.ndim != 1 or labels.shape != input_ids.shape:
         raise ValueError(f"{where}: input_ids and labels must be 1-D of equal length")
-    num_pos = max(len(input_ids) - 1, 0)
     cells = {
         "row_id": int(row.row_id),
         "content_hash": content_hash(input_ids),
         "input_ids": input_ids,
         "labels": labels,
     }
-    tspec = spec.targets
-    if tspec.mode == "topk":
-        ids_PK = np.asarray(row.topk_ids_PK)
-        logits_PK = np.asarray(row.topk_logits_PK, dtype=np.float32)
-        lse_PT = np.asarray(row.lse_PT, dtype=np.float32)
-        if ids_PK.shape != (num_pos, tspec.k) or logits_PK.shape != ids_PK.shape:
-            raise ValueError(f"{where}: top-k arrays must be [{num_pos}, {tspec.k}], got {ids_PK.shape} and {logits_PK.shape}")
-        if lse_PT.shape != (num_pos, len(tspec.temperatures)):
-            raise ValueError(f"{where}: lse must be [{num_pos}, {len(tspec.temperatures)}], got {lse_PT.shape}")
-        if ids_PK.size and (ids_PK.min() < 0 or ids_PK.max() >= spec.vocab_size):
-            raise ValueError(f"{where}: top-k id outside [0, {spec.vocab_size})")
-        max_P = logits_PK.max(axis=1) if num_pos else np.zeros(0, np.float32)
-        sizes = np.full(num_pos, tspec.k, dtype=np.int64)
-        ids_S, gap_S = codec.sort_groups(ids_PK.reshape(-1).astype(np.int64), sizes,
-                                         (max_P[:, None] - logits_PK).reshape(-1))
-        cells["topk_ids"] = codec.encode_ids(ids_S, sizes, spec.id_bytes)
-        cells["topk_values"] = codec.encode_values(gap_S, tspec.value_scale)
-        cells["topk_max"] = codec.encode_float32(max_P)
-        cells["lse"] = codec.encode_float32(lse_PT.reshape(-1))
-    else:
-        sizes_P = np.asarray(row.sample_sizes_P, dtype=np.int64)
-        ids_S = np.asarray(row.sample_ids_S, dtype=np.int64)
-        counts_S = np.asarray(row.sample_counts_S, dtype=np.int64)
-        if sizes_P.shape != (num_pos,) or ids_S.shape != counts_S.shape or len(ids_S) != sizes_P.sum():
-            raise ValueError(f"{where}: sampled arrays disagree in length")
-        if ids_S.size and (ids_S.min() < 0 or ids_S.max() >= spec.vocab_size):
-            raise ValueError(f"{where}: sampled id outside [0, {spec.vocab_size})")
-        ids_S, counts_S = codec.sort_groups(ids_S, sizes_P, counts_S)
-        cells["sample_sizes"] = codec.to_planes(sizes_P.astype(np.uint16), 2)
-        cells["sample_ids"] = codec.encode_ids(ids_S, sizes_P, spec.id_bytes)
-        cells["sample_counts"] = codec.to_planes(counts_S.astype(np.uint16), tspec.count_bytes)
+    cells.update(spec.targets.kind.encode(row, spec, where))
     hspec = spec.hidden
     if hspec.layers:
         positions = row.hidden_positions_H
@@ -268,31 +225,14 @@ def decode_row(cells: dict, spec: ShardSpec, where: str = "", hidden_stored: boo
     row_id = int(cells["row_id"]) if "row_id" in cells else -1
     where = f"{where}row {row_id}"
     input_ids = np.asarray(cells["input_ids"], dtype=np.int32) if "input_ids" in cells else None
-    num_pos = None if input_ids is None else max(len(input_ids) - 1, 0)
     row = TeacherRow(
         row_id=row_id,
         input_ids_L=input_ids,
         labels_L=np.asarray(cells["labels"], dtype=np.int32) if "labels" in cells else None,
         content_hash=cells.get("content_hash"),
     )
-    tspec = spec.targets
     try:
-        if "topk_max" in cells:
-            max_P = codec.decode_float32(cells["topk_max"], len(cells["topk_max"]) // 4)
-            num_pos = len(max_P)
-            row.lse_PT = codec.decode_float32(cells["lse"], num_pos * len(tspec.temperatures)).reshape(
-                num_pos, len(tspec.temperatures))
-            sizes = np.full(num_pos, tspec.k, dtype=np.int64)
-            row.topk_ids_PK = codec.decode_ids(cells["topk_ids"], sizes, spec.id_bytes).reshape(num_pos, tspec.k)
-            gap_PK = codec.decode_values(cells["topk_values"], tspec.value_scale).reshape(num_pos, tspec.k)
-            row.topk_logits_PK = max_P[:, None] - gap_PK
-        if "sample_sizes" in cells:
-            num_pos = len(cells["sample_sizes"]) // 2
-            row.sample_sizes_P = codec.from_planes(cells["sample_sizes"], 2, np.uint16, num_pos).astype(np.int64)
-            total = int(row.sample_sizes_P.sum())
-            row.sample_ids_S = codec.decode_ids(cells["sample_ids"], row.sample_sizes_P, spec.id_bytes)
-            row.sample_counts_S = codec.from_planes(cells["sample_counts"], tspec.count_bytes, np.uint16,
-                                                    total).astype(np.int64)
+        spec.targets.kind.decode(cells, spec, row)
         hspec = spec.hidden
         if hspec.layers and any(hidden_column(layer) in cells for layer in hspec.layers):
             if hspec.subset:

@@ -10,12 +10,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from common.codec import DEFAULT_VALUE_SCALE, id_bytes_for_vocab
+from common.targets import KINDS, TargetKind, target_kind
 
 FORMAT_VERSION = 2  # what this build writes
 # Format 1 shards (no row checksums) are still read; see docs/FORMAT.md, Versions.
 READABLE_FORMAT_VERSIONS = (1, 2)
 ROW_CHECKSUMS_SINCE = 2
-TARGET_MODES = ("topk", "sampled")
+TARGET_MODES = tuple(KINDS)
 HIDDEN_DTYPES = ("bf16", "fp8")
 
 
@@ -34,13 +35,12 @@ class TargetSpec:
     def __post_init__(self):
         if self.mode not in TARGET_MODES:
             raise ValueError(f"target mode must be one of {TARGET_MODES}, got {self.mode!r}")
-        if self.mode == "topk":
-            if self.k < 1:
-                raise ValueError(f"top-k needs k >= 1, got {self.k}")
-            if not self.temperatures or any(t <= 0 for t in self.temperatures):
-                raise ValueError(f"temperatures must be positive, got {self.temperatures}")
-        if self.mode == "sampled" and not (1 <= self.num_samples <= 65535):
-            raise ValueError(f"sampled mode needs 1 <= num_samples <= 65535, got {self.num_samples}")
+        self.kind.check_spec(self)
+
+    @property
+    def kind(self) -> TargetKind:
+        """What depends on the mode: columns, coding, checks, collation (common/targets/)."""
+        return target_kind(self.mode)
 
     @property
     def count_bytes(self) -> int:
@@ -89,8 +89,7 @@ class ShardSpec:
                              f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))})")
         if self.vocab_size < 2:
             raise ValueError(f"vocab_size must be >= 2, got {self.vocab_size}")
-        if self.targets.mode == "topk" and self.targets.k > self.vocab_size:
-            raise ValueError(f"k={self.targets.k} exceeds the vocabulary ({self.vocab_size})")
+        self.targets.kind.check_spec(self.targets, self.vocab_size)
 
     @property
     def row_checksums(self) -> bool:

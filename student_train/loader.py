@@ -247,9 +247,9 @@ class _BatchDecoder:
         if self.verify_content:
             check_content_hash(row, path)
         num_pos = row.num_positions
-        targets_P = row.topk_ids_PK if self.spec.targets.mode == "topk" else row.sample_sizes_P
-        if len(targets_P) != num_pos:
-            raise ShardFormatError(f"{path}: row {row.row_id}: targets cover {len(targets_P)} positions, "
+        covered = self.spec.targets.kind.num_positions(row)
+        if covered != num_pos:
+            raise ShardFormatError(f"{path}: row {row.row_id}: targets cover {covered} positions, "
                                    f"the row has {row.num_tokens} tokens (expected {num_pos})")
         if self.hidden_layers and row.hidden_positions_H is not None and len(row.hidden_positions_H) and (
                 row.hidden_positions_H.min() < 0 or row.hidden_positions_H.max() >= row.num_tokens):
@@ -293,15 +293,8 @@ class _BatchDecoder:
             attention_mask_BL=full((B, L), 0, torch.int64),
             labels_BL=full((B, L), IGNORE_INDEX, torch.int64),
         )
-        tspec = self.spec.targets
-        if tspec.mode == "topk":
-            batch.topk_ids_BPK = full((B, P, tspec.k), 0, torch.int64)
-            batch.topk_logits_BPK = full((B, P, tspec.k), 0.0, torch.float32)
-            batch.lse_BPT = full((B, P, len(tspec.temperatures)), 0.0, torch.float32)
-        else:
-            M = max((int(r.sample_sizes_P.max()) for r in rows if r.num_positions), default=0)
-            batch.sample_ids_BPM = full((B, P, M), -1, torch.int64)
-            batch.sample_counts_BPM = full((B, P, M), 0, torch.int64)
+        for name, tensor in self.spec.targets.kind.batch_fields(rows, self.spec, B, P, full).items():
+            setattr(batch, name, tensor)
         if self.hidden_layers:
             D = self.spec.hidden.hidden_size
             # The stored form goes to the device as is: fp8 is a quarter of float32's bytes and
@@ -318,7 +311,7 @@ class _BatchDecoder:
         return batch
 
     def _fill_row(self, batch: StudentBatch, b: int, row: TeacherRow, filler: bool) -> None:
-        n, p = row.num_tokens, row.num_positions
+        n = row.num_tokens
         _np(batch.input_ids_BL)[b, :n] = row.input_ids_L
         _np(batch.attention_mask_BL)[b, :n] = 1
         if filler:
@@ -326,18 +319,7 @@ class _BatchDecoder:
         _np(batch.row_ids_B)[b] = row.row_id
         _np(batch.labels_BL)[b, :n] = row.labels_L
         batch.num_tokens += n
-        if self.spec.targets.mode == "topk":
-            _np(batch.topk_ids_BPK)[b, :p] = row.topk_ids_PK
-            _np(batch.topk_logits_BPK)[b, :p] = row.topk_logits_PK
-            _np(batch.lse_BPT)[b, :p] = row.lse_PT
-        else:
-            # flattened (position, distinct id) entries -> [P, M] slots
-            sizes_P = row.sample_sizes_P
-            starts_P = np.cumsum(sizes_P) - sizes_P
-            pos_S = np.repeat(np.arange(p), sizes_P)
-            slot_S = np.arange(int(sizes_P.sum())) - np.repeat(starts_P, sizes_P)
-            _np(batch.sample_ids_BPM)[b, pos_S, slot_S] = row.sample_ids_S
-            _np(batch.sample_counts_BPM)[b, pos_S, slot_S] = row.sample_counts_S
+        self.spec.targets.kind.fill_row(batch, b, row)
         if self.hidden_layers:
             positions_H = row.hidden_positions_H
             if not self.spec.hidden.subset:

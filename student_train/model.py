@@ -23,13 +23,12 @@ from torch.profiler import record_function
 from common.causal_lm import TORCH_DTYPES, capture_block_outputs, decoder_layers
 from common.model_files import require_safetensors
 from common.spec import ShardSpec
+from common.targets import target_kind
 from student_train.batch import StudentBatch
 from student_train.config import StudentConfig
 from student_train.weights import load_safetensors_into, safetensors_files, untied_missing
 from student_train.losses import (
     LossConfig,
-    SampledTargets,
-    TopkTargets,
     build_hidden_projection,
     distill_loss,
     get_divergence,
@@ -249,18 +248,7 @@ class DistillModel(nn.Module):
         return loss, sums
 
     def _targets(self, batch: StudentBatch, n: int):
-        if self.layout.mode == "topk":
-            if batch.topk_ids_BPK is None:
-                return None
-            k = batch.topk_ids_BPK.shape[-1]
-            return TopkTargets(ids_NK=batch.topk_ids_BPK.reshape(n, k), logits_NK=batch.topk_logits_BPK.reshape(n, k),
-                               lse_NT=batch.lse_BPT.reshape(n, -1), lse_index=self.layout.lse_index)
-        if batch.sample_ids_BPM is None:
-            return None
-        m = batch.sample_ids_BPM.shape[-1]
-        return SampledTargets(ids_NM=batch.sample_ids_BPM.reshape(n, m),
-                              counts_NM=batch.sample_counts_BPM.reshape(n, m),
-                              num_samples=self.layout.num_samples)
+        return target_kind(self.layout.mode).loss_targets(batch, n, self.layout)
 
 
 def projection_key(student_layer: int, teacher_layer: int) -> str:

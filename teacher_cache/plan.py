@@ -53,11 +53,8 @@ AUTO_ROWS_PER_SHARD_RANGE = (8, 256)
 
 def raw_bytes_per_token(spec: ShardSpec) -> float:
     """Uncompressed cell bytes per token of a shard (an upper bound for sampled targets)."""
-    t, h = spec.targets, spec.hidden
-    if t.mode == "topk":
-        targets = t.k * (spec.id_bytes + 1) + 4 * (1 + len(t.temperatures))  # ids, value byte, max + lse
-    else:
-        targets = 2 + t.num_samples * (spec.id_bytes + t.count_bytes)
+    h = spec.hidden
+    targets = spec.targets.kind.bytes_per_token(spec)
     per_layer = h.hidden_size * (1 if h.dtype == "fp8" else 2) + (4 if h.dtype == "fp8" else 0)
     return 8 + targets + len(h.layers) * h.token_fraction * per_layer  # + input_ids and labels
 
