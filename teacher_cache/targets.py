@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import functools
 import os
 import warnings
-from typing import Callable
+from typing import Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -221,25 +221,133 @@ def compute_targets(
 ) -> PositionTargets:
     """Targets for every row of `hidden_ND` (the caller drops the last position
     of each sequence, which has no next token)."""
-    if spec.mode == "sampled" and (uniforms_NM is None or uniforms_NM.shape[0] != hidden_ND.shape[0]):
-        raise ValueError("sampled targets need one row of uniforms per position")
-    parts = []
-    for start in range(0, hidden_ND.shape[0], chunk_size):
-        logits_nV = logits_fn(hidden_ND[start:start + chunk_size])
-        if spec.mode == "topk":
+    return selection(spec).compute(hidden_ND, logits_fn, spec, uniforms_NM, chunk_size)
+
+
+class Selection:
+    """The teacher side of a target kind (common.targets): what the device
+    computes for each position and how the flat results reach the rows."""
+
+    mode: ClassVar[str]  # the TargetKind's mode
+
+    def uniforms(self, spec: TargetSpec, row_id: int, num_positions: int) -> np.ndarray | None:
+        """The row's draws, [P, M], where the kind draws (see `row_uniforms`)."""
+        return None
+
+    def compute(self, hidden_ND, logits_fn, spec: TargetSpec, uniforms_NM, chunk_size: int) -> PositionTargets:
+        raise NotImplementedError
+
+    def row_fields(self, targets: PositionTargets, num_positions: Sequence[int]) -> list[dict[str, np.ndarray]]:
+        """Targets on the CPU for consecutive rows of `num_positions` each, split into
+        each row's `TeacherRow` target fields."""
+        raise NotImplementedError
+
+    def host_arrays(self, targets: PositionTargets) -> dict[str, torch.Tensor]:
+        """Narrowest dtypes for the trip to the host (ids < 2^31, counts <= 65535)."""
+        raise NotImplementedError
+
+    def from_arrays(self, arrays: dict) -> PositionTargets:
+        """The inverse of `host_arrays`, on numpy arrays."""
+        raise NotImplementedError
+
+    def empty_arrays(self, spec: TargetSpec) -> dict[str, np.ndarray]:
+        """`host_arrays` of no positions."""
+        raise NotImplementedError
+
+
+class TopkSelection(Selection):
+    mode = "topk"
+
+    def compute(self, hidden_ND, logits_fn, spec, uniforms_NM, chunk_size) -> PositionTargets:
+        parts = []
+        for start in range(0, hidden_ND.shape[0], chunk_size):
+            logits_nV = logits_fn(hidden_ND[start:start + chunk_size])
             parts.append(_topk_chunk(logits_nV, spec))
-        else:
-            logits_nV = logits_nV.float()
-            parts.append(_sample_chunk(logits_nV, uniforms_NM[start:start + chunk_size].to(logits_nV.device)))
-        del logits_nV
-    if spec.mode == "topk":
+            del logits_nV
         if not parts:
             empty = hidden_ND.new_zeros((0, spec.k), dtype=torch.float32)
             return PositionTargets(empty.long(), empty, hidden_ND.new_zeros((0, len(spec.temperatures)), dtype=torch.float32))
         ids, logits, lse = (torch.cat(p) for p in zip(*parts))
         return PositionTargets(topk_ids_NK=ids, topk_logits_NK=logits, lse_NT=lse)
-    if not parts:
-        empty = hidden_ND.new_zeros(0, dtype=torch.long)
-        return PositionTargets(sample_ids_S=empty, sample_counts_S=empty, sample_sizes_N=empty)
-    ids, counts, sizes = (torch.cat(p) for p in zip(*parts))
-    return PositionTargets(sample_ids_S=ids, sample_counts_S=counts, sample_sizes_N=sizes)
+
+    def row_fields(self, targets, num_positions) -> list[dict[str, np.ndarray]]:
+        total_positions = sum(num_positions)
+        assert targets.topk_ids_NK.shape[0] == total_positions, (targets.topk_ids_NK.shape, total_positions)
+        ids_NK = targets.topk_ids_NK.numpy()
+        logits_NK = targets.topk_logits_NK.float().numpy()
+        lse_NT = targets.lse_NT.float().numpy()
+        fields, pos = [], 0
+        for n in num_positions:
+            fields.append({"topk_ids_PK": ids_NK[pos:pos + n], "topk_logits_PK": logits_NK[pos:pos + n],
+                           "lse_PT": lse_NT[pos:pos + n]})
+            pos += n
+        return fields
+
+    def host_arrays(self, targets) -> dict[str, torch.Tensor]:
+        return {"topk_ids": targets.topk_ids_NK.to(torch.int32), "topk_logits": targets.topk_logits_NK.float(),
+                "lse": targets.lse_NT.float()}
+
+    def from_arrays(self, arrays) -> PositionTargets:
+        return PositionTargets(topk_ids_NK=torch.from_numpy(arrays["topk_ids"]),
+                               topk_logits_NK=torch.from_numpy(arrays["topk_logits"]),
+                               lse_NT=torch.from_numpy(arrays["lse"]))
+
+    def empty_arrays(self, spec) -> dict[str, np.ndarray]:
+        return {"topk_ids": np.zeros((0, spec.k), np.int32), "topk_logits": np.zeros((0, spec.k), np.float32),
+                "lse": np.zeros((0, len(spec.temperatures)), np.float32)}
+
+
+class SampledSelection(Selection):
+    mode = "sampled"
+
+    def uniforms(self, spec, row_id, num_positions) -> np.ndarray:
+        return row_uniforms(spec.seed, row_id, num_positions, spec.num_samples)
+
+    def compute(self, hidden_ND, logits_fn, spec, uniforms_NM, chunk_size) -> PositionTargets:
+        if uniforms_NM is None or uniforms_NM.shape[0] != hidden_ND.shape[0]:
+            raise ValueError("sampled targets need one row of uniforms per position")
+        parts = []
+        for start in range(0, hidden_ND.shape[0], chunk_size):
+            logits_nV = logits_fn(hidden_ND[start:start + chunk_size]).float()
+            parts.append(_sample_chunk(logits_nV, uniforms_NM[start:start + chunk_size].to(logits_nV.device)))
+            del logits_nV
+        if not parts:
+            empty = hidden_ND.new_zeros(0, dtype=torch.long)
+            return PositionTargets(sample_ids_S=empty, sample_counts_S=empty, sample_sizes_N=empty)
+        ids, counts, sizes = (torch.cat(p) for p in zip(*parts))
+        return PositionTargets(sample_ids_S=ids, sample_counts_S=counts, sample_sizes_N=sizes)
+
+    def row_fields(self, targets, num_positions) -> list[dict[str, np.ndarray]]:
+        sizes_N = targets.sample_sizes_N.numpy().astype(np.int64)
+        assert len(sizes_N) == sum(num_positions), (len(sizes_N), sum(num_positions))
+        ids_S, counts_S = targets.sample_ids_S.numpy(), targets.sample_counts_S.numpy()
+        offsets = np.concatenate([[0], np.cumsum(sizes_N)])
+        fields, pos = [], 0
+        for n in num_positions:
+            lo, hi = offsets[pos], offsets[pos + n]
+            fields.append({"sample_sizes_P": sizes_N[pos:pos + n], "sample_ids_S": ids_S[lo:hi],
+                           "sample_counts_S": counts_S[lo:hi]})
+            pos += n
+        return fields
+
+    def host_arrays(self, targets) -> dict[str, torch.Tensor]:
+        return {"sample_sizes": targets.sample_sizes_N.to(torch.int32),
+                "sample_ids": targets.sample_ids_S.to(torch.int32),
+                "sample_counts": targets.sample_counts_S.to(torch.int32)}
+
+    def from_arrays(self, arrays) -> PositionTargets:
+        return PositionTargets(sample_ids_S=torch.from_numpy(arrays["sample_ids"]),
+                               sample_counts_S=torch.from_numpy(arrays["sample_counts"]),
+                               sample_sizes_N=torch.from_numpy(arrays["sample_sizes"]))
+
+    def empty_arrays(self, spec) -> dict[str, np.ndarray]:
+        return {"sample_ids": np.zeros(0, np.int32), "sample_counts": np.zeros(0, np.int32),
+                "sample_sizes": np.zeros(0, np.int32)}
+
+
+SELECTIONS: dict[str, Selection] = {s.mode: s for s in (TopkSelection(), SampledSelection())}
+
+
+def selection(spec: TargetSpec) -> Selection:
+    """The teacher side of the spec's target kind."""
+    return SELECTIONS[spec.kind.mode]
