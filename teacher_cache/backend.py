@@ -27,7 +27,7 @@ from common.codec import quantize_fp8
 from common.model_files import require_safetensors
 from common.shard_format import TeacherRow
 from common.spec import ShardSpec, hidden_positions
-from teacher_cache.targets import PositionTargets, row_uniforms
+from teacher_cache.targets import PositionTargets, selection
 
 BACKENDS = ("hf", "vllm")
 # Keys of config.json that say nothing about the model itself.
@@ -92,15 +92,9 @@ class TeacherBackend(Protocol):
 
 
 def flat_uniforms(rows: Sequence[SourceRow], spec: ShardSpec) -> torch.Tensor | None:
-    """Sampled mode: the draws' uniforms for each row's positions 0..L-2, concatenated
-    in row order ([N, M] float64). Seeded per row, so batching never changes them."""
-    if spec.targets.mode != "sampled":
-        return None
-    parts = [row_uniforms(spec.targets.seed, r.row_id, max(r.num_tokens - 1, 0), spec.targets.num_samples)
-             for r in rows]
-    if not parts:
-        return torch.zeros((0, spec.targets.num_samples), dtype=torch.float64)
-    return torch.from_numpy(np.concatenate(parts, axis=0))
+    """The draws' uniforms for each row's positions 0..L-2, concatenated in row order
+    ([N, M] float64), where the kind draws. Seeded per row, so batching never changes them."""
+    return selection(spec.targets).flat_uniforms(spec.targets, [(r.row_id, max(r.num_tokens - 1, 0)) for r in rows])
 
 
 def kept_positions(row: SourceRow, spec: ShardSpec) -> np.ndarray:
@@ -126,46 +120,25 @@ def assemble_rows(rows: Sequence[SourceRow], targets: PositionTargets, hidden_by
         else:
             hidden_cpu[layer] = h.detach().to("cpu")
     num_positions = [max(r.num_tokens - 1, 0) for r in rows]
-    total_positions = sum(num_positions)
-    mode = spec.targets.mode
-    if mode == "topk":
-        assert targets.topk_ids_NK.shape[0] == total_positions, (targets.topk_ids_NK.shape, total_positions)
-        ids_NK = targets.topk_ids_NK.numpy()
-        logits_NK = targets.topk_logits_NK.float().numpy()
-        lse_NT = targets.lse_NT.float().numpy()
-    else:
-        sizes_N = targets.sample_sizes_N.numpy().astype(np.int64)
-        assert len(sizes_N) == total_positions, (len(sizes_N), total_positions)
-        sample_ids_S = targets.sample_ids_S.numpy()
-        sample_counts_S = targets.sample_counts_S.numpy()
-        sample_offsets = np.concatenate([[0], np.cumsum(sizes_N)])
+    target_fields = selection(spec.targets).row_fields(targets, num_positions)
     kept = [kept_positions(r, spec) for r in rows] if spec.hidden.layers else None
     for layer in spec.hidden.layers:
         assert layer in hidden_cpu, f"hidden layer {layer} was not captured"
         assert hidden_cpu[layer].shape[0] == sum(len(k) for k in kept), (layer, hidden_cpu[layer].shape)
 
     out = []
-    pos = hid = 0
+    hid = 0
     for i, row in enumerate(rows):
-        n = num_positions[i]
         trow = TeacherRow(row_id=int(row.row_id), input_ids_L=np.asarray(row.input_ids, dtype=np.int32),
                           labels_L=np.asarray(row.labels, dtype=np.int32))
-        if mode == "topk":
-            trow.topk_ids_PK = ids_NK[pos:pos + n]
-            trow.topk_logits_PK = logits_NK[pos:pos + n]
-            trow.lse_PT = lse_NT[pos:pos + n]
-        else:
-            lo, hi = sample_offsets[pos], sample_offsets[pos + n]
-            trow.sample_sizes_P = sizes_N[pos:pos + n]
-            trow.sample_ids_S = sample_ids_S[lo:hi]
-            trow.sample_counts_S = sample_counts_S[lo:hi]
+        for name, value in target_fields[i].items():
+            setattr(trow, name, value)
         if kept is not None:
             h = len(kept[i])
             trow.hidden = {layer: hidden_cpu[layer][hid:hid + h] for layer in spec.hidden.layers}
             trow.hidden_scales = {layer: scales[hid:hid + h] for layer, scales in scales_cpu.items()}
             trow.hidden_positions_H = kept[i]
             hid += h
-        pos += n
         out.append(trow)
     return out
 

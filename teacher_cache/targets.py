@@ -231,7 +231,11 @@ class Selection:
     mode: ClassVar[str]  # the TargetKind's mode
 
     def uniforms(self, spec: TargetSpec, row_id: int, num_positions: int) -> np.ndarray | None:
-        """The row's draws, [P, M], where the kind draws (see `row_uniforms`)."""
+        """The row's uniforms, [P, M], where the kind draws (see `row_uniforms`)."""
+        return None
+
+    def flat_uniforms(self, spec: TargetSpec, rows: Sequence[tuple[int, int]]) -> torch.Tensor | None:
+        """The uniforms of rows given as (row id, positions), concatenated ([N, M] float64)."""
         return None
 
     def compute(self, hidden_ND, logits_fn, spec: TargetSpec, uniforms_NM, chunk_size: int) -> PositionTargets:
@@ -302,6 +306,11 @@ class SampledSelection(Selection):
 
     def uniforms(self, spec, row_id, num_positions) -> np.ndarray:
         return row_uniforms(spec.seed, row_id, num_positions, spec.num_samples)
+
+    def flat_uniforms(self, spec, rows) -> torch.Tensor:
+        if not rows:
+            return torch.zeros((0, spec.num_samples), dtype=torch.float64)
+        return torch.from_numpy(np.concatenate([self.uniforms(spec, row_id, n) for row_id, n in rows], axis=0))
 
     def compute(self, hidden_ND, logits_fn, spec, uniforms_NM, chunk_size) -> PositionTargets:
         if uniforms_NM is None or uniforms_NM.shape[0] != hidden_ND.shape[0]:
