@@ -21,7 +21,7 @@ import torch
 from common.shard_format import TeacherRow, build_schema, encode_row
 from common.shard_writer import buffer_codec, build_batch
 from common.spec import ShardSpec, hidden_positions
-from teacher_cache.targets import compute_targets, row_uniforms
+from teacher_cache.targets import compute_targets, selection
 
 
 @dataclass(frozen=True)
@@ -140,20 +140,13 @@ def measure_bytes_per_token(spec: ShardSpec, seed: int = 0) -> tuple[float, floa
     Gaussian, which compresses about as badly as real residual streams)."""
     n = _SAMPLE_POSITIONS
     logits_fn = _synthetic_logits(spec.vocab_size, seed)
-    uniforms = None
-    if spec.targets.mode == "sampled":
-        uniforms = torch.from_numpy(row_uniforms(spec.targets.seed, 0, n, spec.targets.num_samples))
-    targets = compute_targets(torch.zeros(n, 1), logits_fn, spec.targets, uniforms, chunk_size=_SAMPLE_CHUNK)
+    chosen = selection(spec.targets)
+    targets = compute_targets(torch.zeros(n, 1), logits_fn, spec.targets, chosen.flat_uniforms(spec.targets, [(0, n)]),
+                              chunk_size=_SAMPLE_CHUNK)
     tokens_L = np.random.default_rng(seed).integers(0, spec.vocab_size, n + 1).astype(np.int32)
     row = TeacherRow(row_id=0, input_ids_L=tokens_L, labels_L=tokens_L.copy())
-    if spec.targets.mode == "topk":
-        row.topk_ids_PK, row.topk_logits_PK, row.lse_PT = (t.numpy() for t in
-                                                            (targets.topk_ids_NK, targets.topk_logits_NK,
-                                                             targets.lse_NT))
-    else:
-        row.sample_ids_S, row.sample_counts_S, row.sample_sizes_P = (t.numpy() for t in
-                                                                     (targets.sample_ids_S, targets.sample_counts_S,
-                                                                      targets.sample_sizes_N))
+    for name, value in chosen.row_fields(targets, [n])[0].items():
+        setattr(row, name, value)
     hspec = spec.hidden
     if hspec.layers:
         positions = hidden_positions(0, n + 1, hspec.token_fraction, hspec.seed)
