@@ -30,7 +30,7 @@ from common.causal_lm import DTYPES_BY_NAME, dtype_name
 from common.shard_format import TeacherRow
 from common.spec import ShardSpec
 from teacher_cache.backend import BackendOptions, SourceRow, TeacherInfo, assemble_rows, read_teacher_info
-from teacher_cache.targets import PositionTargets
+from teacher_cache.targets import selection
 from teacher_cache.vllm_worker import CAPTURE_CONFIG_KEY, ROW_ID_KEY, CaptureConfig, unpack_arrays
 
 # vLLM takes torch's dtype names; "half" and "float" are its own aliases.
@@ -196,14 +196,7 @@ class VllmBackend:
                                f"the source has {row.num_tokens}")
         if result is None:
             result = _empty_result(spec)
-        if spec.targets.mode == "topk":
-            targets = PositionTargets(topk_ids_NK=torch.from_numpy(result["topk_ids"]),
-                                      topk_logits_NK=torch.from_numpy(result["topk_logits"]),
-                                      lse_NT=torch.from_numpy(result["lse"]))
-        else:
-            targets = PositionTargets(sample_ids_S=torch.from_numpy(result["sample_ids"]),
-                                      sample_counts_S=torch.from_numpy(result["sample_counts"]),
-                                      sample_sizes_N=torch.from_numpy(result["sample_sizes"]))
+        targets = selection(spec.targets).from_arrays(result)
         return assemble_rows([row], targets, result["hidden"], spec, result.get("hidden_scales"))[0]
 
     def close(self) -> None:
@@ -224,11 +217,4 @@ class VllmBackend:
 
 def _empty_result(spec: ShardSpec) -> dict:
     t, h = spec.targets, spec.hidden
-    result: dict = {"hidden": {layer: torch.zeros((0, h.hidden_size)) for layer in h.layers}}
-    if t.mode == "topk":
-        result.update(topk_ids=np.zeros((0, t.k), np.int32), topk_logits=np.zeros((0, t.k), np.float32),
-                      lse=np.zeros((0, len(t.temperatures)), np.float32))
-    else:
-        result.update(sample_ids=np.zeros(0, np.int32), sample_counts=np.zeros(0, np.int32),
-                      sample_sizes=np.zeros(0, np.int32))
-    return result
+    return {"hidden": {layer: torch.zeros((0, h.hidden_size)) for layer in h.layers}, **selection(t).empty_arrays(t)}
