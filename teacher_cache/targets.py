@@ -258,6 +258,32 @@ class Selection:
         """`host_arrays` of no positions."""
         raise NotImplementedError
 
+    def step_slices(self, host: dict[str, torch.Tensor]) -> Callable[[int, int], dict[str, np.ndarray]]:
+        """For a step's `host_arrays`: positions [lo, hi) -> their arrays."""
+        raise NotImplementedError
+
+    def row_targets(self, spec: TargetSpec, row_id: int, num_positions: int) -> "RowTargets":
+        raise NotImplementedError
+
+
+class RowTargets:
+    """One row's targets filled by position from several steps (vLLM splits a
+    prompt over steps and may recompute it from an earlier position, so a
+    write overwrites rather than appends)."""
+
+    uniforms_PM: np.ndarray | None = None
+
+    def uniforms(self, start: int, stop: int) -> np.ndarray | None:
+        return None if self.uniforms_PM is None else self.uniforms_PM[start:stop]
+
+    def write(self, start: int, arrays: dict[str, np.ndarray]) -> None:
+        """`step_slices` of positions start, start + 1, ..."""
+        raise NotImplementedError
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The whole row's targets, keyed as `host_arrays`."""
+        raise NotImplementedError
+
 
 class TopkSelection(Selection):
     mode = "topk"
@@ -299,6 +325,28 @@ class TopkSelection(Selection):
     def empty_arrays(self, spec) -> dict[str, np.ndarray]:
         return {"topk_ids": np.zeros((0, spec.k), np.int32), "topk_logits": np.zeros((0, spec.k), np.float32),
                 "lse": np.zeros((0, len(spec.temperatures)), np.float32)}
+
+    def step_slices(self, host):
+        return lambda lo, hi: {name: host[name][lo:hi].numpy() for name in ("topk_ids", "topk_logits", "lse")}
+
+    def row_targets(self, spec, row_id, num_positions) -> "TopkRowTargets":
+        return TopkRowTargets(spec, num_positions)
+
+
+class TopkRowTargets(RowTargets):
+    def __init__(self, spec: TargetSpec, num_positions: int):
+        self.ids_PK = np.zeros((num_positions, spec.k), dtype=np.int32)
+        self.logits_PK = np.zeros((num_positions, spec.k), dtype=np.float32)
+        self.lse_PT = np.zeros((num_positions, len(spec.temperatures)), dtype=np.float32)
+
+    def write(self, start, arrays) -> None:
+        stop = start + len(arrays["topk_ids"])
+        self.ids_PK[start:stop] = arrays["topk_ids"]
+        self.logits_PK[start:stop] = arrays["topk_logits"]
+        self.lse_PT[start:stop] = arrays["lse"]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"topk_ids": self.ids_PK, "topk_logits": self.logits_PK, "lse": self.lse_PT}
 
 
 class SampledSelection(Selection):
@@ -352,6 +400,46 @@ class SampledSelection(Selection):
     def empty_arrays(self, spec) -> dict[str, np.ndarray]:
         return {"sample_ids": np.zeros(0, np.int32), "sample_counts": np.zeros(0, np.int32),
                 "sample_sizes": np.zeros(0, np.int32)}
+
+    def step_slices(self, host):
+        sizes_N = host["sample_sizes"].numpy()
+        entry_start_N = np.concatenate([[0], np.cumsum(sizes_N)])
+        ids_S, counts_S = host["sample_ids"].numpy(), host["sample_counts"].numpy()
+
+        def positions(lo: int, hi: int) -> dict[str, np.ndarray]:
+            s0, s1 = entry_start_N[lo], entry_start_N[hi]
+            return {"sample_sizes": sizes_N[lo:hi].copy(), "sample_ids": ids_S[s0:s1].copy(),
+                    "sample_counts": counts_S[s0:s1].copy()}
+
+        return positions
+
+    def row_targets(self, spec, row_id, num_positions) -> "SampledRowTargets":
+        return SampledRowTargets(row_id, num_positions, self.uniforms(spec, row_id, num_positions))
+
+
+class SampledRowTargets(RowTargets):
+    def __init__(self, row_id: int, num_positions: int, uniforms_PM: np.ndarray):
+        self.row_id, self.num_positions, self.uniforms_PM = row_id, num_positions, uniforms_PM
+        # start position -> the arrays of the positions computed in one step
+        self.pieces: dict[int, dict[str, np.ndarray]] = {}
+
+    def write(self, start, arrays) -> None:
+        if not len(arrays["sample_sizes"]):
+            return
+        for stale in [s for s in self.pieces if s >= start]:
+            del self.pieces[stale]
+        self.pieces[start] = arrays
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        starts = sorted(self.pieces)
+        pieces = [self.pieces[s] for s in starts]
+        covered = sum(len(p["sample_sizes"]) for p in pieces)
+        assert covered == self.num_positions, (self.row_id, starts, covered)
+        for a, b, piece in zip(starts, starts[1:], pieces):
+            assert a + len(piece["sample_sizes"]) == b, (self.row_id, starts)
+        cat = (lambda name: np.concatenate([p[name] for p in pieces]).astype(np.int32)
+               if pieces else np.zeros(0, dtype=np.int32))
+        return {name: cat(name) for name in ("sample_sizes", "sample_ids", "sample_counts")}
 
 
 SELECTIONS: dict[str, Selection] = {s.mode: s for s in (TopkSelection(), SampledSelection())}

@@ -49,7 +49,7 @@ import torch
 
 from common.codec import quantize_fp8
 from common.spec import ShardSpec, hidden_positions
-from teacher_cache.targets import DEFAULT_CHUNK, PositionTargets, compute_targets, row_uniforms
+from teacher_cache.targets import DEFAULT_CHUNK, compute_targets, selection
 
 # Key of `LLM(additional_config=...)` holding the capture settings; vLLM hashes
 # additional_config into its compile cache key, so a cached graph built for
@@ -110,16 +110,7 @@ class RowCapture:
         self.num_tokens = num_tokens
         self.next_position = 0
         tspec, hspec = spec.targets, spec.hidden
-        num_positions = max(num_tokens - 1, 0)
-        if tspec.mode == "topk":
-            self.topk_ids_PK = np.zeros((num_positions, tspec.k), dtype=np.int32)
-            self.topk_logits_PK = np.zeros((num_positions, tspec.k), dtype=np.float32)
-            self.lse_PT = np.zeros((num_positions, len(tspec.temperatures)), dtype=np.float32)
-            self.uniforms_PM = None
-        else:
-            self.uniforms_PM = row_uniforms(tspec.seed, row_id, num_positions, tspec.num_samples)
-            # start position -> (sizes, ids, counts) of the positions computed in one step
-            self.samples: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self.targets = selection(tspec).row_targets(tspec, row_id, max(num_tokens - 1, 0))
         self.layers = tuple(sorted(set(hspec.layers)))
         if self.layers:
             self.kept_H = hidden_positions(row_id, num_tokens, hspec.token_fraction, hspec.seed)
@@ -153,11 +144,6 @@ class RowCapture:
         offsets = np.nonzero(slots >= 0)[0]
         return offsets, slots[offsets]
 
-    def write_samples(self, start: int, sizes_n: np.ndarray, ids_s: np.ndarray, counts_s: np.ndarray) -> None:
-        for stale in [s for s in self.samples if s >= start]:
-            del self.samples[stale]
-        self.samples[start] = (sizes_n, ids_s, counts_s)
-
     def finish(self) -> dict:
         """The row's arrays; hidden tensors keep the model's dtype."""
         out: dict = {"row_id": self.row_id, "num_tokens": self.num_tokens,
@@ -165,18 +151,7 @@ class RowCapture:
                                 for layer, h in self.hidden.items()}}
         if self.fp8:
             out["hidden_scales"] = dict(self.hidden_scale)
-        if self.uniforms_PM is None:
-            out.update(topk_ids=self.topk_ids_PK, topk_logits=self.topk_logits_PK, lse=self.lse_PT)
-            return out
-        starts = sorted(self.samples)
-        pieces = [self.samples[s] for s in starts]
-        covered = sum(len(p[0]) for p in pieces)
-        assert covered == max(self.num_tokens - 1, 0), (self.row_id, starts, covered)
-        for a, b, piece in zip(starts, starts[1:], pieces):
-            assert a + len(piece[0]) == b, (self.row_id, starts)
-        cat = (lambda i, dt: np.concatenate([p[i] for p in pieces]).astype(dt)
-               if pieces else np.zeros(0, dtype=dt))
-        out.update(sample_sizes=cat(0, np.int32), sample_ids=cat(1, np.int32), sample_counts=cat(2, np.int32))
+        out.update(self.targets.arrays())
         return out
 
 
@@ -269,14 +244,12 @@ class StepCapture:
             return
         device = hidden_FD.device
         spec = self.config.spec
-        uniforms_NM = None
-        if spec.targets.mode == "sampled":
-            uniforms_NM = _to_device(np.concatenate([p.row.uniforms_PM[p.start:p.start + p.num_targets]
-                                                     for p in pieces]), device)
+        uniforms = [p.row.targets.uniforms(p.start, p.start + p.num_targets) for p in pieces]
+        uniforms_NM = None if uniforms[0] is None else _to_device(np.concatenate(uniforms), device)
         rows_N = _to_device(target_rows_N, device)
         targets = compute_targets(hidden_FD.index_select(0, rows_N), self._logits, spec.targets,
                                   uniforms_NM, self.config.logits_chunk)
-        device_out = self._compact(targets)
+        device_out = selection(spec.targets).host_arrays(targets)
         if spec.hidden.layers:
             aux_layers = sorted(set(spec.hidden.layers))  # the order vLLM returns them in
             assert len(aux) == len(aux_layers), (len(aux), aux_layers)
@@ -304,15 +277,6 @@ class StepCapture:
                              f"{self.config.spec.vocab_size}")
         return logits_nV
 
-    def _compact(self, targets: PositionTargets) -> dict[str, torch.Tensor]:
-        """Narrowest dtypes for the trip to the host (ids < 2^31, counts <= 65535)."""
-        if self.config.spec.targets.mode == "topk":
-            return {"topk_ids": targets.topk_ids_NK.to(torch.int32), "topk_logits": targets.topk_logits_NK.float(),
-                    "lse": targets.lse_NT.float()}
-        return {"sample_sizes": targets.sample_sizes_N.to(torch.int32),
-                "sample_ids": targets.sample_ids_S.to(torch.int32),
-                "sample_counts": targets.sample_counts_S.to(torch.int32)}
-
     @staticmethod
     def _to_host(pieces: list[StepPiece], device_out: dict[str, torch.Tensor]) -> PendingStep:
         if next(iter(device_out.values())).device.type == "cpu":
@@ -338,21 +302,10 @@ class StepCapture:
 
     def _distribute(self, step: PendingStep) -> None:
         host = step.host
-        mode = self.config.spec.targets.mode
-        if mode == "sampled":
-            sizes_N = host["sample_sizes"].numpy()
-            entry_start_N = np.concatenate([[0], np.cumsum(sizes_N)])
-            ids_S, counts_S = host["sample_ids"].numpy(), host["sample_counts"].numpy()
+        targets_of = selection(self.config.spec.targets).step_slices(host)
         for piece in step.pieces:
-            row, lo, hi = piece.row, piece.target_offset, piece.target_offset + piece.num_targets
-            a, b = piece.start, piece.start + piece.num_targets
-            if mode == "topk":
-                row.topk_ids_PK[a:b] = host["topk_ids"][lo:hi].numpy()
-                row.topk_logits_PK[a:b] = host["topk_logits"][lo:hi].numpy()
-                row.lse_PT[a:b] = host["lse"][lo:hi].numpy()
-            elif piece.num_targets:
-                s0, s1 = entry_start_N[lo], entry_start_N[hi]
-                row.write_samples(a, sizes_N[lo:hi].copy(), ids_S[s0:s1].copy(), counts_S[s0:s1].copy())
+            row = piece.row
+            row.targets.write(piece.start, targets_of(piece.target_offset, piece.target_offset + piece.num_targets))
             if len(piece.hidden_slots_h):
                 slots = _slots(piece.hidden_slots_h)
                 h0, h1 = piece.hidden_offset, piece.hidden_offset + len(piece.hidden_slots_h)
