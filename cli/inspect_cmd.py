@@ -7,7 +7,6 @@ as the format says (one line on stderr naming the file, and row where known).
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import typer
@@ -15,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.main import app
+from common.targets import target_kind
 
 EXIT_PROBLEMS = 1
 EXIT_BAD_INPUT = 2
@@ -54,8 +54,7 @@ def print_report(report: dict, top: int, max_positions: int) -> None:
     spec = report["spec"]
     totals = report["totals"]
     targets = spec["targets"]
-    mode = (f"top-k k={targets['k']}, T={targets['temperatures']}" if targets["mode"] == "topk"
-            else f"sampled N={targets['num_samples']}, seed={targets['seed']}")
+    mode = target_kind(targets["mode"]).describe_recorded(targets)
     hidden = spec["hidden"]
     overview = _kv_table(f"{report['kind']}: {report['path']}", {
         "format version": report["format_version"],
@@ -145,19 +144,14 @@ def _row_table(row: dict, spec: dict, top: int, max_positions: int) -> Table:
     table = Table(title=title)
     for name in ("t", "token t", "token t+1", "label t+1", "top targets"):
         table.add_column(name, justify="right" if name == "t" else "left")
-    topk = spec["targets"]["mode"] == "topk"
+    kind = target_kind(spec["targets"]["mode"])
     quote = repr if tokens else str
     for p in shown:
         t = p["t"]
         current = quote(tokens[t]) if tokens else str(row["input_ids"][t])
         following = quote(tokens[t + 1]) if tokens else str(p["next_token"])
         names = [quote(n) for n in p["id_tokens"]] if tokens else [str(i) for i in p["ids"]]
-        if topk:
-            # Probabilities at T=1 when stored, else at the first stored temperature.
-            key = "1.0" if "1.0" in p["logprobs"] else next(iter(p["logprobs"]))
-            shares = [f"{math.exp(lp):.3f}" for lp in p["logprobs"][key][:top]]
-        else:
-            shares = [f"{c}/{spec['targets']['num_samples']}" for c in p["counts"][:top]]
+        shares = kind.position_shares(p, spec["targets"], top)
         table.add_row(str(t), current, following, str(p["next_label"]),
                       ", ".join(f"{n} {share}" for n, share in zip(names, shares)))
     return table

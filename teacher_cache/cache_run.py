@@ -328,8 +328,7 @@ def plan_report(cfg: CacheConfig, prep: Prepared, worker: WorkerSlot, workers_pe
     tokens = int(lengths.sum())
     estimate = estimate_storage(spec, tokens)
     t = spec.targets
-    targets = (f"top-{t.k}, log-sum-exp at T={', '.join(f'{x:g}' for x in t.temperatures)}" if t.mode == "topk"
-               else f"sampled, {t.num_samples} draws per position (seed {t.seed})")
+    targets = t.kind.describe(t)
     lines = [
         f"teacher {cfg.model} ({prep.info.model_type}, {prep.info.num_layers} layers, hidden {prep.info.hidden_size}, "
         f"vocab {prep.info.vocab_size}), backend {prep.backend}",

@@ -69,6 +69,18 @@ class TargetKind:
         """Each position's targets, readable: ids first."""
         raise NotImplementedError
 
+    def describe(self, tspec: "TargetSpec") -> str:
+        """The settings in a sentence, as a cache run's plan prints them."""
+        raise NotImplementedError
+
+    def describe_recorded(self, targets: dict) -> str:
+        """The settings as recorded in a manifest's spec (`TargetSpec.to_dict`), in short."""
+        raise NotImplementedError
+
+    def position_shares(self, entry: dict, targets: dict, top: int) -> list[str]:
+        """Each of the first `top` ids' share of a `position_entries` entry, readable."""
+        raise NotImplementedError
+
     def batch_fields(self, rows: list["TeacherRow"], spec: "ShardSpec", B: int, P: int,
                      full: Allocate) -> dict[str, torch.Tensor]:
         """The batch's target tensors, filled with padding: {StudentBatch field: tensor}."""

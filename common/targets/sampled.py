@@ -116,6 +116,15 @@ class SampledKind(TargetKind):
             entries.append({"ids": ids[order].tolist(), "counts": counts[order].tolist()})
         return entries
 
+    def describe(self, tspec) -> str:
+        return f"sampled, {tspec.num_samples} draws per position (seed {tspec.seed})"
+
+    def describe_recorded(self, targets) -> str:
+        return f"sampled N={targets['num_samples']}, seed={targets['seed']}"
+
+    def position_shares(self, entry, targets, top) -> list[str]:
+        return [f"{c}/{targets['num_samples']}" for c in entry["counts"][:top]]
+
     def batch_fields(self, rows, spec, B, P, full) -> dict[str, torch.Tensor]:
         M = max((int(r.sample_sizes_P.max()) for r in rows if r.num_positions), default=0)
         # Pads: id -1 and count 0.

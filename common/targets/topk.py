@@ -10,6 +10,7 @@ T temperatures, B batch rows, N flattened positions.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -141,6 +142,17 @@ class TopkKind(TargetKind):
                 "lse": {str(T): float(row.lse_PT[t, i]) for i, T in enumerate(temps)},
             })
         return entries
+
+    def describe(self, tspec) -> str:
+        return f"top-{tspec.k}, log-sum-exp at T={', '.join(f'{x:g}' for x in tspec.temperatures)}"
+
+    def describe_recorded(self, targets) -> str:
+        return f"top-k k={targets['k']}, T={targets['temperatures']}"
+
+    def position_shares(self, entry, targets, top) -> list[str]:
+        # Probabilities at T=1 when stored, else at the first stored temperature.
+        key = "1.0" if "1.0" in entry["logprobs"] else next(iter(entry["logprobs"]))
+        return [f"{math.exp(lp):.3f}" for lp in entry["logprobs"][key][:top]]
 
     def batch_fields(self, rows, spec, B, P, full) -> dict[str, torch.Tensor]:
         k, num_temps = spec.targets.k, len(spec.targets.temperatures)
