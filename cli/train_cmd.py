@@ -16,7 +16,7 @@ from typing import Optional
 import typer
 
 from cli.main import app
-from common.parent_death import die_with_parent, dies_with_this_process
+from common.parent_death import dies_with_this_process
 
 
 def split_overrides(sets: list[str] | None, extra: list[str] | None) -> list[str]:
@@ -36,7 +36,7 @@ def relaunch(nproc: int, argv: list[str]) -> int:
     env = dict(os.environ)
     # Each rank's decode threads and torch threads share the host's cores.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    # torchrun's agent dies with this process, and each rank with the agent (see `train`).
+    # torchrun's agent dies with this process, and each rank with the agent (cli/__main__.py).
     return subprocess.call(cmd, env=env, preexec_fn=dies_with_this_process())
 
 
@@ -53,9 +53,6 @@ def train(
 ):
     """Train the student on the teacher cache (FSDP2 over all ranks)."""
     from student_train.config import load_config
-
-    if "RANK" in os.environ:  # a rank started by torchrun's agent: never outlive it
-        die_with_parent()
 
     # The trainer takes "" for the latest checkpoint, a path for that one, None for a fresh start.
     resume = str(resume_from) if resume_from is not None else ("" if resume_latest else None)

@@ -12,9 +12,11 @@ D hidden size.
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -105,10 +107,12 @@ def read_columns(spec: ShardSpec, hidden_layers=(), content_hash: bool = True) -
             and (not name.startswith("hidden_") or name in wanted_hidden)]
 
 
-def checksummed_columns(spec: ShardSpec) -> list[str]:
+@functools.lru_cache(maxsize=32)
+def checksummed_columns(spec: ShardSpec) -> tuple[str, ...]:
     """Every column but the checksums, in schema order: entry i of a row's
-    checksums is the CRC-32 of its cell in column i."""
-    return [name for name in build_schema(spec).names if name != CHECKSUM_COLUMN]
+    checksums is the CRC-32 of its cell in column i. Cached: the encode threads
+    ask for every row."""
+    return tuple(name for name in build_schema(spec).names if name != CHECKSUM_COLUMN)
 
 
 def cell_checksum(cell) -> int:
@@ -122,7 +126,7 @@ def cell_checksum(cell) -> int:
     return zlib.crc32(cell)
 
 
-def row_checksums(cells: dict, columns: list[str]) -> np.ndarray:
+def row_checksums(cells: dict, columns: Sequence[str]) -> np.ndarray:
     return np.array([cell_checksum(cells[name]) for name in columns], dtype=np.uint32)
 
 
@@ -133,7 +137,7 @@ def warn_unchecked_rows(spec: ShardSpec, where: str) -> None:
                       "inside a shard is not detected (write the cache again to add them)", stacklevel=2)
 
 
-def check_row_checksums(cells: dict, columns: list[str], where: str = "") -> None:
+def check_row_checksums(cells: dict, columns: Sequence[str], where: str = "") -> None:
     """Raise naming the row and column(s) whose cells differ from the checksums
     stored with them; `cells` may hold any subset of `columns`."""
     stored = cells[CHECKSUM_COLUMN]

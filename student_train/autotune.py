@@ -153,8 +153,7 @@ def autotune(cfg: TrainConfig, seq_len: int, target_gbs: list[int], max_micro_ba
         gc.collect()
         if env.device.type == "cuda":
             torch.cuda.empty_cache()
-    best = max(results, key=lambda r: (r.candidates[0].tokens_per_s, r.max_micro_batch)) if len(results) > 1 \
-        else results[0]
+    best = max(results, key=lambda r: (r.candidates[0].tokens_per_s, r.max_micro_batch))
     best.candidates = [r.candidates[0] for r in results]
     if len(results) > 1:
         speeds = ", ".join(f"recompute {'on' if c.activation_checkpointing else 'off'}: micro batch "

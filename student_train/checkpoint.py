@@ -80,11 +80,18 @@ class Checkpointer:
         self.dir = Path(ckpt_dir)
         self.keep = keep
         self.env = env
+        # Frozen weights never change within a run: fingerprinted once (a collective when sharded).
+        self._frozen_prints: dict[str, list[float]] | None = None
         if env.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             for stale in self.dir.glob(f"{TMP_PREFIX}step-*"):  # left by a run killed mid-save
                 shutil.rmtree(stale, ignore_errors=True)
         barrier()
+
+    def frozen_prints(self, model: nn.Module) -> dict[str, list[float]]:
+        if self._frozen_prints is None:
+            self._frozen_prints = frozen_fingerprint(model)
+        return self._frozen_prints
 
     def save(self, step: int, model: nn.Module, optimizer, scheduler, loader) -> Path:
         import torch.distributed.checkpoint as dcp
@@ -99,7 +106,7 @@ class Checkpointer:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         # Frozen weights are rebuilt at start; only their fingerprint is kept (frozen_state).
         model_sd = trained_state(model_sd, frozen_names(model))
-        prints = frozen_fingerprint(model)
+        prints = self.frozen_prints(model)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
         rank_state = {"rank": self.env.rank, "loader": loader.state_dict(), "rng": rng_state()}
         atomic_write_text(tmp / rank_file(self.env.rank), json.dumps(_jsonable(rank_state)))
@@ -130,7 +137,7 @@ class Checkpointer:
         rank_path = path / rank_file(self.env.rank)
         if not rank_path.is_file():
             raise ValueError(f"{rank_path}: missing (checkpoint incomplete for rank {self.env.rank})")
-        check_fingerprint(path, model)
+        check_fingerprint(path, self.frozen_prints(model))
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": trained_state(model_sd, frozen_names(model)), "optim": optim_sd}
         load_checkpoint_state(state, path, no_dist=not dist.is_initialized())

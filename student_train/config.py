@@ -73,7 +73,7 @@ class DataConfig:
     length_window: int = 64  # rows sorted by length inside windows of this many micro batches
     max_samples: int = 0  # 0: every row
     verify_content: bool = True
-    pad_to_multiple: int = 1  # pad micro batches to a multiple of this many tokens (compiled steps: 128)
+    pad_to_multiple: int = 1  # pad micro batches to a multiple of this many tokens (compiled steps: 256)
 
 
 @dataclass

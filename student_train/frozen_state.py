@@ -12,7 +12,6 @@ training on weights the checkpoint never saw.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -44,16 +43,9 @@ def frozen_fingerprint(model: nn.Module) -> dict[str, list[float]]:
     return prints
 
 
-def write_fingerprint(path: Path, model: nn.Module) -> dict:
-    from common.atomic import atomic_write_text
-
-    prints = frozen_fingerprint(model)
-    atomic_write_text(Path(path) / FROZEN_FILE, json.dumps(prints))
-    return prints
-
-
-def check_fingerprint(path: Path, model: nn.Module) -> None:
-    """ValueError naming the first frozen tensor that is not what the checkpoint trained against."""
+def check_fingerprint(path: Path, now: dict[str, list[float]]) -> None:
+    """ValueError naming the first frozen tensor whose fingerprint `now` (`frozen_fingerprint`) is not
+    the one the checkpoint trained against."""
     file = Path(path) / FROZEN_FILE
     if not file.is_file():
         raise ValueError(f"{file}: missing (a checkpoint stores the fingerprint of the frozen weights)")
@@ -62,7 +54,6 @@ def check_fingerprint(path: Path, model: nn.Module) -> None:
         assert isinstance(saved, dict)
     except (ValueError, AssertionError):
         raise ValueError(f"{file}: not a frozen-weights fingerprint") from None
-    now = frozen_fingerprint(model)
     if set(saved) != set(now):
         extra = sorted(set(saved) ^ set(now))[:3]
         raise ValueError(f"{file}: the frozen parameters differ from this run's (e.g. {extra}); "
@@ -74,4 +65,3 @@ def check_fingerprint(path: Path, model: nn.Module) -> None:
             raise ValueError(f"{file}: frozen weight {name} differs from the one this checkpoint trained with "
                              f"(norm {now_norm:.6g} vs {norm:.6g}): student.path, student.init_config or seed "
                              "changed since")
-        assert math.isfinite(now_norm), name

@@ -21,7 +21,6 @@ import torch.nn as nn
 from torch.profiler import record_function
 
 from common.causal_lm import TORCH_DTYPES, capture_block_outputs, decoder_layers
-from common.model_files import require_safetensors
 from common.spec import ShardSpec
 from common.targets import target_kind
 from student_train.batch import StudentBatch
@@ -68,14 +67,13 @@ def load_student(cfg: StudentConfig, seed: int = 0, device: torch.device | str =
                                             trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ValueError(f"{key} {source}: not a model config ({str(exc).splitlines()[0]})") from exc
-    if cfg.path is not None:
-        require_safetensors(cfg.path, "student.path")  # a clear error before anything is built
-        weight_files = safetensors_files(Path(cfg.path))
+    # A clear error before anything is built.
+    weight_files = safetensors_files(Path(cfg.path)) if cfg.path is not None else []
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, **kwargs)
-    if cfg.path is not None:
-        missing = untied_missing(model, load_safetensors_into(model, Path(cfg.path)))
+    if weight_files:
+        missing = untied_missing(model, load_safetensors_into(model, weight_files))
         if missing:
             raise ValueError(f"student.path {cfg.path}: {weight_files[0].name} and its siblings lack "
                              f"{len(missing)} of the model's tensors, e.g. {missing[:3]}")

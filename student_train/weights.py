@@ -16,13 +16,16 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from common.model_files import require_safetensors
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-UNSAFE_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
 
 
-def safetensors_files(model_dir: Path) -> list[Path]:
-    """The checkpoint's safetensors files; ValueError naming the directory when there are none."""
+def safetensors_files(model_dir: Path, what: str = "student.path") -> list[Path]:
+    """The checkpoint's safetensors files; ValueError naming the directory (and any pickle weight
+    files it holds instead) when there are none."""
     model_dir = Path(model_dir)
+    require_safetensors(model_dir, what)
     index = model_dir / SAFETENSORS_INDEX
     if index.is_file():
         try:
@@ -39,15 +42,13 @@ def safetensors_files(model_dir: Path) -> list[Path]:
         return files
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
-        unsafe = [name for name in UNSAFE_WEIGHT_FILES if (model_dir / name).exists()]
-        hint = (f" ({unsafe[0]} is a pickle-based format, which is not loaded; convert it to safetensors)"
-                if unsafe else "")
-        raise ValueError(f"{model_dir}: no *.safetensors weights{hint}")
+        raise ValueError(f"{what} {model_dir}: no *.safetensors weights")
     return files
 
 
-def load_safetensors_into(model: nn.Module, model_dir: Path) -> list[str]:
-    """Copies every tensor of the checkpoint into `model`'s same-named parameter or buffer, on its device.
+def load_safetensors_into(model: nn.Module, files: list[Path]) -> list[str]:
+    """Copies every tensor of the files (`safetensors_files`) into `model`'s same-named parameter or
+    buffer, on its device.
 
     Returns the model's keys the files did not hold (tied weights are fine); raises
     ValueError when the files hold a key the model lacks or a tensor of another shape,
@@ -56,9 +57,9 @@ def load_safetensors_into(model: nn.Module, model_dir: Path) -> list[str]:
     from safetensors import safe_open
 
     targets = dict(model.state_dict(keep_vars=True))
+    device = next(iter(targets.values())).device
     loaded: set[str] = set()
-    for path in safetensors_files(model_dir):
-        device = next(iter(targets.values())).device
+    for path in files:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             for key in f.keys():
                 if key not in targets:
@@ -77,5 +78,6 @@ def load_safetensors_into(model: nn.Module, model_dir: Path) -> list[str]:
 def untied_missing(model: nn.Module, missing: list[str]) -> list[str]:
     """Of `missing`, the keys that are not the same tensor as a loaded one (tied lm_head / embeddings)."""
     state = model.state_dict(keep_vars=True)
-    loaded_ptrs = {t.data_ptr() for k, t in state.items() if k not in set(missing) and t.numel()}
+    missing_set = set(missing)
+    loaded_ptrs = {t.data_ptr() for k, t in state.items() if k not in missing_set and t.numel()}
     return [k for k in missing if state[k].numel() and state[k].data_ptr() not in loaded_ptrs]

@@ -9,6 +9,8 @@ Shape suffixes as in student_train/losses/__init__.py; R is the valid (unmasked)
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -178,14 +180,9 @@ def _chunk_loss_and_grad(logits_mm_CV, labels_C, targets, divergence, temperatur
     return ce_C, kl_C, agree_C, grad_CV
 
 
-_COMPILED_CHUNK = None
-
-
+@functools.cache
 def _compiled_chunk_loss_and_grad():
     """_chunk_loss_and_grad under torch.compile, built once per process: the dozen passes over a
     [chunk, V] float32 buffer become a few fused kernels. Chunk lengths vary (the last chunk of a
     micro batch), so the chunk dimension is dynamic."""
-    global _COMPILED_CHUNK
-    if _COMPILED_CHUNK is None:
-        _COMPILED_CHUNK = torch.compile(_chunk_loss_and_grad, dynamic=True)
-    return _COMPILED_CHUNK
+    return torch.compile(_chunk_loss_and_grad, dynamic=True)
