@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 from bench import rehearsal_report  # noqa: E402
 from bench.watched_run import Watched, run_watched  # noqa: E402
 from demo.quickstart import Stages  # noqa: E402
+from student_train.checkpoint import complete_checkpoints  # noqa: E402
 
 STAGES = ("prepare", "cache", "cache_1gpu", "autotune", "train_a", "train_b", "train_c", "train_1gpu", "export")
 TRAIN_STAGES = ("train_a", "train_b", "train_c", "train_1gpu")
@@ -316,7 +317,7 @@ def stage_train_c(ctx: Context) -> dict:
     fresh_run(ctx, "c")
     checkpoints = ctx.run_dir("c") / "checkpoints"
     killed = run_train(ctx, "train_c_killed", "c", s.world, s.steps, check=False, export=False,
-                       kill_when=lambda: any(checkpoints.glob("step-*/COMPLETE")))
+                       kill_when=lambda: bool(complete_checkpoints(checkpoints)))
     if killed.killed_at_s is None:
         raise RuntimeError(f"run C ended (exit {killed.returncode}) before a complete checkpoint was seen; "
                            f"raise --steps or lower --checkpoint-every:\n{killed.tail()}")

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from bench.phase1_plan import Assumptions, Measured, format_plan
 from bench.watched_run import Watched
+from student_train.checkpoint import complete_checkpoints, latest_checkpoint
 
 WARMUP_STEPS = 2
 CACHE_WROTE = re.compile(r"wrote (\d+) shard\(s\), ([\d,]+) rows, ([\d,]+) tokens, ([\d.]+) GB")
@@ -108,16 +109,11 @@ def read_log(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    complete = sorted(p.parent for p in (run_dir / "checkpoints").glob("step-*/COMPLETE"))
-    return complete[-1] if complete else None
-
-
 def kill_snapshot(run_dir: Path, watched: Watched) -> dict:
     """What a killed run left: its complete checkpoints and how far its log got."""
     steps = [r["step"] for r in read_log(run_dir) if r["kind"] == "train"]
     return {"killed_at_s": watched.killed_at_s, "returncode": watched.returncode,
-            "checkpoints": sorted(p.parent.name for p in (run_dir / "checkpoints").glob("step-*/COMPLETE")),
+            "checkpoints": [path.name for _, path in complete_checkpoints(run_dir / "checkpoints")],
             "last_step_logged": max(steps, default=0)}
 
 
@@ -131,7 +127,7 @@ def train_figures(run_dir: Path, runs: list[Watched]) -> dict:
     first_step = runs[0].first("train step")
     started = runs[0].first("world size")
     world = WORLD.search(started[1]) if started else None
-    checkpoint = latest_checkpoint(run_dir)
+    checkpoint = latest_checkpoint(run_dir / "checkpoints")
     lines = [line for run in runs for _, line in run.lines]
     export_gap = runs[-1].gap_before("exported HF model")
     return {

@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 from bench.gpt_oss_shape import gpt_oss_config  # noqa: E402
 from common.causal_lm import IGNORE_INDEX  # noqa: E402
 from common.manifest import CacheManifest, refresh_manifest  # noqa: E402
+from common.parent_death import die_with_parent, dies_with_this_process  # noqa: E402
 from common.shard_format import TeacherRow  # noqa: E402
 from common.shard_writer import ShardWriter  # noqa: E402
 from common.spec import HiddenSpec, ShardSpec, TargetSpec, hidden_positions  # noqa: E402
@@ -49,8 +50,8 @@ K = 64
 
 
 def synthetic_row(row_id: int, length: int, spec: ShardSpec, rng: np.random.Generator) -> TeacherRow:
-    vocab, width = spec.vocab_size, spec.hidden.hidden_size
     """Peaked top-64 targets with distinct ascending ids, exact-looking lse, fp8-able hidden states."""
+    vocab, width = spec.vocab_size, spec.hidden.hidden_size
     positions = length - 1
     gaps = rng.integers(1, 2 * vocab // K - 1, size=(positions, K))
     ids_PK = np.minimum(np.cumsum(gaps, axis=1), vocab - 1)
@@ -69,8 +70,9 @@ def synthetic_row(row_id: int, length: int, spec: ShardSpec, rng: np.random.Gene
                       topk_logits_PK=logits_PK, lse_PT=lse_PT, hidden=hidden, hidden_positions_H=keep)
 
 
-def write_cache(out: Path, rows: int, seq_len: int, hidden_layers: tuple[int, ...], vocab: int,
-                width: int) -> ShardSpec:
+def write_cache(out: Path, rows: int, seq_len: int, hidden_layers: tuple[int, ...], vocab: int = 201_088,
+                width: int = 2880) -> ShardSpec:
+    """A synthetic top-64 cache with fp8 hidden layers (default: the GPT-OSS-20B vocabulary and width)."""
     spec = ShardSpec(vocab_size=vocab, targets=TargetSpec(mode="topk", k=K, temperatures=(1.0, 2.0)),
                      hidden=HiddenSpec(layers=hidden_layers, dtype="fp8", token_fraction=1.0, hidden_size=width))
     out.mkdir(parents=True, exist_ok=True)
@@ -168,14 +170,14 @@ def common_overrides(args, cache: Path, student: Path, ckpt: Path, teacher_layer
     ] + ([f"student.experts_implementation={args.experts}"] if args.experts else [])
 
 
-def run_variant(name: str, overrides: list[str], args, on_gpu: bool) -> dict:
+def run_variant(name: str, base: list[str], sets: list[str], args, on_gpu: bool) -> dict:
     from student_train.config import load_config
     from student_train.loader import CacheLoader
     from student_train.metrics import mfu, peak_memory_gib
     from student_train.trainer import Trainer
 
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
-    cfg = load_config(ROOT / "configs" / "phase1_gptoss20b_smoke.yaml", overrides)
+    cfg = load_config(ROOT / "configs" / "phase1_gptoss20b_smoke.yaml", base + sets)
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -205,7 +207,7 @@ def run_variant(name: str, overrides: list[str], args, on_gpu: bool) -> dict:
         sync()
         first_step_s = time.perf_counter() - t0
         synthetic_tps = timed_steps(lambda: fixed, args.steps)
-        result = {"variant": name, "overrides": overrides[len(common_overrides(args, Path(), Path(), Path(), (1, 1))):],
+        result = {"variant": name, "overrides": sets,
                   "build_s": build_s, "first_step_s": first_step_s, "tokens_per_s_per_gpu": synthetic_tps,
                   "useful_tflops_per_gpu": synthetic_tps * trainer.flops.per_token / 1e12,
                   "mfu": mfu(synthetic_tps, trainer.flops, trainer.env.device),
@@ -249,7 +251,7 @@ def run_variant(name: str, overrides: list[str], args, on_gpu: bool) -> dict:
             torch.cuda.empty_cache()
 
 
-def print_tables(results: list[dict], args, world_size: int) -> None:
+def print_tables(results: list[dict], world_size: int) -> None:
     base = results[0]["tokens_per_s_per_gpu"]
     print(f"\n| variant | GPUs | tok/s per GPU | vs {results[0]['variant']} | useful TFLOP/s per GPU | MFU | "
           "peak GiB | first step s | loader-fed / synthetic |")
@@ -337,10 +339,14 @@ def main():
             argv.append(arg)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
                str(Path(__file__).resolve()), *argv, "--work", str(work)]
-        raise SystemExit(subprocess.call(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}))
+        # The agent dies with this process and each rank with the agent (below), as `vpmoe train`'s do.
+        raise SystemExit(subprocess.call(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                         preexec_fn=dies_with_this_process()))
+    if launched:
+        die_with_parent()
 
     base = common_overrides(args, cache, student, ckpt, teacher_layers)
-    results = [run_variant(name, base + sets, args, on_gpu) for name, sets in variants]
+    results = [run_variant(name, base, sets, args, on_gpu) for name, sets in variants]
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if rank == 0:
@@ -348,7 +354,7 @@ def main():
                    "attn": args.attn, "world_size": world_size, "cache_write_s": cache_s,
                    "gpu": torch.cuda.get_device_name(0) if on_gpu else "cpu", "results": results}
         print(json.dumps(summary, indent=1))
-        print_tables(results, args, world_size)
+        print_tables(results, world_size)
         if args.json:
             Path(args.json).write_text(json.dumps(summary, indent=1))
     from student_train import parallel

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.parent_death import dies_with_this_process
+
 MEMORY_POLL_S = 0.5
 KILL_POLL_S = 0.05
 
@@ -37,9 +39,6 @@ class Watched:
     def first(self, prefix: str) -> tuple[float, str] | None:
         """The first line starting with `prefix`, with its arrival second."""
         return next(((t, line) for t, line in self.lines if line.startswith(prefix)), None)
-
-    def matching(self, prefix: str) -> list[tuple[float, str]]:
-        return [(t, line) for t, line in self.lines if line.startswith(prefix)]
 
     def gap_before(self, prefix: str) -> list[float]:
         """Seconds between each line starting with `prefix` and the line before it."""
@@ -140,22 +139,28 @@ def run_watched(command: list[str], log_path: Path, env: dict | None = None, cwd
     with open(log_path, "w") as log_file:
         log_file.write("$ " + " ".join(command) + "\n")
         started_at, start = time.time(), time.perf_counter()
+        # The command dies with this process; an error here kills its whole tree (finally, below).
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                env=env, cwd=cwd)
+                                env=env, cwd=cwd, preexec_fn=dies_with_this_process())
         watched = Watched(command, 0, started_at, 0.0)
         reader = threading.Thread(target=_read_lines, args=(proc.stdout, watched.lines, start, log_file, echo),
                                   daemon=True)
         reader.start()
         next_sample = 0.0
-        while proc.poll() is None:
-            now = time.perf_counter() - start
-            if now >= next_sample:
-                _sample_memory(watched, proc.pid, watch_device)
-                next_sample = now + MEMORY_POLL_S
-            if kill_when is not None and watched.killed_at_s is None and kill_when():
+        try:
+            while proc.poll() is None:
+                now = time.perf_counter() - start
+                if now >= next_sample:
+                    _sample_memory(watched, proc.pid, watch_device)
+                    next_sample = now + MEMORY_POLL_S
+                if kill_when is not None and watched.killed_at_s is None and kill_when():
+                    kill_tree(proc.pid)
+                    watched.killed_at_s = time.perf_counter() - start
+                time.sleep(KILL_POLL_S if kill_when is not None else 0.2)
+        finally:
+            if proc.poll() is None:  # an exception or interrupt here: nothing of the command runs on
                 kill_tree(proc.pid)
-                watched.killed_at_s = time.perf_counter() - start
-            time.sleep(KILL_POLL_S if kill_when is not None else 0.2)
+                proc.wait()
         watched.seconds = time.perf_counter() - start
         watched.returncode = proc.returncode
         reader.join(timeout=30)

@@ -249,7 +249,8 @@ def test_compiled_chunks_match_the_float64_reference_across_steps():
     from torch._dynamo.utils import counters
 
     counters.clear()
-    for kl_mode in ("tail", "renorm", "sampled"):
+    modes = ("tail", "renorm", "sampled")
+    for kl_mode in modes:
         case = make_case(seed=2, dtype=torch.float32)
         temperature = 1.0 if kl_mode == "sampled" else 2.0
         targets = with_temperature(case["targets"][kl_mode], temperature)
@@ -263,7 +264,7 @@ def test_compiled_chunks_match_the_float64_reference_across_steps():
             assert_close(g_hidden, ref_hidden, 1e-5, f"{kl_mode} hidden grad")
             assert_close(g_weight, ref_weight, 1e-5, f"{kl_mode} weight grad")
     # One graph per mode (chunk lengths are dynamic; coefficients are tensors), not one per step.
-    assert counters["stats"]["unique_graphs"] <= 6, dict(counters["stats"])
+    assert counters["stats"]["unique_graphs"] <= len(modes), dict(counters["stats"])
 
 
 @pytest.mark.parametrize("weight_grad", [False, True])

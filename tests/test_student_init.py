@@ -23,9 +23,11 @@ REPO = Path(__file__).resolve().parents[1]
 # Builds the trainer's model on each rank and writes the full state (trained shards gathered,
 # frozen tensors as each rank holds them) from every rank.
 DUMP_INITIAL = r"""
-import sys, torch
+import json, sys, torch
 from pathlib import Path
 from safetensors.torch import save_file
+from common.parent_death import die_with_parent
+die_with_parent()  # a rank never outlives torchrun's agent (a timed-out test kills the agent)
 from student_train.config import load_config
 from student_train.trainer import Trainer
 cfg = load_config(sys.argv[1])
@@ -33,7 +35,11 @@ trainer = Trainer(cfg)
 state = {}
 for name, t in trainer.model.state_dict().items():
     state[name] = (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().float().contiguous().clone()
-save_file(state, str(Path(sys.argv[2]) / f"rank{trainer.env.rank}.safetensors"))
+out = Path(sys.argv[2])
+save_file(state, str(out / f"rank{trainer.env.rank}.safetensors"))
+# How this rank holds each frozen parameter: sharded by FSDP2 (a DTensor) or whole.
+sharded = {n: hasattr(p, "full_tensor") for n, p in trainer.model.named_parameters() if not p.requires_grad}
+(out / f"frozen-rank{trainer.env.rank}.json").write_text(json.dumps(sharded))
 trainer.close()
 from student_train import parallel
 parallel.shutdown()
@@ -70,6 +76,10 @@ def dump_initial(tmp: Path, config_dir: Path, name: str, nproc: int, *sets: str)
     return [load_file(str(out / f"rank{r}.safetensors")) for r in range(nproc)]
 
 
+def frozen_sharded(tmp: Path, name: str, rank: int) -> dict[str, bool]:
+    return json.loads((tmp / f"{name}-weights" / f"frozen-rank{rank}.json").read_text())
+
+
 @pytest.mark.parametrize("frozen", ["replicate", "shard"])
 def test_one_and_two_ranks_start_from_identical_weights(init_setup, frozen):
     tmp, config_dir = init_setup
@@ -77,6 +87,10 @@ def test_one_and_two_ranks_start_from_identical_weights(init_setup, frozen):
     two = dump_initial(tmp, config_dir, f"two-{frozen}", 2, f"frozen_weights={frozen}")
     assert set(one) == set(two[0]) == set(two[1])
     assert any("experts" in k for k in one) and any("self_attn" in k for k in one)
+    # The placement asked for: frozen weights whole on every rank, or sharded by FSDP2.
+    for rank in (0, 1):
+        placements = frozen_sharded(tmp, f"two-{frozen}", rank)
+        assert placements and set(placements.values()) == {frozen == "shard"}, (rank, placements)
     for name, weight in one.items():
         assert weight.abs().sum() > 0 or "bias" in name or "sinks" in name, name  # never compare zeros only
         for rank, state in enumerate(two):
@@ -94,8 +108,10 @@ def test_checkpoint_weights_load_onto_the_device_exactly(tmp_path):
 
     reference = AutoModelForCausalLM.from_pretrained(str(saved))
     loaded = load_student(StudentConfig(path=str(saved)), seed=123, device="cpu")
-    for (name, a), (_, b) in zip(reference.state_dict().items(), loaded.state_dict().items()):
-        assert torch.equal(a, b), name
+    expected, got = reference.state_dict(), loaded.state_dict()
+    assert set(got) == set(expected) and expected
+    for name, a in expected.items():
+        assert torch.equal(got[name], a), name
 
 
 def test_pickle_weights_are_refused_with_the_file_named(tmp_path):

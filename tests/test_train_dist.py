@@ -99,6 +99,15 @@ def children_by_parent() -> dict[int, list[int]]:
     return children
 
 
+def descendants(root: int) -> list[int]:
+    children, found, todo = children_by_parent(), [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def running(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -135,8 +144,10 @@ def test_killing_the_launcher_ends_torchruns_agent_and_both_ranks(setup, tmp_pat
             time.sleep(0.1)
         assert not any(map(running, started)), [p for p in started if running(p)]
     finally:
-        for pid in started:
-            if running(pid):
-                os.kill(pid, signal.SIGKILL)
+        # Whatever failed: the launcher's whole tree (ranks run in sessions of their own) goes.
+        tree = started or descendants(launcher.pid)
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
+        for pid in tree:
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 from student_train.checkpoint import COMPLETE, Checkpointer, latest_checkpoint, load_projections, resolve_resume
 from student_train.loader import CacheLoader, LoaderConfig
@@ -100,14 +101,17 @@ def test_one_step_changes_every_trained_weight_and_no_frozen_one(one_step):
     assert any(".experts." in n for n in names) and not any(".experts." in n for n in one_step.trained)
     assert any("self_attn.sinks" in n for n in one_step.trained)
     assert any("mlp.router" in n for n in one_step.trained)
-    saved = dcp_model_state(t, Path(t.cfg.checkpoint.dir) / "step-00000001")
+    checkpoint = Path(t.cfg.checkpoint.dir) / "step-00000001"
+    saved = dcp_model_state(t, checkpoint)
+    stored = set(dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata)  # a file this test wrote
+    assert {f"model.{n}" for n in one_step.trained} <= stored
     for name, p in names.items():
         before = one_step.before[name]
         if name in one_step.trained:
             assert not torch.equal(p.detach(), before), f"trained {name} did not change"
         else:
             assert torch.equal(p.detach(), before), f"frozen {name} changed"
-            assert name not in saved, f"frozen {name} was written to the checkpoint"
+            assert f"model.{name}" not in stored, f"frozen {name} was written to the checkpoint"
             continue
         assert torch.equal(saved[name], p.detach()), f"checkpoint differs from memory at {name}"
 
