@@ -119,13 +119,15 @@ def card_rates(m: Measured, a: Assumptions) -> list[CardRates]:
         scaled = f"scaling measured on {m.scaling_gpus} GPUs" + (f", taken to hold at {gpus}"
                                                                  if m.scaling_gpus != gpus else "")
     else:
-        scaled = f"per-GPU rate on {m.scaling_gpus} GPU(s), no one-GPU run"
+        scaled = (f"per-GPU rates on {m.scaling_gpus} GPU(s) x scaling: cache {m.cache_scaling:g}, "
+                  f"train {m.train_scaling:g}")
     return [
         CardRates("H200", f"measured on {m.card} ({scaled})", cache, train),
         CardRates("H100", f"H200 x {a.h100_capture_ratio:.3f} (cache, measured on both) / x {a.h100_train_ratio:.2f} "
                           "(train, estimated from the H200 profile)", cache * a.h100_capture_ratio,
                   train * a.h100_train_ratio),
-        CardRates("B200", f"PROJECTION: H200 x {a.b200_ratio:.2f} (datasheet dense bf16 peaks)",
+        CardRates("B200", f"PROJECTION: H200 x {a.b200_ratio:.2f}" + (" (datasheet dense bf16 peaks)"
+                                                                     if a.b200_ratio == B200_FLOPS_RATIO else ""),
                   cache * a.b200_ratio, train * a.b200_ratio),
     ]
 
@@ -167,7 +169,7 @@ def format_plan(m: Measured, a: Assumptions) -> str:
               + (" (placeholders; pass --price-h100/--price-h200/--price-b200)"
                  if a.prices == PLACEHOLDER_PRICES else ""),
               (f"Optimizer steps at {m.mean_row_tokens:,.0f} tokens per row on average. "
-               "B200 rows are a projection from datasheet ratios, not a measurement.")]
+               "B200 rows are a projection, not a measurement.")]
     if "H200" not in m.card:
         lines.append(f"NOTE: measured on {m.card}, not an H200: the H200 rows (and the H100 and B200 rows "
                      "scaled from them) stand for that machine, not for the cards named.")
@@ -187,6 +189,8 @@ def main() -> None:
     ap.add_argument("--cache-tokens-per-s", type=float, help="one-GPU H200 cache rate instead of the measured one")
     ap.add_argument("--train-tokens-per-s", type=float, help="one-GPU H200 training rate instead of the measured one")
     ap.add_argument("--train-scaling", type=float, help="per-GPU training rate on N GPUs / on one, measured elsewhere")
+    ap.add_argument("--b200-ratio", type=float, default=B200_FLOPS_RATIO,
+                    help="B200 / H200 rate of both stages (default: the datasheet's dense bf16 peaks)")
     ap.add_argument("--file-bytes-per-token", type=float,
                     help="cache bytes/token of a real teacher (a dummy-weight teacher's compress unlike real ones)")
     ap.add_argument("--hidden-bytes-per-token", type=float, help="the hidden-state part of --file-bytes-per-token")
@@ -201,13 +205,13 @@ def main() -> None:
     if args.train_tokens_per_s:
         measured = replace(measured, train_tokens_per_s_one_gpu=args.train_tokens_per_s,
                            card=f"{measured.card}, train rate {args.train_tokens_per_s:,.0f} tok/s from a flag")
-    if args.train_scaling:
-        measured = replace(measured, train_scaling=args.train_scaling, scaling_measured=True)
+    if args.train_scaling:  # measured elsewhere for training only: the cache's stays as it was
+        measured = replace(measured, train_scaling=args.train_scaling, scaling_measured=False)
     if args.file_bytes_per_token:
         measured = replace(measured, file_bytes_per_token=args.file_bytes_per_token,
                            hidden_bytes_per_token=args.hidden_bytes_per_token or measured.hidden_bytes_per_token)
     prices = {card: getattr(args, f"price_{card.lower()}") for card in PLACEHOLDER_PRICES}
-    print(format_plan(measured, Assumptions(tokens=args.tokens, prices=prices)))
+    print(format_plan(measured, Assumptions(tokens=args.tokens, prices=prices, b200_ratio=args.b200_ratio)))
 
 
 if __name__ == "__main__":
