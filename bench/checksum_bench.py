@@ -48,7 +48,7 @@ def loader_pass(config: LoaderConfig) -> tuple[float, float]:
     process, so it is the figure less moved by other jobs on a shared machine."""
     with CacheLoader(config) as loader:
         start, cpu_start = time.perf_counter(), time.process_time()
-        rows = sum(int((batch.row_ids_B >= 0).sum()) for batch in loader.epoch_batches())
+        rows = sum(int((batch.row_ids_BR >= 0).sum()) for batch in loader.epoch_batches())
         return rows / (time.perf_counter() - start), (time.process_time() - cpu_start) / rows * 1e3
 
 

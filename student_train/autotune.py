@@ -112,7 +112,7 @@ def synthetic_batch(spec: ShardSpec, micro_batch: int, seq_len: int, teacher_lay
     """Every position valid and every target slot filled: the most memory a real batch can take."""
     B, L, P, V = micro_batch, seq_len, seq_len - 1, spec.vocab_size
     input_ids_BL = torch.randint(0, V, (B, L), generator=gen)
-    batch = StudentBatch(row_ids_B=torch.arange(B), input_ids_BL=input_ids_BL,
+    batch = StudentBatch(row_ids_BR=torch.arange(B)[:, None], input_ids_BL=input_ids_BL,
                          attention_mask_BL=torch.ones(B, L, dtype=torch.int64), labels_BL=input_ids_BL.clone(),
                          num_tokens=B * L)
     t = spec.targets

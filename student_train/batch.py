@@ -1,6 +1,6 @@
 """One micro batch of student inputs and teacher targets, as the loader yields it.
 
-Shape suffixes: B rows, L tokens (right-padded), P = L - 1 target positions
+Shape suffixes: B rows (batch rows; packed, each holds R cache rows), L tokens (right-padded), P = L - 1 target positions
 (position t describes token t + 1), K top-k width, T cached temperatures,
 M distinct sampled ids per position (padded to the batch's largest), D teacher
 hidden size.
@@ -21,10 +21,15 @@ PAD_TOKEN_ID = 0
 
 @dataclass
 class StudentBatch:
-    row_ids_B: torch.Tensor  # int64 source row ids; -1 for filler rows (see loader)
+    # int64 source row ids of each batch row, R = 1 unless packed (several rows back to back);
+    # -1 for filler rows (see loader) and empty slots
+    row_ids_BR: torch.Tensor
     input_ids_BL: torch.Tensor  # int64, right-padded with PAD_TOKEN_ID
     attention_mask_BL: torch.Tensor  # int64, 1 real / 0 pad
     labels_BL: torch.Tensor  # int64, IGNORE_INDEX at pads and where the source masked
+    # Packed batches only: positions restarting at 0 with each row (and the pad tail), which
+    # is how the model keeps rows apart; the model then gets no attention mask.
+    position_ids_BL: torch.Tensor | None = None
     # Teacher targets for positions 0..L-2; position t describes token t+1. Pads: ids 0 and
     # values 0 for top-k (ids stay valid for a gather), -1 ids and 0 counts for sampled.
     topk_ids_BPK: torch.Tensor | None = None  # int64
@@ -39,6 +44,12 @@ class StudentBatch:
     teacher_hidden_scale: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, L] float32
     hidden_mask_BL: torch.Tensor | None = None  # bool: teacher hidden stored here and the token is real
     num_tokens: int = 0  # real tokens in the batch (filler rows excluded)
+
+    @property
+    def row_ids_B(self) -> torch.Tensor:
+        """The source row id of each batch row (a batch that is not packed)."""
+        assert self.row_ids_BR.shape[1] == 1, "a packed batch holds several rows per batch row"
+        return self.row_ids_BR[:, 0]
 
     @property
     def batch_size(self) -> int:

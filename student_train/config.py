@@ -74,6 +74,9 @@ class DataConfig:
     max_samples: int = 0  # 0: every row
     verify_content: bool = True
     pad_to_multiple: int = 1  # pad micro batches to a multiple of this many tokens (compiled steps: 256)
+    # Pack rows back to back into batch rows of exactly seq_len tokens (train and eval): for
+    # corpora of rows shorter than seq_len (student_train/packing.py).
+    pack: bool = False
 
 
 @dataclass

@@ -27,6 +27,11 @@ runs in that many worker processes instead: they build batches in shared
 memory, and a loader thread of this process copies each into pinned memory,
 so the training loop shares its GIL with nothing but that copy.
 
+Packing (`pack`). Rows are packed once into bins of at most seq_len tokens
+(student_train/packing.py); an epoch is then a seeded permutation of the bins,
+cut into steps as above, and every micro batch is [micro_batch, seq_len] with
+position ids restarting at each row.
+
 The state is (epoch, position): the number of micro batches this rank has
 handed out, so a loader restored from it yields exactly the batches the
 original would have yielded next.
@@ -60,6 +65,7 @@ from common.shard_format import ShardFormatError, TeacherRow, read_columns, warn
 from common.shard_reader import ShardReader, check_content_hash
 from common.spec import ShardSpec
 from student_train.batch import PAD_TOKEN_ID, StudentBatch
+from student_train.packing import EMPTY, pack_rows, packed_position_ids, plan_packed_epoch
 
 _ORDER_TAG = 0x4C4F4144  # keeps the loader's random stream apart from other users of the seed
 _MAX_OPEN_SHARDS = 32  # per decode thread
@@ -84,6 +90,8 @@ class LoaderConfig:
     # Micro batches padded to a multiple of this many tokens: a compiled step then sees a few
     # shapes instead of one per length (pads are masked out of every loss).
     pad_to_multiple: int = 1
+    # Several rows back to back in each batch row of exactly seq_len tokens (student_train/packing.py).
+    pack: bool = False
 
     def __post_init__(self):
         self.hidden_layers = tuple(int(layer) for layer in self.hidden_layers)
@@ -200,9 +208,10 @@ class _BatchDecoder:
 
     def __init__(self, rows: _RowMap, spec: ShardSpec, columns: list[str], hidden_layers: tuple[int, ...],
                  verify_content: bool, verify_checksums: bool, pin_memory: bool, shared_memory: bool = False,
-                 pad_to_multiple: int = 1):
+                 pad_to_multiple: int = 1, seq_len: int = 0):
         assert not (pin_memory and shared_memory)
         self.pad_to_multiple = pad_to_multiple
+        self.seq_len = seq_len  # packed batch rows are exactly this long
         self.rows = rows
         self.spec = spec
         self.columns = columns
@@ -267,14 +276,27 @@ class _BatchDecoder:
             path = self.rows.paths[int(self.rows.shard_N[n])]
             raise RuntimeError(f"{path}: row {int(self.rows.row_id_N[n])}: {type(exc).__name__}: {exc}") from exc
 
-    def decode(self, codes_B: np.ndarray) -> StudentBatch:
-        rows_B = [int(c if c >= 0 else -c - 1) for c in codes_B]
-        rows = []
-        for n in rows_B:
-            with self._naming_row(n):
-                rows.append(self.read_row(n))
-        B = len(rows)
-        L = -(-max(r.num_tokens for r in rows) // self.pad_to_multiple) * self.pad_to_multiple
+    def decode(self, codes: np.ndarray) -> StudentBatch:
+        """codes [B] (one row per batch row; c < 0 a filler copy of row -c - 1) or, packed,
+        [B, R] (the rows of each batch row, EMPTY-padded)."""
+        packed = codes.ndim == 2
+        codes_BR = codes if packed else codes[:, None]
+        slots = []  # per batch row: (row number, filler, row)
+        for bin_R in codes_BR:
+            entries = []
+            for c in bin_R:
+                if c == EMPTY:
+                    continue
+                n = int(c if c >= 0 else -c - 1)
+                with self._naming_row(n):
+                    entries.append((n, bool(c < 0), self.read_row(n)))
+            slots.append(entries)
+        rows = [row for entries in slots for _, _, row in entries]
+        B, R = codes_BR.shape
+        if packed:
+            L = self.seq_len
+        else:
+            L = -(-max(r.num_tokens for r in rows) // self.pad_to_multiple) * self.pad_to_multiple
         P = max(L - 1, 0)
         pin, shared = self.pin_memory, self.shared_memory
 
@@ -288,10 +310,11 @@ class _BatchDecoder:
             return tensor
 
         batch = StudentBatch(
-            row_ids_B=full((B,), -1, torch.int64),
+            row_ids_BR=full((B, R), -1, torch.int64),
             input_ids_BL=full((B, L), PAD_TOKEN_ID, torch.int64),
             attention_mask_BL=full((B, L), 0, torch.int64),
             labels_BL=full((B, L), IGNORE_INDEX, torch.int64),
+            position_ids_BL=full((B, L), 0, torch.int64) if packed else None,
         )
         for name, tensor in self.spec.targets.kind.batch_fields(rows, self.spec, B, P, full).items():
             setattr(batch, name, tensor)
@@ -305,27 +328,38 @@ class _BatchDecoder:
             else:
                 batch.teacher_hidden = {layer: full((B, L, D), 0.0, torch.bfloat16) for layer in self.hidden_layers}
             batch.hidden_mask_BL = full((B, L), False, torch.bool)
-        for b, (n, code, row) in enumerate(zip(rows_B, codes_B, rows)):
-            with self._naming_row(n):
-                self._fill_row(batch, b, row, filler=code < 0)
+        for b, entries in enumerate(slots):
+            start = 0
+            for r, (n, filler, row) in enumerate(entries):
+                with self._naming_row(n):
+                    self._fill_row(batch, b, r, start, row, filler)
+                start += row.num_tokens
+            if packed:
+                _np(batch.position_ids_BL)[b] = packed_position_ids([row.num_tokens for _, _, row in entries], L)
         return batch
 
-    def _fill_row(self, batch: StudentBatch, b: int, row: TeacherRow, filler: bool) -> None:
+    def _fill_row(self, batch: StudentBatch, b: int, r: int, start: int, row: TeacherRow, filler: bool) -> None:
+        """Row `row` into batch row b from token `start` on (0 unless packed)."""
         n = row.num_tokens
-        _np(batch.input_ids_BL)[b, :n] = row.input_ids_L
-        _np(batch.attention_mask_BL)[b, :n] = 1
+        end = start + n
+        _np(batch.input_ids_BL)[b, start:end] = row.input_ids_L
+        _np(batch.attention_mask_BL)[b, start:end] = 1
         if filler:
             return  # same tokens as a real row, but nothing to learn from or count
-        _np(batch.row_ids_B)[b] = row.row_id
-        _np(batch.labels_BL)[b, :n] = row.labels_L
+        _np(batch.row_ids_BR)[b, r] = row.row_id
+        _np(batch.labels_BL)[b, start:end] = row.labels_L
+        if start > 0:
+            # A row's first token is no target of its own row, and the previous packed row's
+            # last position must not learn to predict it.
+            _np(batch.labels_BL)[b, start] = IGNORE_INDEX
         batch.num_tokens += n
-        self.spec.targets.kind.fill_row(batch, b, row)
+        self.spec.targets.kind.fill_row(batch, b, row, start)
         if self.hidden_layers:
             positions_H = row.hidden_positions_H
             if not self.spec.hidden.subset:
-                where = slice(0, n)  # every position is stored: a plain copy, no scatter
+                where = slice(start, end)  # every position is stored: a plain copy, no scatter
             else:
-                where = positions_H.astype(np.int64)
+                where = start + positions_H.astype(np.int64)
             for layer in self.hidden_layers:
                 # fp8 bytes straight from the shard's buffer, or bf16 bits
                 _np(batch.teacher_hidden[layer])[b, where] = _np(row.hidden[layer])
@@ -417,19 +451,23 @@ class CacheLoader:
             raise
         num_rows = len(rows.length_N) if config.max_samples is None else min(config.max_samples, len(rows.length_N))
         self._lengths_N = rows.length_N[:num_rows]
-        rows_per_step = world_size * config.micro_batch
-        self.batches_per_epoch = (num_rows // rows_per_step if not config.ordered
-                                  else -(-num_rows // rows_per_step))
+        # Packed, the units of an epoch are bins of rows, made once (student_train/packing.py).
+        self._bins_GR = (pack_rows(self._lengths_N, config.seq_len, config.seed, shuffle=not config.ordered)
+                         if config.pack else None)
+        units = num_rows if self._bins_GR is None else len(self._bins_GR)
+        per_step = world_size * config.micro_batch
+        self.batches_per_epoch = units // per_step if not config.ordered else -(-units // per_step)
         if self.batches_per_epoch == 0:
             self.close()
-            raise ValueError(f"{cache_dir}: {num_rows} rows are fewer than one step of world_size x micro_batch "
-                             f"= {rows_per_step} rows")
+            what = "rows" if self._bins_GR is None else f"packed batch rows (from {num_rows} rows)"
+            raise ValueError(f"{cache_dir}: {units} {what} are fewer than one step of world_size x micro_batch "
+                             f"= {per_step}")
         in_processes = config.decode_processes > 0
         # In decode processes batches are built in shared memory; this process pins them.
         self._decoder = _BatchDecoder(rows, self.spec, read_columns(self.spec, config.hidden_layers, config.verify_content),
                                       config.hidden_layers, config.verify_content, config.verify_checksums,
                                       pin_memory=pin and not in_processes, shared_memory=in_processes,
-                                      pad_to_multiple=config.pad_to_multiple)
+                                      pad_to_multiple=config.pad_to_multiple, seq_len=config.seq_len)
         self._pin = pin
         if in_processes:
             self._processes = ProcessPoolExecutor(config.decode_processes, mp_context=_mp_context(),
@@ -445,13 +483,19 @@ class CacheLoader:
         return len(self._lengths_N)
 
     def rank_plan(self, epoch: int) -> np.ndarray:
-        """This rank's row codes [batches_per_epoch, micro_batch] for an epoch."""
+        """This rank's row codes for an epoch: [batches_per_epoch, micro_batch], or packed
+        [batches_per_epoch, micro_batch, R]."""
         plan = self._plans.get(epoch)
         if plan is None:
             c = self.config
-            plan = plan_epoch(self._lengths_N, epoch, micro_batch=c.micro_batch, world_size=self.world_size,
-                              seed=c.seed, shuffle=not c.ordered, length_window=c.length_window)[:, self.rank]
-            assert plan.shape == (self.batches_per_epoch, c.micro_batch)
+            if self._bins_GR is None:
+                plan = plan_epoch(self._lengths_N, epoch, micro_batch=c.micro_batch, world_size=self.world_size,
+                                  seed=c.seed, shuffle=not c.ordered, length_window=c.length_window)[:, self.rank]
+            else:
+                plan = plan_packed_epoch(self._bins_GR, epoch, micro_batch=c.micro_batch,
+                                         world_size=self.world_size, seed=c.seed,
+                                         shuffle=not c.ordered)[:, self.rank]
+            assert plan.shape[:2] == (self.batches_per_epoch, c.micro_batch)
             self._plans[epoch] = plan
             if len(self._plans) > 2:
                 self._plans.popitem(last=False)
@@ -505,15 +549,20 @@ class CacheLoader:
 
     def _fingerprint(self) -> dict:
         c = self.config
-        return {"seed": c.seed, "world_size": self.world_size, "micro_batch": c.micro_batch,
-                "num_rows": self.num_rows, "ordered": c.ordered, "length_window": c.length_window}
+        fingerprint = {"seed": c.seed, "world_size": self.world_size, "micro_batch": c.micro_batch,
+                       "num_rows": self.num_rows, "ordered": c.ordered, "length_window": c.length_window}
+        if c.pack:  # only when on, so states saved before packing existed still load
+            fingerprint.update(pack=True, seq_len=c.seq_len)
+        return fingerprint
 
     def state_dict(self) -> dict:
         return {"epoch": self._epoch, "position": self._position, **self._fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
-        for key, value in self._fingerprint().items():
-            if state.get(key) != value:
+        fingerprint = self._fingerprint()
+        for key in [*fingerprint, *(k for k in ("pack", "seq_len") if k in state and k not in fingerprint)]:
+            value = fingerprint.get(key, False if key == "pack" else None)
+            if state.get(key, False if key == "pack" else None) != value:
                 raise ValueError(f"loader state key {key!r} is {state.get(key)!r}, this loader has {value!r}")
         epoch, position = state.get("epoch"), state.get("position")
         if not (isinstance(epoch, int) and epoch >= 0 and isinstance(position, int)

@@ -25,6 +25,7 @@ from common.spec import ShardSpec
 from common.targets import target_kind
 from student_train.batch import StudentBatch
 from student_train.config import StudentConfig
+from student_train.packing import packed_inputs
 from student_train.weights import load_safetensors_into, safetensors_files, untied_missing
 from student_train.losses import (
     LossConfig,
@@ -205,8 +206,11 @@ class DistillModel(nn.Module):
         self._captured.clear()
         backbone = self.student.get_decoder()
         with record_function("vpmoe.backbone"):  # ranges the profile of bench/train_bench.py reports
-            hidden_BLD = backbone(input_ids=batch.input_ids_BL, attention_mask=batch.attention_mask_BL,
-                                  use_cache=False).last_hidden_state
+            if batch.position_ids_BL is None:
+                inputs = dict(attention_mask=batch.attention_mask_BL)
+            else:  # packed: restarting positions keep the rows apart (student_train/packing.py)
+                inputs = packed_inputs(self.student, batch.position_ids_BL)
+            hidden_BLD = backbone(input_ids=batch.input_ids_BL, use_cache=False, **inputs).last_hidden_state
         b, length, width = hidden_BLD.shape
         # Student position t predicts token t+1: drop the last position, shift labels left.
         hidden_ND = hidden_BLD[:, :-1].reshape(-1, width)

@@ -40,6 +40,7 @@ from student_train.model import (
     select_trainable,
 )
 from student_train.optim import build_optimizer, build_scheduler
+from student_train.packing import check_packed_attention
 from student_train.parallel import DistEnv, ParallelConfig, all_reduce_sum, print0
 
 
@@ -71,7 +72,7 @@ def loader_config(cfg: TrainConfig, cache_dir: str, for_eval: bool, hidden_layer
         decode_processes=0 if for_eval else d.decode_processes,
         length_window=d.length_window,
         max_samples=(cfg.eval.samples or None) if for_eval else (d.max_samples or None),
-        verify_content=d.verify_content, pad_to_multiple=d.pad_to_multiple)
+        verify_content=d.verify_content, pad_to_multiple=d.pad_to_multiple, pack=d.pack)
 
 
 def build_student(cfg: TrainConfig, env: DistEnv):
@@ -128,6 +129,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
 
         student, self.param_counts = build_student(cfg, env)
+        if cfg.data.pack:
+            check_packed_attention(student, env.device)
         vocab = student.get_output_embeddings().weight.shape[0]
         num_layers = len(decoder_layers(student))
 

@@ -45,7 +45,7 @@ def padded_batch(gen, lengths=(9, 12), k=8, teacher_width=24, teacher_layer=2, d
     hidden_mask = mask.bool().clone()
     hidden_mask[drop_hidden_at] = False
     return StudentBatch(
-        row_ids_B=torch.arange(B), input_ids_BL=input_ids, attention_mask_BL=mask, labels_BL=labels,
+        row_ids_BR=torch.arange(B)[:, None], input_ids_BL=input_ids, attention_mask_BL=mask, labels_BL=labels,
         topk_ids_BPK=ids, topk_logits_BPK=teacher_logits.gather(-1, ids),
         lse_BPT=torch.stack([torch.logsumexp(teacher_logits / t, -1) for t in TEMPERATURES], -1),
         teacher_hidden={teacher_layer: torch.randn(B, L, teacher_width, generator=gen, dtype=torch.float64)},

@@ -86,8 +86,9 @@ class TargetKind:
         """The batch's target tensors, filled with padding: {StudentBatch field: tensor}."""
         raise NotImplementedError
 
-    def fill_row(self, batch, b: int, row: "TeacherRow") -> None:
-        """Copies one row's targets into batch row b, through numpy views (the decode
+    def fill_row(self, batch, b: int, row: "TeacherRow", start: int = 0) -> None:
+        """Copies one row's targets into batch row b from position `start` on (packed
+        batches hold several rows), through numpy views (the decode
         threads' copies then run without the GIL; see student_train/loader.py)."""
         raise NotImplementedError
 

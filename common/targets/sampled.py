@@ -131,11 +131,11 @@ class SampledKind(TargetKind):
         return {"sample_ids_BPM": full((B, P, M), -1, torch.int64),
                 "sample_counts_BPM": full((B, P, M), 0, torch.int64)}
 
-    def fill_row(self, batch, b, row) -> None:
+    def fill_row(self, batch, b, row, start: int = 0) -> None:
         # flattened (position, distinct id) entries -> [P, M] slots
         sizes_P = row.sample_sizes_P
         starts_P = np.cumsum(sizes_P) - sizes_P
-        pos_S = np.repeat(np.arange(row.num_positions), sizes_P)
+        pos_S = start + np.repeat(np.arange(row.num_positions), sizes_P)
         slot_S = np.arange(int(sizes_P.sum())) - np.repeat(starts_P, sizes_P)
         batch.sample_ids_BPM.numpy()[b, pos_S, slot_S] = row.sample_ids_S
         batch.sample_counts_BPM.numpy()[b, pos_S, slot_S] = row.sample_counts_S

@@ -161,11 +161,11 @@ class TopkKind(TargetKind):
                 "topk_logits_BPK": full((B, P, k), 0.0, torch.float32),
                 "lse_BPT": full((B, P, num_temps), 0.0, torch.float32)}
 
-    def fill_row(self, batch, b, row) -> None:
-        p = row.num_positions
-        batch.topk_ids_BPK.numpy()[b, :p] = row.topk_ids_PK
-        batch.topk_logits_BPK.numpy()[b, :p] = row.topk_logits_PK
-        batch.lse_BPT.numpy()[b, :p] = row.lse_PT
+    def fill_row(self, batch, b, row, start: int = 0) -> None:
+        where = slice(start, start + row.num_positions)
+        batch.topk_ids_BPK.numpy()[b, where] = row.topk_ids_PK
+        batch.topk_logits_BPK.numpy()[b, where] = row.topk_logits_PK
+        batch.lse_BPT.numpy()[b, where] = row.lse_PT
 
     def loss_targets(self, batch, n, layout) -> "TopkTargets | None":
         if batch.topk_ids_BPK is None:
