@@ -242,6 +242,16 @@ def flags(cls, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def leaf_keys(cls, prefix: str = "") -> list[str]:
+    """Every dotted key of `cls` that holds a value (not a section)."""
+    out = []
+    for key, f in config_fields(cls).items():
+        full = f"{prefix}.{key}" if prefix else key
+        hint = typing.get_type_hints(cls)[f.name]
+        out.extend(leaf_keys(hint, full) if dataclasses.is_dataclass(hint) else [full])
+    return out
+
+
 def view_of(cls, name: str, keys: dict[str, str], build_name: str):
     """A dataclass with `cls`'s fields under other YAML-friendly keys (`keys`: field -> key) and
     lists for tuples, whose `build_name` method makes the `cls` (which checks the values).
