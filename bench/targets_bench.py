@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 from common.spec import TargetSpec  # noqa: E402
 from teacher_cache import fused_selection, targets  # noqa: E402
-from teacher_cache.targets import _lse, block_max_topk, compute_targets, topk_block  # noqa: E402
+from teacher_cache.targets import (DEFAULT_TOPK_BLOCK, SelectionConfig, _lse, block_max_topk,  # noqa: E402
+                                    compute_targets)
 
 
 def float32_route(hidden_nD, weight_VD, spec: TargetSpec):
@@ -76,19 +77,15 @@ def main() -> int:
     assert lse_err < 1e-3, lse_err
 
     def unfused():
-        os.environ["VPMOE_FUSED_TARGETS"] = "0"
-        try:
-            return compute_targets(hidden_nD, logits_fn, spec, chunk_size=args.chunk)
-        finally:
-            del os.environ["VPMOE_FUSED_TARGETS"]
+        return compute_targets(hidden_nD, logits_fn, spec, chunk_size=args.chunk, config=SelectionConfig(fused=False))
 
     fused = "fused lse + block maxima (Triton), " if fused_selection.available() else ""
-    product = f"product: {fused}block-max top-k ({topk_block()})"
+    product = f"product: {fused}block-max top-k ({DEFAULT_TOPK_BLOCK})"
     rows = {"lm_head matmul only": timed(lambda: logits_fn(hidden_nD), args.repeats),
             "float32 copy + topk + logsumexp per T": timed(lambda: float32_route(hidden_nD, weight_VD, spec),
                                                            args.repeats),
             product: timed(lambda: compute_targets(hidden_nD, logits_fn, spec, chunk_size=args.chunk), args.repeats),
-            f"separate passes: block-max top-k ({topk_block()}) + compiled lse": timed(unfused, args.repeats)}
+            f"separate passes: block-max top-k ({DEFAULT_TOPK_BLOCK}) + compiled lse": timed(unfused, args.repeats)}
     logits_nV = logits_fn(hidden_nD)
     rows["top-k alone, one pass"] = timed(lambda: logits_nV.topk(spec.k, dim=-1), args.repeats)
     for block in (int(b) for b in args.blocks.split(",")):
@@ -100,7 +97,7 @@ def main() -> int:
     rows["log-sum-exps alone (compiled)"] = timed(lambda: _lse(logits_nV, inv_temps), args.repeats)
     if fused_selection.available():
         rows["log-sum-exps + block maxima alone (fused, one read)"] = timed(
-            lambda: fused_selection.lse_and_block_max(logits_nV, inv_temps, topk_block()), args.repeats)
+            lambda: fused_selection.lse_and_block_max(logits_nV, inv_temps, DEFAULT_TOPK_BLOCK), args.repeats)
     del logits_nV
     base = rows["lm_head matmul only"]
     lines = [f"| route ({args.chunk} positions, V={args.vocab:,}) | ms | ms beyond the matmul | positions/s |",

@@ -70,6 +70,10 @@ class CacheManifest:
     source: dict = field(default_factory=dict)  # path, split, num_rows, has_labels, fingerprint
     work: dict = field(default_factory=dict)  # rows_per_shard, num_rows, num_shards
     shards: list[ShardEntry] = field(default_factory=list)
+    # The resolved settings of the run that last wrote the header (`cache-teacher`'s config, as
+    # `--config` reads it). A record for people: never compared on resume or merge, and absent
+    # ({}) in caches written before it existed.
+    config: dict = field(default_factory=dict)
 
     @property
     def format_version(self) -> int:
@@ -96,6 +100,8 @@ class CacheManifest:
             },
             "shards": [asdict(s) for s in sorted(self.shards, key=lambda s: s.index)],
         }
+        if self.config:
+            d["config"] = self.config
         return json.dumps(d, indent=1, sort_keys=True)
 
     @classmethod
@@ -116,6 +122,7 @@ class CacheManifest:
         try:
             check_json(d["spec"], ShardSpec, "spec")
             check_json(d["shards"], list[dict], "shards")
+            check_json(d.get("config", {}), dict, "config")
             for section, keys in SECTION_KEYS.items():
                 if section in d:
                     check_known_keys(d[section], keys, section)
@@ -129,7 +136,7 @@ class CacheManifest:
             raise ShardFormatError(f"{where}: format version {version} but spec.format_version {spec.format_version}")
         shards = [ShardEntry.from_dict(s, f"{where} shards[{i}]") for i, s in enumerate(d["shards"])]
         return cls(spec=spec, teacher=d.get("teacher", {}), tokenizer=d.get("tokenizer", {}),
-                   source=d.get("source", {}), work=d.get("work", {}), shards=shards)
+                   source=d.get("source", {}), work=d.get("work", {}), shards=shards, config=d.get("config", {}))
 
     @property
     def total_tokens(self) -> int:
@@ -197,7 +204,8 @@ def refresh_manifest(cache_dir: Path, header: CacheManifest) -> CacheManifest:
     cache_dir = Path(cache_dir)
     with file_lock(cache_dir / LOCK_NAME):
         manifest = CacheManifest(spec=header.spec, teacher=header.teacher, tokenizer=header.tokenizer,
-                                 source=header.source, work=header.work, shards=read_sidecars(cache_dir))
+                                 source=header.source, work=header.work, shards=read_sidecars(cache_dir),
+                                 config=header.config)
         write_manifest(cache_dir, manifest)
     return manifest
 

@@ -1,27 +1,23 @@
 """`vpmoe train` configuration: typed dataclasses loaded from YAML, with
-`--set section.key=value` overrides.
+`--set section.key=value` overrides (common.config_file).
 
-Every key is checked against the dataclasses: an unknown key, or a value of the
-wrong type, is a one-line ValueError that names the key (and the closest known
-key). Values are converted to the declared type, so `--set optim.lr=3e-4` (a
-string to YAML 1.1) still becomes a float.
+The components own their settings: `data` is the loader's `LoaderSettings`
+plus what only training reads, and `loss` is the loss's `LossConfig` under
+the YAML's shorter keys; each key is declared and checked once, there.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
+from common import config_file
 from common.causal_lm import TORCH_DTYPES
 from common.paths import is_within, overlap, overlap_error
-from student_train.losses import LossConfig, divergence_names
+from student_train.loader import LoaderSettings
+from student_train.losses import LossConfig
 
 DTYPES = tuple(TORCH_DTYPES)
 OPTIMIZERS = ("adamw", "muon")
@@ -52,50 +48,31 @@ class StudentConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(LoaderSettings):
+    """The loader's settings (student_train/loader.py) and the caches and batch sizes of a run."""
+
     train_cache: str = ""
     eval_cache: str | None = None
     # An eval cache made by another teacher than the train cache is refused; true: a warning instead.
     allow_teacher_mismatch: bool = False
-    seed: int = 0
-    shuffle: bool = True
-    seq_len: int = 4096
-    micro_batch: int = 1
     global_batch: int = 0  # sequences per optimizer step over all ranks; 0: micro x world x grad_accum
     grad_accum: int = 0  # 0: global_batch / (micro_batch x world size)
-    num_threads: int = 2  # decode threads per rank
-    # > 0: the train loader decodes in this many worker processes per rank instead of num_threads
-    # threads (no decoder shares the training loop's GIL; on one H100 neither was faster, see
-    # docs/BENCHMARKS.md). Eval always decodes in threads.
-    decode_processes: int = 0
-    prefetch: int = 4
-    pin_memory: bool = True
-    length_window: int = 64  # rows sorted by length inside windows of this many micro batches
+    pin_memory: bool = True  # pinned host batches where there is a GPU
     max_samples: int = 0  # 0: every row
-    verify_content: bool = True
-    pad_to_multiple: int = 1  # pad micro batches to a multiple of this many tokens (compiled steps: 256)
-    # Pack rows back to back into batch rows of exactly seq_len tokens (train and eval): for
-    # corpora of rows shorter than seq_len (student_train/packing.py).
-    pack: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.global_batch < 0 or self.grad_accum < 0:
+            raise ValueError("global_batch: global_batch and grad_accum must be >= 0")
+        if self.max_samples < 0:
+            raise ValueError(f"max_samples: must be >= 0 (0: every row), got {self.max_samples}")
 
 
-@dataclass
-class LossSection:
-    ce: float = 1.0
-    kl: float = 0.0
-    hidden_cosine: float = 0.0
-    kl_temperature: float = 1.0
-    kl_mode: str = "tail"  # tail | renorm (top-k caches), sampled (sampled caches): student_train/losses/divergences.py
-    scale_by_t2: bool = True
-    chunk_size: int = 1024  # positions per lm_head chunk
-    compile_chunks: bool = False  # torch.compile the per-chunk loss and its gradient (GPU: fewer passes)
-    layer_pairs: list[list[int]] = field(default_factory=list)  # [[student_layer, teacher_layer], ...], 1-based
-
-    def to_loss_config(self) -> LossConfig:
-        return LossConfig(ce_weight=self.ce, kl_weight=self.kl, hidden_cosine_weight=self.hidden_cosine,
-                          kl_temperature=self.kl_temperature, kl_mode=self.kl_mode, scale_by_t2=self.scale_by_t2,
-                          chunk_size=self.chunk_size, compile_chunks=self.compile_chunks,
-                          layer_pairs=tuple(tuple(p) for p in self.layer_pairs))
+# The YAML's `loss` section: LossConfig's fields under shorter keys, lists for YAML;
+# `to_loss_config()` builds (and so checks) the LossConfig.
+LossSection = config_file.view_of(LossConfig, "LossSection",
+                                  {"ce_weight": "ce", "kl_weight": "kl", "hidden_cosine_weight": "hidden_cosine"},
+                                  "to_loss_config")
 
 
 @dataclass
@@ -181,141 +158,14 @@ class TrainConfig:
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """YAML file (or None for the defaults) + `key=value` overrides -> validated TrainConfig."""
-    raw: dict = {}
-    where = "config"
-    if path is not None:
-        path = Path(path)
-        where = str(path)
-        if not path.is_file():
-            raise ValueError(f"{path}: config file not found")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: the top level must be a mapping of sections")
-    for item in overrides:
-        apply_override(raw, item)
-    config = _build(TrainConfig, raw, "", where)
-    validate(config, where)
+    config = config_file.load(TrainConfig, path, overrides)
+    validate(config, str(path) if path is not None else "config")
     return config
 
 
 def apply_override(raw: dict, item: str) -> None:
-    """`a.b.c=value` into the raw dict; the value is parsed as YAML (`[1, 2]`, `null`, `true`)."""
-    if "=" not in item:
-        raise ValueError(f"--set {item!r}: expected key=value")
-    key, text = item.split("=", 1)
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise ValueError(f"--set {item!r}: empty key part")
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        value = text
-    if text.strip() == "":
-        value = ""
-    # The key is checked against the dataclasses here so the error says "--set".
-    cls: Any = TrainConfig
-    node = raw
-    for i, part in enumerate(parts):
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        if part not in known:
-            raise ValueError(f"--set {key}: unknown config key {'.'.join(parts[:i + 1])!r}"
-                             f"{_suggest(part, known, '.'.join(parts[:i]))}")
-        hint = typing.get_type_hints(cls)[part]
-        if i == len(parts) - 1:
-            node[part] = value
-            return
-        if not dataclasses.is_dataclass(hint):
-            raise ValueError(f"--set {key}: {'.'.join(parts[:i + 1])!r} is not a section")
-        sub = node.setdefault(part, {})
-        if not isinstance(sub, dict):
-            raise ValueError(f"--set {key}: {'.'.join(parts[:i + 1])!r} is not a mapping in the config file")
-        node, cls = sub, hint
-
-
-def _suggest(name: str, known, prefix: str) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
-    if not close:
-        return f" (known: {', '.join(sorted(known))})"
-    full = f"{prefix}.{close[0]}" if prefix else close[0]
-    return f"; did you mean {full!r}?"
-
-
-def _build(cls, raw: Any, prefix: str, where: str):
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"{where}: {prefix or 'top level'} must be a mapping, got {type(raw).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in raw.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if key not in fields:
-            raise ValueError(f"{where}: unknown config key {name!r}{_suggest(str(key), fields, prefix)}")
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value, name, where)
-        else:
-            kwargs[key] = _convert(value, hint, name, where)
-    return cls(**kwargs)
-
-
-def _convert(value: Any, hint: Any, name: str, where: str):
-    """Value from YAML -> the declared type, or a ValueError naming the key."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-
-    def bad(expected: str) -> ValueError:
-        return ValueError(f"{where}: config key {name!r} expects {expected}, got {value!r}")
-
-    if origin in (typing.Union, types.UnionType):
-        options = [a for a in args if a is not type(None)]
-        if value is None and type(None) in args:
-            return None
-        if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
-            return None
-        assert len(options) == 1, f"config field {name} has an unsupported union type"
-        return _convert(value, options[0], name, where)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad("true or false")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                as_float = float(value)
-            except ValueError:
-                raise bad("an integer") from None
-            if as_float.is_integer():
-                return int(as_float)
-        raise bad("an integer")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise bad("a number") from None
-        raise bad("a number")
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise bad("a string")
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise bad("a list")
-        return [_convert(v, args[0], f"{name}[{i}]", where) for i, v in enumerate(value)]
-    raise AssertionError(f"config field {name} has unsupported type {hint}")
+    """`a.b.c=value` into the raw dict (see common.config_file.apply_override)."""
+    config_file.apply_override(TrainConfig, raw, item)
 
 
 def validate(config: TrainConfig, where: str = "config") -> None:
@@ -335,19 +185,10 @@ def validate(config: TrainConfig, where: str = "config") -> None:
          "a dtype other than student.dtype needs device cuda (CPU matmuls need one dtype)")
     need(config.export.dtype is None or config.export.dtype in DTYPES, "export.dtype", f"must be one of {DTYPES}")
     need(bool(d.train_cache), "data.train_cache", "is required")
-    need(d.seq_len >= 2, "data.seq_len", "must be >= 2")
-    need(d.micro_batch >= 1, "data.micro_batch", "must be >= 1")
-    need(d.global_batch >= 0 and d.grad_accum >= 0, "data.global_batch", "global_batch and grad_accum must be >= 0")
-    need(d.num_threads >= 1 and d.prefetch >= 1, "data.num_threads", "num_threads and prefetch must be >= 1")
-    need(d.pad_to_multiple >= 1, "data.pad_to_multiple", "must be >= 1")
-    need(d.decode_processes >= 0, "data.decode_processes", "must be 0 (decode in threads) or a process count")
-    need(config.loss.kl_mode in divergence_names(), "loss.kl_mode", f"must be one of {divergence_names()}")
-    for i, pair in enumerate(config.loss.layer_pairs):
-        need(len(pair) == 2, f"loss.layer_pairs[{i}]", "must be [student_layer, teacher_layer]")
     try:
         config.loss.to_loss_config()
     except ValueError as exc:
-        raise ValueError(f"{where}: loss: {exc}") from None
+        raise ValueError(f"{where}: {config_file.section_error('loss', exc, LossSection)}") from None
     need(o.name in OPTIMIZERS, "optim.name", f"must be one of {OPTIMIZERS}")
     need(o.steps >= 0, "optim.steps", "must be >= 0")
     need(o.lr > 0 and 0 <= o.min_lr <= o.lr, "optim.min_lr", "need lr > 0 and 0 <= min_lr <= lr")
@@ -426,7 +267,7 @@ def grad_accum_steps(data: DataConfig, world_size: int) -> int:
 
 
 def to_dict(config: TrainConfig) -> dict:
-    return dataclasses.asdict(config)
+    return config_file.to_raw(config)
 
 
 def save_config(config: TrainConfig, path: str | Path) -> Path:

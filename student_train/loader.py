@@ -43,6 +43,7 @@ target positions, K top-k width, T temperatures, M sampled ids, D hidden size.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
 import multiprocessing
@@ -71,36 +72,57 @@ _ORDER_TAG = 0x4C4F4144  # keeps the loader's random stream apart from other use
 _MAX_OPEN_SHARDS = 32  # per decode thread
 
 
-@dataclass
-class LoaderConfig:
-    cache_dir: str
+@dataclass(kw_only=True)
+class LoaderSettings:
+    """How rows are read into micro batches; the train config's `data` section adds its caches and
+    batch sizes (student_train/config.py)."""
+
     micro_batch: int = 1
     seq_len: int = 4096  # rows longer than this: ValueError naming the shard and row id
     seed: int = 0
     shuffle: bool = True
-    hidden_layers: tuple[int, ...] = ()  # teacher layers to read (only these columns are decoded)
     num_threads: int = 2  # background decode threads
-    decode_processes: int = 0  # > 0: decode in this many worker processes instead of threads
+    # > 0: decode in this many worker processes per rank instead of num_threads threads (no decoder
+    # shares the training loop's GIL; on one H100 neither was faster, see docs/BENCHMARKS.md).
+    # Eval always decodes in threads.
+    decode_processes: int = 0
     prefetch: int = 4  # micro batches decoded ahead
-    pin_memory: bool | None = None  # default: torch.cuda.is_available()
     length_window: int = 64  # sort rows by length inside windows of this many global steps
-    max_samples: int | None = None  # eval: only the first N rows, in cache order, never shuffled
     verify_content: bool = True  # recompute each row's content hash from its input_ids
-    verify_checksums: bool = True  # compare each row's cells with their stored checksums (off: benchmarks only)
     # Micro batches padded to a multiple of this many tokens: a compiled step then sees a few
-    # shapes instead of one per length (pads are masked out of every loss).
+    # shapes instead of one per length (pads are masked out of every loss; compiled steps: 256).
     pad_to_multiple: int = 1
     # Several rows back to back in each batch row of exactly seq_len tokens (student_train/packing.py).
     pack: bool = False
 
     def __post_init__(self):
-        self.hidden_layers = tuple(int(layer) for layer in self.hidden_layers)
-        for key in ("micro_batch", "seq_len", "num_threads", "prefetch", "length_window", "pad_to_multiple"):
+        for key in ("micro_batch", "num_threads", "prefetch", "length_window", "pad_to_multiple"):
             value = getattr(self, key)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"loader {key} must be an int >= 1, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{key}: must be an int >= 1, got {value!r}")
+        # A row of one token has no next token to predict.
+        if not isinstance(self.seq_len, int) or self.seq_len < 2:
+            raise ValueError(f"seq_len: must be an int >= 2, got {self.seq_len!r}")
         if not isinstance(self.decode_processes, int) or self.decode_processes < 0:
-            raise ValueError(f"loader decode_processes must be an int >= 0, got {self.decode_processes!r}")
+            raise ValueError(f"decode_processes: must be 0 (decode in threads) or a process count, "
+                             f"got {self.decode_processes!r}")
+
+    def settings(self) -> dict:
+        """The LoaderSettings fields of this config, by name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(LoaderSettings)}
+
+
+@dataclass
+class LoaderConfig(LoaderSettings):
+    cache_dir: str
+    hidden_layers: tuple[int, ...] = ()  # teacher layers to read (only these columns are decoded)
+    pin_memory: bool | None = None  # default: torch.cuda.is_available()
+    max_samples: int | None = None  # eval: only the first N rows, in cache order, never shuffled
+    verify_checksums: bool = True  # compare each row's cells with their stored checksums (off: benchmarks only)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.hidden_layers = tuple(int(layer) for layer in self.hidden_layers)
         if self.max_samples is not None and (not isinstance(self.max_samples, int) or self.max_samples < 1):
             raise ValueError(f"loader max_samples must be an int >= 1 or None, got {self.max_samples!r}")
         if len(set(self.hidden_layers)) != len(self.hidden_layers):

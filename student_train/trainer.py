@@ -65,14 +65,12 @@ class TrainSummary:
 
 def loader_config(cfg: TrainConfig, cache_dir: str, for_eval: bool, hidden_layers: tuple[int, ...]) -> LoaderConfig:
     d = cfg.data
+    settings = d.settings()
+    if for_eval:  # eval reads the first rows in cache order, at its own micro batch, in threads
+        settings.update(micro_batch=cfg.eval.micro_batch or d.micro_batch, shuffle=False, decode_processes=0)
     return LoaderConfig(
-        cache_dir=cache_dir, micro_batch=(cfg.eval.micro_batch or d.micro_batch) if for_eval else d.micro_batch,
-        seq_len=d.seq_len, seed=d.seed, shuffle=False if for_eval else d.shuffle, hidden_layers=hidden_layers,
-        num_threads=d.num_threads, prefetch=d.prefetch, pin_memory=d.pin_memory and torch.cuda.is_available(),
-        decode_processes=0 if for_eval else d.decode_processes,
-        length_window=d.length_window,
-        max_samples=(cfg.eval.samples or None) if for_eval else (d.max_samples or None),
-        verify_content=d.verify_content, pad_to_multiple=d.pad_to_multiple, pack=d.pack)
+        cache_dir=cache_dir, hidden_layers=hidden_layers, pin_memory=d.pin_memory and torch.cuda.is_available(),
+        max_samples=(cfg.eval.samples or None) if for_eval else (d.max_samples or None), **settings)
 
 
 def build_student(cfg: TrainConfig, env: DistEnv):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol, Sequence
 
@@ -27,9 +27,10 @@ from common.codec import quantize_fp8
 from common.model_files import require_safetensors
 from common.shard_format import TeacherRow
 from common.spec import ShardSpec, hidden_positions
-from teacher_cache.targets import PositionTargets, selection
+from teacher_cache.targets import DEFAULT_CHUNK, PositionTargets, SelectionConfig, selection
 
 BACKENDS = ("hf", "vllm")
+LOAD_FORMATS = ("auto", "dummy")
 # Keys of config.json that say nothing about the model itself.
 _CONFIG_NOISE_KEYS = ("transformers_version", "_name_or_path", "torch_dtype", "dtype")
 _FINGERPRINT_BYTES = 1 << 20
@@ -60,22 +61,36 @@ class TeacherInfo:
 
 @dataclass
 class BackendOptions:
-    model: str
-    device: str = "auto"
-    dtype: str = "auto"
-    tensor_parallel_size: int = 1
-    trust_remote_code: bool = False
-    max_tokens_per_batch: int = 16384
-    logits_chunk: int = 1024
-    gpu_memory_utilization: float = 0.8
-    enforce_eager: bool = False
+    """The `teacher` section of a cache config: which model runs, where, and how."""
+
+    model: str = field(default="", metadata={"flag": "--model"})  # local HF model directory or hub id
+    backend: str = field(default="auto", metadata={"flag": "--backend"})  # vllm | hf | auto (vllm with CUDA and vllm)
+    device: str = field(default="auto", metadata={"flag": "--device"})  # auto | cpu | cuda | cuda:N
+    dtype: str = field(default="auto", metadata={"flag": "--dtype"})  # auto | bf16 | fp16 | fp32 (compute dtype)
+    trust_remote_code: bool = field(default=False, metadata={"flag": "--trust-remote-code"})
+    max_tokens_per_batch: int = field(default=16384, metadata={"flag": "--max-tokens-per-batch"})
+    logits_chunk: int = field(default=DEFAULT_CHUNK, metadata={"flag": "--logits-chunk"})  # positions per lm_head chunk
+    gpu_memory_utilization: float = field(default=0.8, metadata={"flag": "--gpu-memory-utilization"})  # vLLM
+    enforce_eager: bool = field(default=False, metadata={"flag": "--enforce-eager"})  # vLLM: no CUDA graphs or compile
     # "dummy": random weights from the config (rehearsals and benchmarks at a real model's shape
     # without its checkpoint); the manifest then records a "dummy" weights fingerprint.
-    load_format: str = "auto"
+    load_format: str = field(default="auto", metadata={"flag": "--load-format"})
+    selection: SelectionConfig = field(default_factory=SelectionConfig)  # how targets are selected on the device
     # Shard s holds rows [s * R, (s + 1) * R). The hf backend never batches rows of
     # two shards together, so a shard's bytes do not depend on which other shards a
     # run writes (resumed runs, worker partitions). None: no shard boundaries.
-    rows_per_shard: int | None = None
+    # Set by the run from its shard plan, never by a config.
+    rows_per_shard: int | None = field(default=None, metadata={"internal": True})
+
+    def __post_init__(self):
+        # Tensor parallelism has no option: run one engine per GPU (`--gpus`), which is also
+        # faster for prefill-only work.
+        for flag, value in (("--max-tokens-per-batch", self.max_tokens_per_batch),
+                            ("--logits-chunk", self.logits_chunk)):
+            if value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"--load-format {self.load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
 
 
 class TeacherBackend(Protocol):

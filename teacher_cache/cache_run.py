@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from rich.console import Console
 
@@ -31,16 +32,16 @@ from common.manifest import (LOCK_NAME, MANIFEST_NAME, SIDECAR_SUFFIX, CacheMani
                              write_sidecar)
 from common.parent_death import dies_with_this_process
 from common.paths import is_within, overlap, overlap_error
-from common.spec import HiddenSpec, ShardSpec, TargetSpec
+from common import config_file
+from common.spec import ShardSpec
+from teacher_cache import spec_config
 from teacher_cache.backend import BackendOptions, TeacherInfo, default_backend_name, make_backend, read_teacher_info
-from teacher_cache.data import SourceData, open_source
-from common.shard_writer import buffer_codec
+from teacher_cache.data import SourceConfig, SourceData, open_source
+from teacher_cache.spec_config import HiddenConfig, TargetsConfig
 from teacher_cache.pipeline import PipelineConfig, ProgressView, RunSummary, WriterPipeline
 from teacher_cache.plan import (ShardPlan, WorkerSlot, auto_rows_per_shard, estimate_storage, node_local_worker, plan_shards,
                                 resolve_worker, shards_for_worker)
 
-DEFAULT_TOP_K = 64
-LOAD_FORMATS = ("auto", "dummy")
 # Seconds between manifest rebuilds while shards are being published (and once at the end).
 MANIFEST_REFRESH_S = 30.0
 # Teacher keys that may differ between runs writing one cache: where the model lives.
@@ -50,101 +51,76 @@ _SOURCE_LOCATION_KEYS = ("path",)
 
 @dataclass
 class CacheConfig:
-    model: str
-    data: str
-    out: str
-    split: str = "train"
-    backend: str = "auto"
-    device: str = "auto"
-    dtype: str = "auto"
-    tensor_parallel_size: int = 1
-    trust_remote_code: bool = False
-    gpu_memory_utilization: float = 0.8
-    enforce_eager: bool = False
-    load_format: str = "auto"  # auto | dummy (random weights: rehearsals at a model's shape)
-    logits_chunk: int = 1024
-    top_k: int | None = None
-    temperatures: tuple[float, ...] = (1.0, 2.0)
-    sampled: int | None = None
-    seed: int = 0
-    hidden_layers: tuple[int, ...] = ()
-    hidden_dtype: str = "bf16"
-    hidden_token_fraction: float = 1.0
-    rows_per_shard: int = 0  # 0: automatic (an existing cache's own, else from the bytes per row)
-    max_tokens_per_batch: int = 16384
-    limit_rows: int | None = None
-    num_workers: int | None = None
-    worker_index: int | None = None
-    gpus: tuple[int, ...] = ()
-    dry_run: bool = False
-    overwrite: bool = False
-    gpu_hour_price: float | None = None
-    encode_threads: int = 2
-    compression: str = "zstd"
-    zstd_level: int = 3
-    show_progress: bool = True
-    quiet: bool = False
+    """`vpmoe cache-teacher`'s settings: the run's own keys and each component's section
+    (`vpmoe cache-teacher --config cache.yaml --set section.key=value`; each flag overrides
+    the key named in its field's metadata)."""
+
+    out: str = field(default="", metadata={"flag": "--out"})  # the cache directory (created, resumed or merged into)
+    seed: int = field(default=0, metadata={"flag": "--seed"})  # seed of sampled draws and hidden-position subsets
+    # Rows per shard; 0: the existing cache's, else about 512 MiB of raw cells per shard (8-256 rows).
+    rows_per_shard: int = field(default=0, metadata={"flag": "--rows-per-shard"})
+    num_workers: int | None = field(default=None, metadata={"flag": "--num-workers"})  # workers (nodes); else env
+    worker_index: int | None = field(default=None, metadata={"flag": "--worker-index"})  # this worker's; else env
+    gpus: tuple[int, ...] = field(default=(), metadata={"flag": "--gpus"})  # one worker process per GPU of this node
+    dry_run: bool = field(default=False, metadata={"flag": "--dry-run"})  # the plan and storage estimate only
+    overwrite: bool = field(default=False, metadata={"flag": "--overwrite"})  # replace a cache made otherwise
+    gpu_hour_price: float | None = field(default=None, metadata={"flag": "--gpu-hour-price"})  # for the summary
+    quiet: bool = False  # no plan or summary (the per-GPU workers)
+    teacher: BackendOptions = field(default_factory=BackendOptions)
+    data: SourceConfig = field(default_factory=SourceConfig)
+    targets: TargetsConfig = field(default_factory=TargetsConfig)
+    hidden: HiddenConfig = field(default_factory=HiddenConfig)
+    writer: PipelineConfig = field(default_factory=PipelineConfig)
 
     def __post_init__(self):
-        self.temperatures = tuple(float(t) for t in self.temperatures)
-        self.hidden_layers = tuple(int(layer) for layer in self.hidden_layers)
         self.gpus = tuple(int(g) for g in self.gpus)
-        buffer_codec(self.compression, self.zstd_level)  # ValueError naming a bad --compression
-        self.check_options()
 
-    def check_options(self) -> None:
-        """ValueError naming the flag of a setting no run can use, before any input is read."""
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"--top-k must be >= 1, got {self.top_k}")
-        if self.sampled is None:
-            if not self.temperatures:
-                raise ValueError("--temperatures needs at least one temperature for top-k targets")
-            bad = [t for t in self.temperatures if not (math.isfinite(t) and t > 0)]
-            if bad:
-                raise ValueError(f"--temperatures must be finite and > 0, got {', '.join(map(str, bad))}")
-            if len(set(self.temperatures)) != len(self.temperatures):
-                raise ValueError(f"--temperatures lists a temperature twice: {self.temperatures}")
-        for flag, value in (("--max-tokens-per-batch", self.max_tokens_per_batch),
-                            ("--logits-chunk", self.logits_chunk), ("--encode-threads", self.encode_threads),
-                            ("--tensor-parallel-size", self.tensor_parallel_size)):
-            if value < 1:
-                raise ValueError(f"{flag} must be >= 1, got {value}")
-        if self.load_format not in LOAD_FORMATS:
-            raise ValueError(f"--load-format {self.load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: Sequence[str] = (), **flags) -> "CacheConfig":
+        """A config file (or the defaults), flag values by option name (`top_k=8` for `--top-k`;
+        None: not given), then `--set` overrides."""
+        return config_file.load(cls, path, overrides, raw=flag_keys(flags))
 
-    def backend_options(self) -> BackendOptions:
-        return BackendOptions(model=self.model, device=self.device, dtype=self.dtype,
-                              tensor_parallel_size=self.tensor_parallel_size, trust_remote_code=self.trust_remote_code,
-                              max_tokens_per_batch=self.max_tokens_per_batch, logits_chunk=self.logits_chunk,
-                              gpu_memory_utilization=self.gpu_memory_utilization, enforce_eager=self.enforce_eager,
-                              load_format=self.load_format,
-                              rows_per_shard=self.rows_per_shard)
+    @classmethod
+    def from_flags(cls, **flags) -> "CacheConfig":
+        """The defaults with flag values by option name (`CacheConfig.from_flags(model=..., top_k=8)`)."""
+        return cls.load(None, (), **flags)
+
+    def to_dict(self) -> dict:
+        return config_file.to_raw(self)
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
+        return json.dumps(self.to_dict())
 
     @classmethod
     def from_json(cls, text: str) -> "CacheConfig":
-        return cls(**json.loads(text))
+        return config_file.build(cls, json.loads(text), "", "config")
+
+
+def flag_keys(values: dict) -> dict:
+    """{option name with underscores: value} -> {dotted config key: value}, for the options given
+    (not None); a name that is no flag may be a field's own key (`show_progress`)."""
+    by_flag = {flag[2:].replace("-", "_"): key for flag, key in config_file.flags(CacheConfig).items()}
+    raw = {}
+    for name, value in values.items():
+        if value is None:
+            continue
+        key = by_flag.get(name) or _leaf_key(name)
+        raw[key] = value
+    return raw
+
+
+def _leaf_key(name: str) -> str:
+    """The dotted key of the one field called `name`; ValueError if none or several."""
+    found = [key for key in config_file.leaf_keys(CacheConfig) if key.rsplit(".", 1)[-1] == name]
+    if len(found) != 1:
+        raise ValueError(f"cache config: no single key {name!r} ({', '.join(found) or 'none'})")
+    return found[0]
 
 
 def build_spec(cfg: CacheConfig, info: TeacherInfo) -> ShardSpec:
-    if cfg.top_k is not None and cfg.sampled is not None:
-        raise ValueError("choose either --top-k or --sampled, not both")
-    if cfg.sampled is not None:
-        targets = TargetSpec(mode="sampled", k=0, temperatures=(), num_samples=cfg.sampled, seed=cfg.seed)
-    else:
-        k = DEFAULT_TOP_K if cfg.top_k is None else cfg.top_k
-        targets = TargetSpec(mode="topk", k=k, temperatures=cfg.temperatures, seed=cfg.seed)
-    too_deep = [layer for layer in cfg.hidden_layers if layer > info.num_layers]
-    if too_deep:
-        raise ValueError(f"--hidden-layers {too_deep}: the teacher has {info.num_layers} layers (1-based)")
-    if len(set(cfg.hidden_layers)) != len(cfg.hidden_layers):
-        raise ValueError(f"--hidden-layers lists a layer twice: {cfg.hidden_layers}")
-    hidden = HiddenSpec(layers=tuple(sorted(cfg.hidden_layers)), dtype=cfg.hidden_dtype,
-                        token_fraction=cfg.hidden_token_fraction,
-                        hidden_size=info.hidden_size if cfg.hidden_layers else 0, seed=cfg.seed)
-    return ShardSpec(vocab_size=info.vocab_size, targets=targets, hidden=hidden)
+    return spec_config.build_spec(cfg.targets, cfg.hidden, cfg.seed, info.vocab_size, info.num_layers,
+                                  info.hidden_size)
 
 
 @dataclass
@@ -174,21 +150,22 @@ def check_out_dir(out: Path) -> None:
 
 def prepare(cfg: CacheConfig) -> Prepared:
     check_out_dir(Path(cfg.out))
-    info = read_teacher_info(cfg.model, cfg.trust_remote_code)
-    source = open_source(cfg.data, cfg.split, cfg.limit_rows)
+    info = read_teacher_info(cfg.teacher.model, cfg.teacher.trust_remote_code)
+    source = open_source(cfg.data.path, cfg.data.split, cfg.data.limit_rows)
     source.validate(info.vocab_size, info.max_context)
     spec = build_spec(cfg, info)
-    backend = default_backend_name() if cfg.backend == "auto" else cfg.backend
+    backend = default_backend_name() if cfg.teacher.backend == "auto" else cfg.teacher.backend
     rows_per_shard = resolve_rows_per_shard(cfg, spec, source)
     plan = plan_shards(source.num_rows, rows_per_shard)
     header = CacheManifest(
         spec=spec,
-        teacher={"model": cfg.model, "model_type": info.model_type, "config_hash": info.config_hash,
-                 "weights_fingerprint": "dummy" if cfg.load_format == "dummy" else info.weights_fingerprint,
-                 "backend": backend, "dtype": cfg.dtype},
+        teacher={"model": cfg.teacher.model, "model_type": info.model_type, "config_hash": info.config_hash,
+                 "weights_fingerprint": "dummy" if cfg.teacher.load_format == "dummy" else info.weights_fingerprint,
+                 "backend": backend, "dtype": cfg.teacher.dtype},
         tokenizer={"vocab_size": info.vocab_size},
         source=source.describe(),
         work={"rows_per_shard": rows_per_shard, "num_rows": source.num_rows, "num_shards": len(plan)},
+        config=dataclasses.replace(cfg, rows_per_shard=rows_per_shard).to_dict(),
     )
     return Prepared(info, source, spec, backend, plan, header)
 
@@ -303,8 +280,8 @@ def _gpus_in_use(cfg: CacheConfig) -> int:
 
     if cfg.gpus:
         return len(cfg.gpus)
-    on_gpu = torch.cuda.is_available() and not cfg.device.startswith("cpu")
-    return cfg.tensor_parallel_size if on_gpu else 0
+    on_gpu = torch.cuda.is_available() and not cfg.teacher.device.startswith("cpu")
+    return 1 if on_gpu else 0
 
 
 def _format_bytes(n: float) -> str:
@@ -330,7 +307,7 @@ def plan_report(cfg: CacheConfig, prep: Prepared, worker: WorkerSlot, workers_pe
     t = spec.targets
     targets = t.kind.describe(t)
     lines = [
-        f"teacher {cfg.model} ({prep.info.model_type}, {prep.info.num_layers} layers, hidden {prep.info.hidden_size}, "
+        f"teacher {cfg.teacher.model} ({prep.info.model_type}, {prep.info.num_layers} layers, hidden {prep.info.hidden_size}, "
         f"vocab {prep.info.vocab_size}), backend {prep.backend}",
         f"source {prep.source.path} split '{prep.source.split}': {prep.source.num_rows:,} rows, {tokens:,} tokens",
         f"targets: {targets}",
@@ -371,11 +348,11 @@ def _print(console: Console, lines: list[str]) -> None:
 def check_paths(cfg: CacheConfig) -> None:
     """The cache is written apart from what it is made from: --out neither is, holds, nor lies inside
     --data, and a local teacher directory does not lie inside --out."""
-    if overlap(cfg.out, cfg.data):
-        raise overlap_error("--out", cfg.out, "--data", cfg.data,
+    if overlap(cfg.out, cfg.data.path):
+        raise overlap_error("--out", cfg.out, "--data", cfg.data.path,
                             "the cache must be written outside the dataset, and the dataset must not lie inside it")
-    if Path(cfg.model).expanduser().exists() and is_within(cfg.model, cfg.out):
-        raise overlap_error("--model", cfg.model, "--out", cfg.out, "the teacher must not lie inside the cache")
+    if Path(cfg.teacher.model).expanduser().exists() and is_within(cfg.teacher.model, cfg.out):
+        raise overlap_error("--model", cfg.teacher.model, "--out", cfg.out, "the teacher must not lie inside the cache")
 
 
 def run_cache(cfg: CacheConfig, console: Console | None = None) -> RunSummary | None:
@@ -411,15 +388,13 @@ def _write_shards(cfg: CacheConfig, prep: Prepared, out: Path, todo: list[ShardP
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    progress = ProgressView(sum(s.num_rows for s in todo), enabled=cfg.show_progress and not cfg.quiet)
-    pipeline = WriterPipeline(out, prep.spec, PipelineConfig(encode_threads=cfg.encode_threads,
-                                                             compression=cfg.compression, zstd_level=cfg.zstd_level),
-                              progress)
+    progress = ProgressView(sum(s.num_rows for s in todo), enabled=cfg.writer.show_progress and not cfg.quiet)
+    pipeline = WriterPipeline(out, prep.spec, cfg.writer, progress)
     backend = None
     try:
-        backend = make_backend(prep.backend, prep.spec, cfg.backend_options())
+        backend = make_backend(prep.backend, prep.spec, dataclasses.replace(cfg.teacher, rows_per_shard=cfg.rows_per_shard))
         if backend.info.config_hash != prep.info.config_hash:
-            raise ValueError(f"{cfg.model}: the backend loaded a different config than was checked")
+            raise ValueError(f"{cfg.teacher.model}: the backend loaded a different config than was checked")
         # One backend run over every shard's rows: the backend never drains at a shard
         # boundary, and each shard is published by its writer thread (which calls
         # shard_done) while the backend goes on with the next ones.
@@ -470,13 +445,14 @@ def _run_gpus(cfg: CacheConfig, console: Console) -> RunSummary | None:
     start = time.monotonic()
     procs = []
     for gpu, slot in zip(cfg.gpus, slots):
-        child = dataclasses.replace(cfg, gpus=(), num_workers=slot.count, worker_index=slot.index,
-                                    show_progress=False, quiet=True, device="auto")
+        child = dataclasses.replace(cfg, gpus=(), num_workers=slot.count, worker_index=slot.index, quiet=True,
+                                    writer=dataclasses.replace(cfg.writer, show_progress=False),
+                                    teacher=dataclasses.replace(cfg.teacher, device="auto"))
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
         procs.append((gpu, subprocess.Popen([sys.executable, "-m", "teacher_cache.cache_run", child.to_json()],
                                             env=env, preexec_fn=dies_with_this_process())))
     total_rows = sum(s.num_rows for s in prep.plan if s.index in node_shards)
-    progress = ProgressView(total_rows, enabled=cfg.show_progress and not cfg.quiet, description="caching (node)")
+    progress = ProgressView(total_rows, enabled=cfg.writer.show_progress and not cfg.quiet, description="caching (node)")
     try:
         while any(p.poll() is None for _, p in procs):
             _report_sidecars(out, node_shards, progress)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -263,6 +263,15 @@ def resolve_files(path: Path, split: str) -> list[Path]:
     if split not in by_split:
         raise ValueError(f"{path}: unknown split '{split}' (splits: {', '.join(sorted(by_split))})")
     return by_split[split]
+
+
+@dataclass
+class SourceConfig:
+    """The `data` section of a cache config: which rows the teacher runs over."""
+
+    path: str = field(default="", metadata={"flag": "--data"})  # save_to_disk directory, Parquet or Arrow file(s)
+    split: str = field(default="train", metadata={"flag": "--split"})
+    limit_rows: int | None = field(default=None, metadata={"flag": "--limit-rows"})  # only the first N rows
 
 
 def open_source(path: str | Path, split: str, limit_rows: int | None = None) -> SourceData:

@@ -96,8 +96,6 @@ class HFBackend:
         (benchmarks and notebooks); loaded from `options.model` when None."""
         from transformers import AutoModelForCausalLM
 
-        if options.tensor_parallel_size != 1:
-            raise ValueError("the hf backend runs one device per process; use --gpus for one process per GPU")
         self.spec, self.options = spec, options
         self.info = read_teacher_info(options.model, options.trust_remote_code)
         bad_layers = [layer for layer in spec.hidden.layers if layer > self.info.num_layers]
@@ -174,7 +172,7 @@ class HFBackend:
         final_BLD = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         final_ND = final_BLD.reshape(-1, final_BLD.shape[-1])[target_index_N.to(self.device)]
         targets = compute_targets(final_ND, self._logits, self.spec.targets, flat_uniforms(batch, self.spec),
-                                  chunk_size=self.options.logits_chunk)
+                                  chunk_size=self.options.logits_chunk, config=self.options.selection)
         hidden_by_layer, hidden_scales = {}, {}
         if self.spec.hidden.layers:
             flat_index_H = torch.cat([torch.from_numpy(kept_positions(row, self.spec)).long() + b * max_len

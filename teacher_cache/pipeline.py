@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -36,21 +36,31 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from common.gil import shorten_switch_interval
 from common.manifest import ShardEntry
 from common.shard_format import TeacherRow, encode_row
-from common.shard_writer import DEFAULT_BATCH_ROWS, DEFAULT_ZSTD_LEVEL, ShardWriter
+from common.shard_writer import DEFAULT_BATCH_ROWS, DEFAULT_ZSTD_LEVEL, ShardWriter, buffer_codec
 from common.spec import ShardSpec
 from teacher_cache.plan import ShardPlan
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    encode_threads: int = 2
-    zstd_level: int = DEFAULT_ZSTD_LEVEL
-    compression: str = "zstd"  # zstd | lz4 | none (Arrow IPC buffer compression)
+    """The `writer` section of a cache config."""
+
+    encode_threads: int = field(default=2, metadata={"flag": "--encode-threads"})  # threads encoding rows
+    zstd_level: int = field(default=DEFAULT_ZSTD_LEVEL, metadata={"flag": "--zstd-level"})
+    # zstd | lz4 (faster writes) | none: Arrow IPC buffer compression
+    compression: str = field(default="zstd", metadata={"flag": "--compression"})
     batch_rows: int = DEFAULT_BATCH_ROWS
-    show_progress: bool = True
+    show_progress: bool = True  # a live progress bar (`--no-progress`: false)
     # Shards being written at once; opening one more waits for the oldest to be
     # published. Bounds the encoded rows held in memory and the concurrent finalising.
     max_open_shards: int = 4
+
+    def __post_init__(self):
+        buffer_codec(self.compression, self.zstd_level)  # ValueError naming a bad compression
+        for flag, value in (("--encode-threads", self.encode_threads), ("writer.batch_rows", self.batch_rows),
+                            ("writer.max_open_shards", self.max_open_shards)):
+            if value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
 
 
 @dataclass

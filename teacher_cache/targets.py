@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import functools
-import os
 import warnings
 from typing import Callable, ClassVar, Sequence
 
@@ -26,6 +25,25 @@ from common.spec import TargetSpec
 from teacher_cache import fused_selection
 
 DEFAULT_CHUNK = 1024
+DEFAULT_TOPK_BLOCK = 128
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """How the device selects top-k targets (what is stored is the TargetSpec's). Switches for
+    debugging and comparison; the CPU path is always plain `torch.topk` and the eager log-sum-exp."""
+
+    # CUDA: the log-sum-exps as one compiled kernel; false: the eager reference
+    # (a failed compile falls back to it with a warning).
+    compile: bool = True
+    # CUDA: the one-read Triton kernel (log-sum-exps and block maxima); false: separate passes.
+    fused: bool = True
+    # Entries per vocabulary block of the exact block-max top-k on CUDA; 0: one plain torch.topk.
+    topk_block: int = DEFAULT_TOPK_BLOCK
+
+    def __post_init__(self):
+        if not isinstance(self.topk_block, int) or self.topk_block < 0:
+            raise ValueError(f"topk_block: must be an int >= 0 (0: plain torch.topk), got {self.topk_block!r}")
 
 
 @dataclass
@@ -66,7 +84,6 @@ def _lse_eager(logits_nV: torch.Tensor, inv_temps: tuple[float, ...]) -> torch.T
     return torch.stack(cols, dim=-1)
 
 
-_COMPILE_ENV = "VPMOE_COMPILE_TARGETS"
 _compiled_state: bool | None = None  # None until the compiled kernel has run once
 
 
@@ -75,14 +92,14 @@ def compiled_lse() -> Callable:
     return torch.compile(_lse_eager, dynamic=True)
 
 
-def _lse(logits_nV: torch.Tensor, inv_temps: tuple[float, ...]) -> torch.Tensor:
+def _lse(logits_nV: torch.Tensor, inv_temps: tuple[float, ...], compile: bool = True) -> torch.Tensor:
     """On CUDA the log-sum-exps are one compiled kernel that reads the [n, V]
     logits in their own dtype once for all temperatures; eagerly each
     temperature would write and re-read a float32 copy of them. The eager path
     is the reference (and the CPU path, where compiling costs more than it
-    saves); VPMOE_COMPILE_TARGETS=0 forces it."""
+    saves); `compile=False` (SelectionConfig.compile) forces it."""
     global _compiled_state
-    if logits_nV.device.type != "cuda" or os.environ.get(_COMPILE_ENV, "1") == "0" or _compiled_state is False:
+    if logits_nV.device.type != "cuda" or not compile or _compiled_state is False:
         return _lse_eager(logits_nV, inv_temps)
     if _compiled_state:
         return compiled_lse()(logits_nV, inv_temps)
@@ -96,15 +113,6 @@ def _lse(logits_nV: torch.Tensor, inv_temps: tuple[float, ...]) -> torch.Tensor:
         return _lse_eager(logits_nV, inv_temps)
     _compiled_state = True
     return lse_nT
-
-
-TOPK_BLOCK_ENV = "VPMOE_TOPK_BLOCK"
-DEFAULT_TOPK_BLOCK = 128
-
-
-def topk_block() -> int:
-    """Entries per vocabulary block of the block-max top-k on CUDA (0: one plain top-k)."""
-    return int(os.environ.get(TOPK_BLOCK_ENV, DEFAULT_TOPK_BLOCK))
 
 
 def block_max_topk(logits_nV: torch.Tensor, k: int, block: int,
@@ -139,7 +147,6 @@ def block_max_topk(logits_nV: torch.Tensor, k: int, block: int,
     return top_vals_nK, cand_ids_nC.gather(1, pos_nK)
 
 
-_FUSED_ENV = "VPMOE_FUSED_TARGETS"
 CHECK_ROWS = 32
 _fused_state: bool | None = None  # None until the fused kernel's first result was checked
 
@@ -149,7 +156,7 @@ def _fused_lse_block_max(logits_nV: torch.Tensor, inv_temps: tuple[float, ...], 
     does not apply. Its first result is checked against the eager reference; a
     failure or a mismatch turns it off for the process with a warning."""
     global _fused_state
-    if (_fused_state is False or os.environ.get(_FUSED_ENV, "1") == "0" or not fused_selection.available()
+    if (_fused_state is False or not fused_selection.available()
             or block <= 0 or fused_selection.CHUNK % block or logits_nV.stride(-1) != 1):
         return None
     try:
@@ -175,16 +182,16 @@ def _fused_lse_block_max(logits_nV: torch.Tensor, inv_temps: tuple[float, ...], 
     return lse_nT, bmax_nB
 
 
-def _topk_chunk(logits_nV: torch.Tensor, spec: TargetSpec):
+def _topk_chunk(logits_nV: torch.Tensor, spec: TargetSpec, config: SelectionConfig):
     # Top-k in the logits' own dtype (bf16 from a bf16 lm_head): the values are
     # the same as in a float32 copy, and the selection reads half the bytes.
     inv_temps = tuple(1.0 / t for t in spec.temperatures)
     if logits_nV.device.type != "cuda":
         topk_logits_nK, topk_ids_nK = logits_nV.topk(spec.k, dim=-1)
         return topk_ids_nK, topk_logits_nK.float(), _lse_eager(logits_nV, inv_temps)
-    block = topk_block()
-    fused = _fused_lse_block_max(logits_nV, inv_temps, block)
-    lse_nT, block_max_nB = fused if fused is not None else (_lse(logits_nV, inv_temps), None)
+    block = config.topk_block
+    fused = _fused_lse_block_max(logits_nV, inv_temps, block) if config.fused else None
+    lse_nT, block_max_nB = fused if fused is not None else (_lse(logits_nV, inv_temps, config.compile), None)
     topk_logits_nK, topk_ids_nK = block_max_topk(logits_nV, spec.k, block, block_max_nB)
     return topk_ids_nK, topk_logits_nK.float(), lse_nT
 
@@ -218,10 +225,11 @@ def compute_targets(
     spec: TargetSpec,
     uniforms_NM: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK,
+    config: SelectionConfig = SelectionConfig(),
 ) -> PositionTargets:
     """Targets for every row of `hidden_ND` (the caller drops the last position
     of each sequence, which has no next token)."""
-    return selection(spec).compute(hidden_ND, logits_fn, spec, uniforms_NM, chunk_size)
+    return selection(spec).compute(hidden_ND, logits_fn, spec, uniforms_NM, chunk_size, config)
 
 
 class Selection:
@@ -238,7 +246,8 @@ class Selection:
         """The uniforms of rows given as (row id, positions), concatenated ([N, M] float64)."""
         return None
 
-    def compute(self, hidden_ND, logits_fn, spec: TargetSpec, uniforms_NM, chunk_size: int) -> PositionTargets:
+    def compute(self, hidden_ND, logits_fn, spec: TargetSpec, uniforms_NM, chunk_size: int,
+                config: SelectionConfig) -> PositionTargets:
         raise NotImplementedError
 
     def row_fields(self, targets: PositionTargets, num_positions: Sequence[int]) -> list[dict[str, np.ndarray]]:
@@ -288,11 +297,11 @@ class RowTargets:
 class TopkSelection(Selection):
     mode = "topk"
 
-    def compute(self, hidden_ND, logits_fn, spec, uniforms_NM, chunk_size) -> PositionTargets:
+    def compute(self, hidden_ND, logits_fn, spec, uniforms_NM, chunk_size, config) -> PositionTargets:
         parts = []
         for start in range(0, hidden_ND.shape[0], chunk_size):
             logits_nV = logits_fn(hidden_ND[start:start + chunk_size])
-            parts.append(_topk_chunk(logits_nV, spec))
+            parts.append(_topk_chunk(logits_nV, spec, config))
             del logits_nV
         if not parts:
             empty = hidden_ND.new_zeros((0, spec.k), dtype=torch.float32)
@@ -360,7 +369,7 @@ class SampledSelection(Selection):
             return torch.zeros((0, spec.num_samples), dtype=torch.float64)
         return torch.from_numpy(np.concatenate([self.uniforms(spec, row_id, n) for row_id, n in rows], axis=0))
 
-    def compute(self, hidden_ND, logits_fn, spec, uniforms_NM, chunk_size) -> PositionTargets:
+    def compute(self, hidden_ND, logits_fn, spec, uniforms_NM, chunk_size, config) -> PositionTargets:
         if uniforms_NM is None or uniforms_NM.shape[0] != hidden_ND.shape[0]:
             raise ValueError("sampled targets need one row of uniforms per position")
         parts = []

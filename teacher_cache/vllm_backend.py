@@ -65,14 +65,15 @@ def engine_kwargs(spec: ShardSpec, options: BackendOptions, info: TeacherInfo, w
         skip_tokenizer_init=True,  # prompts are token ids; the teacher's tokenizer is never needed
         enable_prefix_caching=False,  # every position must be computed, never served from cache
         dtype=_DTYPES[options.dtype],
-        tensor_parallel_size=options.tensor_parallel_size,
+        # One engine per GPU (`--gpus`): the capture does not merge top-k across vocabulary shards.
+        tensor_parallel_size=1,
         trust_remote_code=options.trust_remote_code,
         max_num_batched_tokens=options.max_tokens_per_batch,
         gpu_memory_utilization=options.gpu_memory_utilization,
         enforce_eager=options.enforce_eager,
         max_model_len=info.max_context,
         worker_cls=worker_cls,
-        additional_config={CAPTURE_CONFIG_KEY: CaptureConfig(spec, options.logits_chunk).to_dict()},
+        additional_config={CAPTURE_CONFIG_KEY: CaptureConfig(spec, options.logits_chunk, options.selection).to_dict()},
         seed=0,
     )
 
@@ -104,9 +105,6 @@ class VllmBackend:
     """`TeacherBackend` on vLLM. `engine_overrides` are extra `vllm.LLM` arguments."""
 
     def __init__(self, spec: ShardSpec, options: BackendOptions, engine_overrides: dict | None = None):
-        if options.tensor_parallel_size != 1:
-            raise ValueError(f"tensor_parallel_size={options.tensor_parallel_size}: the vllm backend does not merge "
-                             "top-k across vocabulary shards; run one engine per GPU with --gpus instead")
         self.spec, self.options = spec, options
         self.info = read_teacher_info(options.model, options.trust_remote_code)
         check_spec_against_teacher(spec, self.info, options.model)

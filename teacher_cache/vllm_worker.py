@@ -42,6 +42,7 @@ a row, P = L - 1 target positions of a row.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,7 +50,7 @@ import torch
 
 from common.codec import quantize_fp8
 from common.spec import ShardSpec, hidden_positions
-from teacher_cache.targets import DEFAULT_CHUNK, compute_targets, selection
+from teacher_cache.targets import DEFAULT_CHUNK, SelectionConfig, compute_targets, selection
 
 # Key of `LLM(additional_config=...)` holding the capture settings; vLLM hashes
 # additional_config into its compile cache key, so a cached graph built for
@@ -66,13 +67,16 @@ _RUNNER_SEAMS = ("_model_forward", "input_batch", "query_start_loc", "requests",
 class CaptureConfig:
     spec: ShardSpec
     logits_chunk: int = DEFAULT_CHUNK
+    selection: SelectionConfig = SelectionConfig()
 
     def to_dict(self) -> dict:
-        return {"spec": self.spec.to_dict(), "logits_chunk": int(self.logits_chunk)}
+        return {"spec": self.spec.to_dict(), "logits_chunk": int(self.logits_chunk),
+                "selection": dataclasses.asdict(self.selection)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "CaptureConfig":
-        return cls(spec=ShardSpec.from_dict(d["spec"]), logits_chunk=int(d["logits_chunk"]))
+        return cls(spec=ShardSpec.from_dict(d["spec"]), logits_chunk=int(d["logits_chunk"]),
+                   selection=SelectionConfig(**d["selection"]))
 
 
 @dataclass
@@ -248,7 +252,7 @@ class StepCapture:
         uniforms_NM = None if uniforms[0] is None else _to_device(np.concatenate(uniforms), device)
         rows_N = _to_device(target_rows_N, device)
         targets = compute_targets(hidden_FD.index_select(0, rows_N), self._logits, spec.targets,
-                                  uniforms_NM, self.config.logits_chunk)
+                                  uniforms_NM, self.config.logits_chunk, self.config.selection)
         device_out = selection(spec.targets).host_arrays(targets)
         if spec.hidden.layers:
             aux_layers = sorted(set(spec.hidden.layers))  # the order vLLM returns them in

@@ -84,7 +84,7 @@ def quiet_console() -> tuple[Console, io.StringIO]:
 
 def cache(model_dir: Path, data: Path, out: Path, **kw) -> cache_run.RunSummary | None:
     kw.setdefault("show_progress", False)
-    return run_cache(CacheConfig(model=str(model_dir), data=str(data), out=str(out), **kw), quiet_console()[0])
+    return run_cache(CacheConfig.from_flags(model=str(model_dir), data=str(data), out=str(out), **kw), quiet_console()[0])
 
 
 # ---- fixtures -----------------------------------------------------------------------
@@ -334,7 +334,7 @@ def test_dry_run_prints_plan_and_estimate_and_writes_nothing(llama, tmp_path):
     model_dir, _, data, rows = llama
     console, buf = quiet_console()
     out = tmp_path / "never"
-    cfg = CacheConfig(model=str(model_dir), data=str(data), out=str(out), top_k=8, hidden_layers=(2,),
+    cfg = CacheConfig.from_flags(model=str(model_dir), data=str(data), out=str(out), top_k=8, hidden_layers=(2,),
                       rows_per_shard=2, num_workers=2, worker_index=1, dry_run=True)
     assert run_cache(cfg, console) is None
     text = buf.getvalue()
@@ -374,7 +374,7 @@ def test_bad_input_is_refused_before_any_model_work_or_write(llama, tmp_path, mo
     for name, kw, fragments in _bad_inputs(tmp_path, model_dir):
         out = tmp_path / f"out_{name.replace(' ', '_')}"
         kw = dict(kw)
-        cfg = CacheConfig(model=str(kw.pop("model", model_dir)), data=str(kw.pop("data")), out=str(out), **kw)
+        cfg = CacheConfig.from_flags(model=str(kw.pop("model", model_dir)), data=str(kw.pop("data")), out=str(out), **kw)
         with pytest.raises(ValueError) as err:
             run_cache(cfg, quiet_console()[0])
         message = str(err.value)
@@ -420,7 +420,7 @@ def test_out_overlapping_the_data_or_holding_the_teacher_is_refused_before_any_w
                                  (tmp_path, model_dir, f"--out {tmp_path} contains --data {data}"),
                                  (tmp_path / "out", held_teacher, f"--model {held_teacher} lies inside --out")):
         with pytest.raises(ValueError) as err:
-            run_cache(CacheConfig(model=str(model), data=str(data), out=str(out)), quiet_console()[0])
+            run_cache(CacheConfig.from_flags(model=str(model), data=str(data), out=str(out)), quiet_console()[0])
         assert fragment in str(err.value) and "\n" not in str(err.value)
     assert not (data / "cache").exists()
     result = CliRunner().invoke(app, ["cache-teacher", "--model", str(model_dir), "--data", str(data),
@@ -460,7 +460,7 @@ def test_summary_reports_throughput_and_cost(llama, tmp_path, monkeypatch):
     model_dir, _, data, rows = llama
     monkeypatch.setattr(cache_run, "_gpus_in_use", lambda cfg: 2)
     console, buf = quiet_console()
-    summary = run_cache(CacheConfig(model=str(model_dir), data=str(data), out=str(tmp_path / "c"), top_k=4,
+    summary = run_cache(CacheConfig.from_flags(model=str(model_dir), data=str(data), out=str(tmp_path / "c"), top_k=4,
                                     gpu_hour_price=2.5, show_progress=False), console)
     assert summary.tokens == sum(len(r) for r in rows) and summary.rows == len(rows)
     assert summary.bytes == sum(p.stat().st_size for p in (tmp_path / "c").glob("shard-*.arrow"))
@@ -523,7 +523,7 @@ def test_rows_per_shard_is_checked_and_sized_from_the_mean_row(tmp_path):
     spec = ShardSpec(vocab_size=201_088, targets=TargetSpec(k=64), hidden=HiddenSpec(
         layers=(12, 24), dtype="fp8", hidden_size=2880))
     source = SimpleNamespace(num_rows=100, num_tokens=100 * 2048)  # rows of 2,048 tokens on average
-    cfg = lambda n: CacheConfig(model="m", data="d", out=str(tmp_path / "new"), rows_per_shard=n)  # noqa: E731
+    cfg = lambda n: CacheConfig.from_flags(model="m", data="d", out=str(tmp_path / "new"), rows_per_shard=n)  # noqa: E731
     with pytest.raises(ValueError, match="--rows-per-shard must be >= 1"):
         resolve_rows_per_shard(cfg(-1), spec, source)
     assert resolve_rows_per_shard(cfg(7), spec, source) == 7

@@ -29,7 +29,7 @@ def test_a_config_only_teacher_caches_with_dummy_weights_named_in_the_manifest(t
     rng = np.random.default_rng(0)
     rows = [rng.integers(0, VOCAB, size=n).astype(np.int32) for n in (9, 17, 12)]
     pq.write_table(pa.table({"input_ids": [r.tolist() for r in rows]}), tmp_path / "train.parquet")
-    cfg = CacheConfig(model=str(tmp_path / "teacher"), data=str(tmp_path / "train.parquet"), out=str(tmp_path / "c"),
+    cfg = CacheConfig.from_flags(model=str(tmp_path / "teacher"), data=str(tmp_path / "train.parquet"), out=str(tmp_path / "c"),
                       backend="hf", device="cpu", dtype="fp32", top_k=4, temperatures=(1.0,),
                       load_format="dummy", show_progress=False)
     run_cache(cfg, Console(file=io.StringIO()))
@@ -57,4 +57,4 @@ def test_a_config_only_teacher_caches_with_dummy_weights_named_in_the_manifest(t
 
 def test_an_unknown_load_format_is_refused_by_flag(tmp_path):
     with pytest.raises(ValueError, match="--load-format"):
-        CacheConfig(model="m", data="d", out=str(tmp_path / "c"), load_format="pickle")
+        CacheConfig.from_flags(model="m", data="d", out=str(tmp_path / "c"), load_format="pickle")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from student_train.losses.divergences import get_divergence
+from student_train.losses.divergences import divergence_names
 
 
 def objective_weights(ce_weight: float, kl_weight: float, kl_temperature: float,
@@ -39,7 +39,8 @@ class LossConfig:
         t = self.kl_temperature
         if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
             raise ValueError(f"kl_temperature must be a finite number > 0, got {t!r}")
-        get_divergence(self.kl_mode)
+        if self.kl_mode not in divergence_names():
+            raise ValueError(f"kl_mode: must be one of {divergence_names()}, got {self.kl_mode!r}")
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise ValueError(f"chunk_size must be an int >= 1, got {self.chunk_size!r}")
         # YAML gives lists; store tuples so the config stays hashable and frozen.
