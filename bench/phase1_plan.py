@@ -168,7 +168,8 @@ def format_plan(m: Measured, a: Assumptions) -> str:
     lines += ["", f"Prices per GPU-hour (US$): {prices}"
               + (" (placeholders; pass --price-h100/--price-h200/--price-b200)"
                  if a.prices == PLACEHOLDER_PRICES else ""),
-              (f"Optimizer steps at {m.mean_row_tokens:,.0f} tokens per row on average. "
+              (f"Optimizer steps at {m.mean_row_tokens:,.0f} tokens per sequence of the global batch on average "
+               "(packed: real tokens per packed row). "
                "B200 rows are a projection, not a measurement.")]
     if "H200" not in m.card:
         lines.append(f"NOTE: measured on {m.card}, not an H200: the H200 rows (and the H100 and B200 rows "

@@ -84,6 +84,7 @@ class Settings:
     seed: int = 0
     cache_args: tuple[str, ...] = ()
     train_sets: tuple[str, ...] = ()
+    autotune_recompute: str = "config"  # "measure": autotune times recompute off and on (twice the probes)
 
     @property
     def on_gpu(self) -> bool:
@@ -266,7 +267,8 @@ def stage_autotune(ctx: Context) -> dict:
     s = ctx.settings
     args = ["autotune", str(TRAIN_CONFIG), "--seq-len", str(s.max_len),
             *[a for g in TARGET_GLOBAL_BATCHES for a in ("--target-gbs", str(g))], "--json",
-            "--nproc-per-node", str(s.world), *set_args(train_sets(ctx, "autotune", s.world, 1))]
+            "--nproc-per-node", str(s.world), "--recompute", s.autotune_recompute,
+            *set_args(train_sets(ctx, "autotune", s.world, 1))]
     if not s.on_gpu:
         args += ["--max-micro-batch", "2"]  # on the CPU nothing runs out of memory in useful time
     watched = ctx.vpmoe("autotune", args)
@@ -432,7 +434,8 @@ def settings_from_args(args: argparse.Namespace, world: int | None = None) -> Se
         # Several shards per worker: the steady rate is read from the times shards are published.
         rows_per_shard=args.rows_per_shard or max(1, rows_train // (cache_workers * 4)),
         attn=pick(args.attn, "flex_attention", None), keep_checkpoints=args.keep_checkpoints,
-        seed=args.seed, cache_args=tuple(args.cache_arg or ()), train_sets=tuple(args.train_set or ()))
+        seed=args.seed, cache_args=tuple(args.cache_arg or ()), train_sets=tuple(args.train_set or ()),
+        autotune_recompute=args.autotune_recompute)
 
 
 def visible_gpus() -> int:
@@ -499,6 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cache-arg", action="append",
                     help="extra cache-teacher argument (repeatable), e.g. --cache-arg=--enforce-eager")
     ap.add_argument("--train-set", action="append", help="extra train --set KEY=VALUE (repeatable)")
+    ap.add_argument("--autotune-recompute", choices=("config", "measure"), default="config",
+                    help="autotune's --recompute: the config's setting (default), or both timed")
     ap.add_argument("--verbose", action="store_true", help="echo every command's output")
     ap.add_argument("--build-data", type=Path, help="only build the chat mix these flags ask for into DIR, then exit")
     ap.add_argument("--data-from", type=Path, help="copy the chat mix from DIR (made by --build-data) in prepare")

@@ -137,6 +137,10 @@ def train_figures(run_dir: Path, runs: list[Watched]) -> dict:
         "losses": [[r["step"], r["loss"]] for r in train],
         "eval": [[r["step"], r["loss"]] for r in records if r["kind"] == "eval"],
         "tokens": summary.get("tokens"),
+        # real tokens per sequence of the global batch (a packed row holds several of the data's rows)
+        "tokens_per_sequence": (statistics.median(r["tokens"] for r in train if "tokens" in r)
+                                / (int(world.group(1)) * int(world.group(2)) * int(world.group(3)))
+                                if world and any("tokens" in r for r in train) else None),
         "tokens_per_s_per_gpu": statistics.median(steady) if steady else summary.get("tokens_per_s_per_device"),
         "tokens_per_s_per_gpu_run": summary.get("tokens_per_s_per_device"),
         "mfu": statistics.median(mfus) if mfus else None,
@@ -192,7 +196,7 @@ def plan_inputs(stages: dict, card: str, world: int) -> dict | None:
             "file_bytes_per_token": totals["bytes_per_token"],
             "hidden_bytes_per_token": totals["hidden_bytes_per_token"],
             "hidden_token_fraction": cache["hidden_token_fraction"],
-            "mean_row_tokens": prepared["data"]["train"]["mean_len"]}
+            "mean_row_tokens": train.get("tokens_per_sequence") or prepared["data"]["train"]["mean_len"]}
 
 
 def checks(stages: dict) -> dict:

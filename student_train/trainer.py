@@ -191,7 +191,7 @@ class Trainer:
             start = time.perf_counter()
             micro_batches = [next(batches) for _ in range(self.accum)]
             record = self._train_step(micro_batches)
-            throughput.add(int(record.pop("_tokens")), time.perf_counter() - start)
+            throughput.add(record["tokens"], time.perf_counter() - start)
             self.step += 1
             if self.step % cfg.log.every == 0 or self.step == self.total_steps:
                 self._log_train(record, throughput)
@@ -250,7 +250,7 @@ class Trainer:
         parts = summarise(sums_F[1:].cpu(), self.loss_cfg)
         return {"kind": "train", "step": self.step + 1, "loss": loss_value, "ce": parts["ce"], "kl": parts["kl"],
                 "hidden_cos": parts.get("hidden_cos"), "top1": parts["top1"], "grad_norm": grad_norm, "lr": lr,
-                "valid_tokens": int(num_valid), "_tokens": tokens}
+                "valid_tokens": int(num_valid), "tokens": int(tokens)}  # tokens: real ones, all ranks
 
     def _clip_grads(self) -> float:
         clip = self.cfg.optim.grad_clip
