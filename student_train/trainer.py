@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.profiler import record_function
 
-from common.causal_lm import IGNORE_INDEX, decoder_layers
+from common.causal_lm import IGNORE_INDEX, TORCH_DTYPES, decoder_layers
 from common.gil import shorten_switch_interval
 from common.spec import ShardSpec
 from student_train import parallel, run_lock
@@ -128,7 +128,10 @@ class Trainer:
 
         student, self.param_counts = build_student(cfg, env)
         if cfg.data.pack:
-            check_packed_attention(student, env.device)
+            # Before FSDP casts anything, frozen and trained weights differ in dtype: autocast evens them.
+            compute = TORCH_DTYPES[cfg.student.compute_dtype]
+            with torch.autocast(env.device.type, dtype=compute, enabled=compute != torch.float32):
+                check_packed_attention(student, env.device)
         vocab = student.get_output_embeddings().weight.shape[0]
         num_layers = len(decoder_layers(student))
 
