@@ -28,6 +28,7 @@ S flattened sampled entries, H hidden tokens, D hidden size.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
@@ -46,6 +47,8 @@ from common.shard_format import TeacherRow  # noqa: E402
 from common.shard_reader import ShardReader  # noqa: E402
 from common.shard_writer import DEFAULT_ZSTD_LEVEL, ShardWriter  # noqa: E402
 from common.spec import HiddenSpec, ShardSpec, TargetSpec  # noqa: E402
+from common.targets.sampled import SampledRowTargets  # noqa: E402
+from common.targets.topk import TopkRowTargets  # noqa: E402
 from demo.peaked_teacher import (PeakedConfig, hidden_like, lse_float64, peaked_logits,  # noqa: E402
                                  sample_counts, topk_tail_kl)
 from teacher_cache.targets import row_uniforms  # noqa: E402
@@ -97,20 +100,18 @@ def teacher_row(exact: ExactRow, spec: ShardSpec) -> TeacherRow:
     row = TeacherRow(row_id=exact.row_id, input_ids_L=exact.input_ids_L, labels_L=exact.input_ids_L.copy())
     if spec.targets.mode == "topk":
         k = spec.targets.k
-        row.topk_ids_PK = exact.ids_PK[:, :k]
-        row.topk_logits_PK = exact.logits_PK[:, :k]
-        row.lse_PT = exact.lse_PT.astype(np.float32)
+        row.targets = TopkRowTargets(ids_PK=exact.ids_PK[:, :k], logits_PK=exact.logits_PK[:, :k],
+                                     lse_PT=exact.lse_PT.astype(np.float32))
     else:
-        row.sample_ids_S, row.sample_counts_S, row.sample_sizes_P = (
-            exact.sample_ids_S, exact.sample_counts_S, exact.sample_sizes_P)
+        row.targets = SampledRowTargets(sizes_P=exact.sample_sizes_P, ids_S=exact.sample_ids_S,
+                                        counts_S=exact.sample_counts_S)
     return row
 
 
 def decoded_nbytes(row: TeacherRow) -> int:
     """Bytes of the arrays the reader hands back (what MB/s counts)."""
-    arrays = [row.topk_ids_PK, row.topk_logits_PK, row.lse_PT, row.sample_ids_S, row.sample_counts_S,
-              row.sample_sizes_P]
-    return sum(a.nbytes for a in arrays if a is not None) + sum(h.numel() * 4 for h in row.hidden.values())
+    arrays = [getattr(row.targets, f.name) for f in dataclasses.fields(row.targets)] if row.targets else []
+    return sum(a.nbytes for a in arrays) + sum(h.numel() * 4 for h in row.hidden.values())
 
 
 def write_and_read(directory: Path, spec: ShardSpec, rows: list[TeacherRow], zstd_level: int,
@@ -148,10 +149,11 @@ def topk_kl(exact_rows: list[ExactRow], decoded: list[TeacherRow], k: int) -> li
     for exact, row in zip(exact_rows, decoded):
         order_PK = np.argsort(exact.ids_PK[:, :k], axis=1)  # decoded ids are ascending
         ids_PK = np.take_along_axis(exact.ids_PK[:, :k], order_PK, axis=1)
-        assert np.array_equal(ids_PK, row.topk_ids_PK), "ids must round-trip exactly"
+        assert np.array_equal(ids_PK, row.targets.ids_PK), "ids must round-trip exactly"
         true_PK = np.take_along_axis(exact.logits_PK[:, :k], order_PK, axis=1)
         for ti, t in enumerate(TEMPERATURES):
-            kls[ti].append(topk_tail_kl(true_PK, exact.lse_PT[:, ti], row.topk_logits_PK, row.lse_PT[:, ti], t))
+            kls[ti].append(topk_tail_kl(true_PK, exact.lse_PT[:, ti], row.targets.logits_PK, row.targets.lse_PT[:, ti],
+                                        t))
     return [float(np.concatenate(parts).mean()) for parts in kls]
 
 
@@ -179,8 +181,8 @@ def bench_targets(args, config: PeakedConfig, label: str, directory: Path) -> li
     cols = ["input_ids", "sample_sizes", "sample_ids", "sample_counts"]
     r = write_and_read(directory, spec, rows, args.zstd_level, cols, args.repeats)
     for row, dec in zip(rows, r.pop("decoded")):
-        assert np.array_equal(row.sample_ids_S, dec.sample_ids_S) and np.array_equal(row.sample_counts_S,
-                                                                                      dec.sample_counts_S)
+        assert np.array_equal(row.targets.ids_S, dec.targets.ids_S) and np.array_equal(row.targets.counts_S,
+                                                                                        dec.targets.counts_S)
     r.update(ids=label, targets=f"sampled N={args.samples}", k=None, level=args.zstd_level,
              target_per_token=sum(r["stored"][c] for c in cols[1:]), kl=None,
              distinct=float(np.mean([e.sample_sizes_P.mean() for e in exact_rows])))
@@ -197,8 +199,9 @@ def bench_hidden(args, directory: Path) -> list[dict]:
                          hidden=HiddenSpec(layers=(1,), dtype=dtype, hidden_size=args.hidden_dim))
         num_pos = args.hidden_tokens - 1
         row = TeacherRow(row_id=0, input_ids_L=input_ids, labels_L=input_ids,
-                         topk_ids_PK=np.zeros((num_pos, 1), np.int64), topk_logits_PK=np.zeros((num_pos, 1), np.float32),
-                         lse_PT=np.ones((num_pos, 1), np.float32), hidden={1: hidden_LD})
+                         targets=TopkRowTargets(ids_PK=np.zeros((num_pos, 1), np.int64),
+                                                logits_PK=np.zeros((num_pos, 1), np.float32),
+                                                lse_PT=np.ones((num_pos, 1), np.float32)), hidden={1: hidden_LD})
         cols = ["input_ids", "hidden_1"] + (["hidden_1_scale"] if dtype == "fp8" else [])
         r = write_and_read(directory, spec, [row], args.zstd_level, cols, args.repeats)
         decoded = r.pop("decoded")[0].hidden[1]

@@ -45,6 +45,7 @@ from common.parent_death import die_with_parent, dies_with_this_process  # noqa:
 from common.shard_format import TeacherRow  # noqa: E402
 from common.shard_writer import ShardWriter  # noqa: E402
 from common.spec import HiddenSpec, ShardSpec, TargetSpec, hidden_positions  # noqa: E402
+from common.targets.topk import TopkRowTargets  # noqa: E402
 
 K = 64
 
@@ -66,8 +67,9 @@ def synthetic_row(row_id: int, length: int, spec: ShardSpec, rng: np.random.Gene
     keep = hidden_positions(row_id, length, spec.hidden.token_fraction, spec.hidden.seed)
     hidden = {layer: torch.from_numpy(rng.standard_normal((len(keep), width)).astype(np.float32))
               for layer in spec.hidden.layers}
-    return TeacherRow(row_id=row_id, input_ids_L=input_ids, labels_L=labels, topk_ids_PK=ids_PK,
-                      topk_logits_PK=logits_PK, lse_PT=lse_PT, hidden=hidden, hidden_positions_H=keep)
+    return TeacherRow(row_id=row_id, input_ids_L=input_ids, labels_L=labels,
+                      targets=TopkRowTargets(ids_PK=ids_PK, logits_PK=logits_PK, lse_PT=lse_PT),
+                      hidden=hidden, hidden_positions_H=keep)
 
 
 def write_cache(out: Path, rows: int, seq_len: int, hidden_layers: tuple[int, ...], vocab: int = 201_088,

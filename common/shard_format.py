@@ -5,9 +5,8 @@
 each of its other cells (`checksums`), which readers compare on every read:
 a byte that changes after writing stops the reader naming file, row and
 column, even where zstd still decodes the buffer. Shape suffixes: L tokens,
-P = L - 1 target positions (position t describes token t + 1), K top-k width,
-T temperatures, S flattened sampled entries, H stored hidden positions,
-D hidden size.
+P = L - 1 target positions (position t describes token t + 1), H stored hidden
+positions, D hidden size (the targets' own in common/targets/).
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ import torch
 
 from common import codec
 from common.spec import READABLE_FORMAT_VERSIONS, ShardSpec, content_hash
+from common.targets import RowTargets
 
 SCHEMA_METADATA_KEY = b"vpmoe.shard_spec"
 # Columns every shard has, whatever its targets and hidden states.
@@ -42,14 +42,8 @@ class TeacherRow:
     row_id: int
     input_ids_L: np.ndarray
     labels_L: np.ndarray
-    # top-k mode
-    topk_ids_PK: np.ndarray | None = None  # int64, sorted ascending per position after decode
-    topk_logits_PK: np.ndarray | None = None  # float32 teacher logits at T=1
-    lse_PT: np.ndarray | None = None  # float32 log-sum-exp of logits / T, full vocabulary
-    # sampled mode: distinct ids per position (ascending) and their draw counts
-    sample_ids_S: np.ndarray | None = None
-    sample_counts_S: np.ndarray | None = None
-    sample_sizes_P: np.ndarray | None = None
+    # the target kind's RowTargets (common.targets), e.g. TopkRowTargets; None when not read
+    targets: RowTargets | None = None
     # hidden states: layer -> [H, D] (float32 after decode), at hidden_positions_H
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     hidden_positions_H: np.ndarray | None = None

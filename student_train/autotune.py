@@ -27,10 +27,12 @@ import torch
 
 from common.causal_lm import decoder_layers
 from common.manifest import load_manifest
-from common.spec import HiddenSpec, ShardSpec, TargetSpec
+from common.spec import HiddenSpec, ShardSpec
+from common.targets import target_kind
 from student_train import parallel
 from student_train.batch import StudentBatch
 from student_train.config import TrainConfig
+from student_train.losses import get_divergence
 from student_train.optim import build_optimizer
 from student_train.parallel import DistEnv, all_reduce_min, print0
 
@@ -99,11 +101,12 @@ def cache_spec_or_default(cfg: TrainConfig, vocab: int, student_width: int) -> t
     except (ValueError, OSError):
         loss = cfg.loss
         layers = loss.to_loss_config().teacher_layers
-        targets = TargetSpec(mode="sampled", num_samples=50) if loss.kl_mode == "sampled" else \
-            TargetSpec(k=64, temperatures=tuple(sorted({1.0, loss.kl_temperature})))
+        # the kind of cache the configured divergence reads
+        kind = target_kind(get_divergence(loss.kl_mode).targets.cache_mode)
+        targets = kind.stand_in_spec(loss.kl_temperature)
         spec = ShardSpec(vocab_size=vocab, targets=targets,
                          hidden=HiddenSpec(layers=layers, hidden_size=student_width if layers else 0))
-        return spec, (f"{cfg.data.train_cache}: no cache manifest; probing with top-64 targets"
+        return spec, (f"{cfg.data.train_cache}: no cache manifest; probing with {kind.describe(targets)}"
                       f"{' and teacher width = student width' if layers else ''}")
 
 
@@ -115,18 +118,7 @@ def synthetic_batch(spec: ShardSpec, micro_batch: int, seq_len: int, teacher_lay
     batch = StudentBatch(row_ids_BR=torch.arange(B)[:, None], input_ids_BL=input_ids_BL,
                          attention_mask_BL=torch.ones(B, L, dtype=torch.int64), labels_BL=input_ids_BL.clone(),
                          num_tokens=B * L)
-    t = spec.targets
-    if t.mode == "topk":
-        offset_BP1 = torch.randint(0, V, (B, P, 1), generator=gen)
-        batch.topk_ids_BPK = (offset_BP1 + torch.arange(t.k)) % V  # distinct per position
-        batch.topk_logits_BPK = torch.randn(B, P, t.k, generator=gen)
-        batch.lse_BPT = torch.logsumexp(batch.topk_logits_BPK, -1, keepdim=True).expand(B, P, len(t.temperatures)) + 1.0
-    else:
-        m = min(t.num_samples, V)
-        offset_BP1 = torch.randint(0, V, (B, P, 1), generator=gen)
-        batch.sample_ids_BPM = (offset_BP1 + torch.arange(m)) % V
-        batch.sample_counts_BPM = torch.zeros(B, P, m, dtype=torch.int64)
-        batch.sample_counts_BPM[..., 0] = t.num_samples
+    batch.targets = spec.targets.kind.synthetic_batch_targets(spec, B, P, gen)
     for layer in teacher_layers:
         batch.teacher_hidden[layer] = torch.randn(B, L, spec.hidden.hidden_size, generator=gen)
     batch.hidden_mask_BL = torch.ones(B, L, dtype=torch.bool)

@@ -1,9 +1,8 @@
 """One micro batch of student inputs and teacher targets, as the loader yields it.
 
-Shape suffixes: B rows (batch rows; packed, each holds R cache rows), L tokens (right-padded), P = L - 1 target positions
-(position t describes token t + 1), K top-k width, T cached temperatures,
-M distinct sampled ids per position (padded to the batch's largest), D teacher
-hidden size.
+Shape suffixes: B rows (batch rows; packed, each holds R cache rows), L tokens
+(right-padded), P = L - 1 target positions (position t describes token t + 1),
+D teacher hidden size (the targets' own in common/targets/).
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ import torch
 
 from common.causal_lm import IGNORE_INDEX
 from common.codec import dequantize_fp8
+from common.targets import BatchTargets
 
 PAD_TOKEN_ID = 0
 
@@ -30,13 +30,9 @@ class StudentBatch:
     # Packed batches only: positions restarting at 0 with each row (and the pad tail), which
     # is how the model keeps rows apart; the model then gets no attention mask.
     position_ids_BL: torch.Tensor | None = None
-    # Teacher targets for positions 0..L-2; position t describes token t+1. Pads: ids 0 and
-    # values 0 for top-k (ids stay valid for a gather), -1 ids and 0 counts for sampled.
-    topk_ids_BPK: torch.Tensor | None = None  # int64
-    topk_logits_BPK: torch.Tensor | None = None  # float32 teacher logits at T=1
-    lse_BPT: torch.Tensor | None = None  # float32 full-vocabulary logsumexp(logits / T) per cached T
-    sample_ids_BPM: torch.Tensor | None = None  # int64
-    sample_counts_BPM: torch.Tensor | None = None  # int64
+    # Teacher targets for positions 0..L-2 (position t describes token t+1): the target kind's
+    # BatchTargets (common.targets), e.g. TopkBatchTargets; None when none are loaded.
+    targets: BatchTargets | None = None
     # Teacher layer -> [B, L, D] in the cache's stored form (bf16, or fp8 bytes as uint8 with
     # per-token scales in teacher_hidden_scale, 0 where nothing is stored); `hidden_float`
     # dequantizes on whatever device the batch is on. Not shifted: position t is token t.
@@ -70,6 +66,8 @@ class StudentBatch:
             value = getattr(self, f.name)
             if isinstance(value, torch.Tensor):
                 changes[f.name] = fn(value)
+        if self.targets is not None:
+            changes["targets"] = self.targets.map(fn)
         changes["teacher_hidden"] = {layer: fn(h) for layer, h in self.teacher_hidden.items()}
         changes["teacher_hidden_scale"] = {layer: fn(s) for layer, s in self.teacher_hidden_scale.items()}
         return dataclasses.replace(self, **changes)

@@ -338,8 +338,7 @@ class _BatchDecoder:
             labels_BL=full((B, L), IGNORE_INDEX, torch.int64),
             position_ids_BL=full((B, L), 0, torch.int64) if packed else None,
         )
-        for name, tensor in self.spec.targets.kind.batch_fields(rows, self.spec, B, P, full).items():
-            setattr(batch, name, tensor)
+        batch.targets = self.spec.targets.kind.batch_targets(rows, self.spec, B, P, full)
         if self.hidden_layers:
             D = self.spec.hidden.hidden_size
             # The stored form goes to the device as is: fp8 is a quarter of float32's bytes and
@@ -375,7 +374,7 @@ class _BatchDecoder:
             # last position must not learn to predict it.
             _np(batch.labels_BL)[b, start] = IGNORE_INDEX
         batch.num_tokens += n
-        self.spec.targets.kind.fill_row(batch, b, row, start)
+        batch.targets.fill_row(b, row.targets, start)
         if self.hidden_layers:
             positions_H = row.hidden_positions_H
             if not self.spec.hidden.subset:

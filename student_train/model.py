@@ -22,7 +22,6 @@ from torch.profiler import record_function
 
 from common.causal_lm import TORCH_DTYPES, capture_block_outputs, decoder_layers
 from common.spec import ShardSpec
-from common.targets import target_kind
 from student_train.batch import StudentBatch
 from student_train.config import StudentConfig
 from student_train.packing import packed_inputs
@@ -145,7 +144,7 @@ class TargetLayout:
     """What the cache holds, as the loss needs it."""
 
     mode: str  # topk | sampled
-    lse_index: int  # column of lse_BPT at the KL temperature (top-k; 0 when not cached)
+    lse_index: int  # column of the cached log-sum-exps at the KL temperature (top-k; 0 when not cached)
     num_samples: int  # draws per position (sampled)
     teacher_hidden_size: int
 
@@ -250,7 +249,7 @@ class DistillModel(nn.Module):
         return loss, sums
 
     def _targets(self, batch: StudentBatch, n: int):
-        return target_kind(self.layout.mode).loss_targets(batch, n, self.layout)
+        return None if batch.targets is None else batch.targets.loss_targets(n, self.layout)
 
 
 def projection_key(student_layer: int, teacher_layer: int) -> str:

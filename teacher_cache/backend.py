@@ -3,8 +3,9 @@
 A backend runs the teacher over `SourceRow`s and yields `TeacherRow`s (CPU
 arrays) in any order; the writer pipeline puts them back in row order. Both
 backends compute targets with `teacher_cache.targets.compute_targets` on the
-flattened positions of a batch and split them with `assemble_rows`, so the
-selection code is the same whatever ran the forward pass.
+flattened positions of a batch, so the selection code is the same whatever ran
+the forward pass; the hf backend splits a batch with `assemble_rows`, the vllm
+backend gets each row's targets whole and builds its row with `teacher_row`.
 
 Shape suffixes: L tokens of a row, N target positions of a batch (each row
 contributes L - 1), H kept hidden positions of a batch, D hidden size,
@@ -27,6 +28,7 @@ from common.codec import quantize_fp8
 from common.model_files import require_safetensors
 from common.shard_format import TeacherRow
 from common.spec import ShardSpec, hidden_positions
+from common.targets import RowTargets
 from teacher_cache.targets import DEFAULT_CHUNK, PositionTargets, SelectionConfig, selection
 
 BACKENDS = ("hf", "vllm")
@@ -117,11 +119,10 @@ def kept_positions(row: SourceRow, spec: ShardSpec) -> np.ndarray:
     return hidden_positions(row.row_id, row.num_tokens, spec.hidden.token_fraction, spec.hidden.seed)
 
 
-def assemble_rows(rows: Sequence[SourceRow], targets: PositionTargets, hidden_by_layer: dict[int, torch.Tensor],
-                  spec: ShardSpec, hidden_scales: dict[int, torch.Tensor] | None = None) -> list[TeacherRow]:
-    """Split targets computed for the concatenation of each row's positions 0..L-2 (and hidden states for each row's
-    kept positions, see common.spec.hidden_positions) into TeacherRows. Shared by every backend."""
-    targets = targets.to("cpu")
+def host_hidden(hidden_by_layer: dict[int, torch.Tensor], spec: ShardSpec,
+                hidden_scales: dict[int, torch.Tensor] | None = None) -> tuple[dict, dict[int, np.ndarray]]:
+    """Hidden states ({layer: [H, D]}) on the CPU in the form the row keeps: fp8 with
+    per-token scales (quantized here unless the backend did it), else as computed."""
     # Quantize on the compute device: the host copy halves and the CPU is spared the conversion.
     scales_cpu: dict[int, np.ndarray] = {}
     hidden_cpu = {}
@@ -134,27 +135,43 @@ def assemble_rows(rows: Sequence[SourceRow], targets: PositionTargets, hidden_by
             hidden_cpu[layer], scales_cpu[layer] = q.to("cpu"), scale.to("cpu").numpy()
         else:
             hidden_cpu[layer] = h.detach().to("cpu")
-    num_positions = [max(r.num_tokens - 1, 0) for r in rows]
-    target_fields = selection(spec.targets).row_fields(targets, num_positions)
-    kept = [kept_positions(r, spec) for r in rows] if spec.hidden.layers else None
-    for layer in spec.hidden.layers:
-        assert layer in hidden_cpu, f"hidden layer {layer} was not captured"
-        assert hidden_cpu[layer].shape[0] == sum(len(k) for k in kept), (layer, hidden_cpu[layer].shape)
+    return hidden_cpu, scales_cpu
 
+
+def teacher_row(row: SourceRow, targets: RowTargets, hidden_HD: dict[int, torch.Tensor],
+                scales_H: dict[int, np.ndarray], kept_H: np.ndarray | None, spec: ShardSpec) -> TeacherRow:
+    """One row's TeacherRow from its targets and the hidden states (`host_hidden`'s form) of
+    its kept positions `kept_H` (`kept_positions`; None when the spec keeps no layers)."""
+    trow = TeacherRow(row_id=int(row.row_id), input_ids_L=np.asarray(row.input_ids, dtype=np.int32),
+                      labels_L=np.asarray(row.labels, dtype=np.int32), targets=targets)
+    if kept_H is not None:
+        for layer in spec.hidden.layers:
+            assert layer in hidden_HD, f"hidden layer {layer} was not captured"
+            assert hidden_HD[layer].shape[0] == len(kept_H), (layer, hidden_HD[layer].shape, len(kept_H))
+        trow.hidden = {layer: hidden_HD[layer] for layer in spec.hidden.layers}
+        trow.hidden_scales = dict(scales_H)
+        trow.hidden_positions_H = kept_H
+    return trow
+
+
+def assemble_rows(rows: Sequence[SourceRow], targets: PositionTargets, hidden_by_layer: dict[int, torch.Tensor],
+                  spec: ShardSpec, hidden_scales: dict[int, torch.Tensor] | None = None) -> list[TeacherRow]:
+    """Split targets computed for the concatenation of each row's positions 0..L-2 (and hidden states for each row's
+    kept positions, see common.spec.hidden_positions) into TeacherRows."""
+    hidden_cpu, scales_cpu = host_hidden(hidden_by_layer, spec, hidden_scales)
+    num_positions = [max(r.num_tokens - 1, 0) for r in rows]
+    row_targets = selection(spec.targets).split_rows(targets.to("cpu"), num_positions)
+    kept = [kept_positions(r, spec) if spec.hidden.layers else None for r in rows]
     out = []
     hid = 0
-    for i, row in enumerate(rows):
-        trow = TeacherRow(row_id=int(row.row_id), input_ids_L=np.asarray(row.input_ids, dtype=np.int32),
-                          labels_L=np.asarray(row.labels, dtype=np.int32))
-        for name, value in target_fields[i].items():
-            setattr(trow, name, value)
-        if kept is not None:
-            h = len(kept[i])
-            trow.hidden = {layer: hidden_cpu[layer][hid:hid + h] for layer in spec.hidden.layers}
-            trow.hidden_scales = {layer: scales[hid:hid + h] for layer, scales in scales_cpu.items()}
-            trow.hidden_positions_H = kept[i]
-            hid += h
-        out.append(trow)
+    for row, targets_of_row, kept_H in zip(rows, row_targets, kept):
+        h = 0 if kept_H is None else len(kept_H)
+        hidden_HD = {layer: hidden[hid:hid + h] for layer, hidden in hidden_cpu.items()}
+        scales_H = {layer: scales[hid:hid + h] for layer, scales in scales_cpu.items()}
+        out.append(teacher_row(row, targets_of_row, hidden_HD, scales_H, kept_H, spec))
+        hid += h
+    for layer in spec.hidden.layers:
+        assert hidden_cpu[layer].shape[0] == hid, (layer, hidden_cpu[layer].shape, hid)
     return out
 
 

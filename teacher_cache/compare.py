@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from common.shard_format import TeacherRow
+from common.targets.topk import TopkRowTargets
 
 
 def compare(a: dict[int, TeacherRow], b: dict[int, TeacherRow]) -> dict:
@@ -24,20 +25,20 @@ def compare(a: dict[int, TeacherRow], b: dict[int, TeacherRow]) -> dict:
     lse_diff, overlap, logit_diff, min_cos, same_tokens = 0.0, [], [], 1.0, True
     for rid in sorted(a):
         ra, rb = a[rid], b[rid]
-        if (ra.topk_ids_PK is None) != (rb.topk_ids_PK is None) or set(ra.hidden) != set(rb.hidden):
+        if type(ra.targets) is not type(rb.targets) or set(ra.hidden) != set(rb.hidden):
             raise ValueError(f"row {rid}: the caches hold different targets or hidden layers "
                              f"(layers {sorted(ra.hidden)} and {sorted(rb.hidden)}); nothing to compare")
         if not (np.array_equal(ra.input_ids_L, rb.input_ids_L) and np.array_equal(ra.labels_L, rb.labels_L)):
             same_tokens = False  # other tokens: their targets are not comparable
             continue
-        if ra.lse_PT is not None:
-            lse_diff = max(lse_diff, float(np.abs(ra.lse_PT - rb.lse_PT).max(initial=0.0)))
-        if ra.topk_ids_PK is not None:
-            for p in range(ra.topk_ids_PK.shape[0]):
-                shared, ia, ib = np.intersect1d(ra.topk_ids_PK[p], rb.topk_ids_PK[p], return_indices=True)
-                overlap.append(len(shared) / ra.topk_ids_PK.shape[1])
+        ta, tb = ra.targets, rb.targets
+        if isinstance(ta, TopkRowTargets):  # other kinds: coverage, tokens and hidden states only
+            lse_diff = max(lse_diff, float(np.abs(ta.lse_PT - tb.lse_PT).max(initial=0.0)))
+            for p in range(ta.ids_PK.shape[0]):
+                shared, ia, ib = np.intersect1d(ta.ids_PK[p], tb.ids_PK[p], return_indices=True)
+                overlap.append(len(shared) / ta.ids_PK.shape[1])
                 if len(shared):
-                    logit_diff.append(float(np.abs(ra.topk_logits_PK[p, ia] - rb.topk_logits_PK[p, ib]).mean()))
+                    logit_diff.append(float(np.abs(ta.logits_PK[p, ia] - tb.logits_PK[p, ib]).mean()))
         for layer, h_a in ra.hidden.items():
             cos = torch.nn.functional.cosine_similarity(h_a.double(), rb.hidden[layer].double(), dim=-1)
             min_cos = min(min_cos, float(cos.min()))

@@ -144,9 +144,8 @@ def measure_bytes_per_token(spec: ShardSpec, seed: int = 0) -> tuple[float, floa
     targets = compute_targets(torch.zeros(n, 1), logits_fn, spec.targets, chosen.flat_uniforms(spec.targets, [(0, n)]),
                               chunk_size=_SAMPLE_CHUNK)
     tokens_L = np.random.default_rng(seed).integers(0, spec.vocab_size, n + 1).astype(np.int32)
-    row = TeacherRow(row_id=0, input_ids_L=tokens_L, labels_L=tokens_L.copy())
-    for name, value in chosen.row_fields(targets, [n])[0].items():
-        setattr(row, name, value)
+    row = TeacherRow(row_id=0, input_ids_L=tokens_L, labels_L=tokens_L.copy(),
+                     targets=chosen.split_rows(targets, [n])[0])
     hspec = spec.hidden
     if hspec.layers:
         positions = hidden_positions(0, n + 1, hspec.token_fraction, hspec.seed)

@@ -22,6 +22,9 @@ import numpy as np
 import torch
 
 from common.spec import TargetSpec
+from common.targets import RowTargets
+from common.targets.sampled import SampledRowTargets
+from common.targets.topk import TopkRowTargets
 from teacher_cache import fused_selection
 
 DEFAULT_CHUNK = 1024
@@ -234,7 +237,8 @@ def compute_targets(
 
 class Selection:
     """The teacher side of a target kind (common.targets): what the device
-    computes for each position and how the flat results reach the rows."""
+    computes for each position and how the flat results become each row's
+    `RowTargets`."""
 
     mode: ClassVar[str]  # the TargetKind's mode
 
@@ -250,32 +254,24 @@ class Selection:
                 config: SelectionConfig) -> PositionTargets:
         raise NotImplementedError
 
-    def row_fields(self, targets: PositionTargets, num_positions: Sequence[int]) -> list[dict[str, np.ndarray]]:
+    def split_rows(self, targets: PositionTargets, num_positions: Sequence[int]) -> list[RowTargets]:
         """Targets on the CPU for consecutive rows of `num_positions` each, split into
-        each row's `TeacherRow` target fields."""
+        each row's `TeacherRow.targets`."""
         raise NotImplementedError
 
     def host_arrays(self, targets: PositionTargets) -> dict[str, torch.Tensor]:
         """Narrowest dtypes for the trip to the host (ids < 2^31, counts <= 65535)."""
         raise NotImplementedError
 
-    def from_arrays(self, arrays: dict) -> PositionTargets:
-        """The inverse of `host_arrays`, on numpy arrays."""
-        raise NotImplementedError
-
-    def empty_arrays(self, spec: TargetSpec) -> dict[str, np.ndarray]:
-        """`host_arrays` of no positions."""
-        raise NotImplementedError
-
     def step_slices(self, host: dict[str, torch.Tensor]) -> Callable[[int, int], dict[str, np.ndarray]]:
         """For a step's `host_arrays`: positions [lo, hi) -> their arrays."""
         raise NotImplementedError
 
-    def row_targets(self, spec: TargetSpec, row_id: int, num_positions: int) -> "RowTargets":
+    def row_buffer(self, spec: TargetSpec, row_id: int, num_positions: int) -> "RowBuffer":
         raise NotImplementedError
 
 
-class RowTargets:
+class RowBuffer:
     """One row's targets filled by position from several steps (vLLM splits a
     prompt over steps and may recompute it from an earlier position, so a
     write overwrites rather than appends)."""
@@ -289,8 +285,8 @@ class RowTargets:
         """`step_slices` of positions start, start + 1, ..."""
         raise NotImplementedError
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        """The whole row's targets, keyed as `host_arrays`."""
+    def finish(self) -> RowTargets:
+        """The whole row's targets, as `TeacherRow.targets`."""
         raise NotImplementedError
 
 
@@ -309,40 +305,31 @@ class TopkSelection(Selection):
         ids, logits, lse = (torch.cat(p) for p in zip(*parts))
         return PositionTargets(topk_ids_NK=ids, topk_logits_NK=logits, lse_NT=lse)
 
-    def row_fields(self, targets, num_positions) -> list[dict[str, np.ndarray]]:
+    def split_rows(self, targets, num_positions) -> list[TopkRowTargets]:
         total_positions = sum(num_positions)
         assert targets.topk_ids_NK.shape[0] == total_positions, (targets.topk_ids_NK.shape, total_positions)
         ids_NK = targets.topk_ids_NK.numpy()
         logits_NK = targets.topk_logits_NK.float().numpy()
         lse_NT = targets.lse_NT.float().numpy()
-        fields, pos = [], 0
+        rows, pos = [], 0
         for n in num_positions:
-            fields.append({"topk_ids_PK": ids_NK[pos:pos + n], "topk_logits_PK": logits_NK[pos:pos + n],
-                           "lse_PT": lse_NT[pos:pos + n]})
+            rows.append(TopkRowTargets(ids_PK=ids_NK[pos:pos + n], logits_PK=logits_NK[pos:pos + n],
+                                       lse_PT=lse_NT[pos:pos + n]))
             pos += n
-        return fields
+        return rows
 
     def host_arrays(self, targets) -> dict[str, torch.Tensor]:
         return {"topk_ids": targets.topk_ids_NK.to(torch.int32), "topk_logits": targets.topk_logits_NK.float(),
                 "lse": targets.lse_NT.float()}
 
-    def from_arrays(self, arrays) -> PositionTargets:
-        return PositionTargets(topk_ids_NK=torch.from_numpy(arrays["topk_ids"]),
-                               topk_logits_NK=torch.from_numpy(arrays["topk_logits"]),
-                               lse_NT=torch.from_numpy(arrays["lse"]))
-
-    def empty_arrays(self, spec) -> dict[str, np.ndarray]:
-        return {"topk_ids": np.zeros((0, spec.k), np.int32), "topk_logits": np.zeros((0, spec.k), np.float32),
-                "lse": np.zeros((0, len(spec.temperatures)), np.float32)}
-
     def step_slices(self, host):
         return lambda lo, hi: {name: host[name][lo:hi].numpy() for name in ("topk_ids", "topk_logits", "lse")}
 
-    def row_targets(self, spec, row_id, num_positions) -> "TopkRowTargets":
-        return TopkRowTargets(spec, num_positions)
+    def row_buffer(self, spec, row_id, num_positions) -> "TopkRowBuffer":
+        return TopkRowBuffer(spec, num_positions)
 
 
-class TopkRowTargets(RowTargets):
+class TopkRowBuffer(RowBuffer):
     def __init__(self, spec: TargetSpec, num_positions: int):
         self.ids_PK = np.zeros((num_positions, spec.k), dtype=np.int32)
         self.logits_PK = np.zeros((num_positions, spec.k), dtype=np.float32)
@@ -354,8 +341,8 @@ class TopkRowTargets(RowTargets):
         self.logits_PK[start:stop] = arrays["topk_logits"]
         self.lse_PT[start:stop] = arrays["lse"]
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {"topk_ids": self.ids_PK, "topk_logits": self.logits_PK, "lse": self.lse_PT}
+    def finish(self) -> TopkRowTargets:
+        return TopkRowTargets(ids_PK=self.ids_PK, logits_PK=self.logits_PK, lse_PT=self.lse_PT)
 
 
 class SampledSelection(Selection):
@@ -383,32 +370,22 @@ class SampledSelection(Selection):
         ids, counts, sizes = (torch.cat(p) for p in zip(*parts))
         return PositionTargets(sample_ids_S=ids, sample_counts_S=counts, sample_sizes_N=sizes)
 
-    def row_fields(self, targets, num_positions) -> list[dict[str, np.ndarray]]:
+    def split_rows(self, targets, num_positions) -> list[SampledRowTargets]:
         sizes_N = targets.sample_sizes_N.numpy().astype(np.int64)
         assert len(sizes_N) == sum(num_positions), (len(sizes_N), sum(num_positions))
         ids_S, counts_S = targets.sample_ids_S.numpy(), targets.sample_counts_S.numpy()
         offsets = np.concatenate([[0], np.cumsum(sizes_N)])
-        fields, pos = [], 0
+        rows, pos = [], 0
         for n in num_positions:
             lo, hi = offsets[pos], offsets[pos + n]
-            fields.append({"sample_sizes_P": sizes_N[pos:pos + n], "sample_ids_S": ids_S[lo:hi],
-                           "sample_counts_S": counts_S[lo:hi]})
+            rows.append(SampledRowTargets(sizes_P=sizes_N[pos:pos + n], ids_S=ids_S[lo:hi], counts_S=counts_S[lo:hi]))
             pos += n
-        return fields
+        return rows
 
     def host_arrays(self, targets) -> dict[str, torch.Tensor]:
         return {"sample_sizes": targets.sample_sizes_N.to(torch.int32),
                 "sample_ids": targets.sample_ids_S.to(torch.int32),
                 "sample_counts": targets.sample_counts_S.to(torch.int32)}
-
-    def from_arrays(self, arrays) -> PositionTargets:
-        return PositionTargets(sample_ids_S=torch.from_numpy(arrays["sample_ids"]),
-                               sample_counts_S=torch.from_numpy(arrays["sample_counts"]),
-                               sample_sizes_N=torch.from_numpy(arrays["sample_sizes"]))
-
-    def empty_arrays(self, spec) -> dict[str, np.ndarray]:
-        return {"sample_ids": np.zeros(0, np.int32), "sample_counts": np.zeros(0, np.int32),
-                "sample_sizes": np.zeros(0, np.int32)}
 
     def step_slices(self, host):
         sizes_N = host["sample_sizes"].numpy()
@@ -422,11 +399,11 @@ class SampledSelection(Selection):
 
         return positions
 
-    def row_targets(self, spec, row_id, num_positions) -> "SampledRowTargets":
-        return SampledRowTargets(row_id, num_positions, self.uniforms(spec, row_id, num_positions))
+    def row_buffer(self, spec, row_id, num_positions) -> "SampledRowBuffer":
+        return SampledRowBuffer(row_id, num_positions, self.uniforms(spec, row_id, num_positions))
 
 
-class SampledRowTargets(RowTargets):
+class SampledRowBuffer(RowBuffer):
     def __init__(self, row_id: int, num_positions: int, uniforms_PM: np.ndarray):
         self.row_id, self.num_positions, self.uniforms_PM = row_id, num_positions, uniforms_PM
         # start position -> the arrays of the positions computed in one step
@@ -439,7 +416,7 @@ class SampledRowTargets(RowTargets):
             del self.pieces[stale]
         self.pieces[start] = arrays
 
-    def arrays(self) -> dict[str, np.ndarray]:
+    def finish(self) -> SampledRowTargets:
         starts = sorted(self.pieces)
         pieces = [self.pieces[s] for s in starts]
         covered = sum(len(p["sample_sizes"]) for p in pieces)
@@ -448,7 +425,9 @@ class SampledRowTargets(RowTargets):
             assert a + len(piece["sample_sizes"]) == b, (self.row_id, starts)
         cat = (lambda name: np.concatenate([p[name] for p in pieces]).astype(np.int32)
                if pieces else np.zeros(0, dtype=np.int32))
-        return {name: cat(name) for name in ("sample_sizes", "sample_ids", "sample_counts")}
+        # sizes as int64, as `split_rows` gives them
+        return SampledRowTargets(sizes_P=cat("sample_sizes").astype(np.int64), ids_S=cat("sample_ids"),
+                                 counts_S=cat("sample_counts"))
 
 
 SELECTIONS: dict[str, Selection] = {s.mode: s for s in (TopkSelection(), SampledSelection())}

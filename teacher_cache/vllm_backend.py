@@ -4,8 +4,8 @@ An in-process `vllm.LLM` prefills token-id prompts with `max_tokens=1` and
 prefix caching off; the capture itself happens inside vLLM's worker (see
 `teacher_cache.vllm_worker`), which computes targets and the kept hidden states
 on the device during each engine step. This side feeds rows to the engine,
-collects finished rows as compact arrays, and turns them into `TeacherRow`s
-with the shared `assemble_rows`.
+collects each finished row's targets (the kind's `RowTargets`) and hidden
+states, and makes them `TeacherRow`s with the shared `teacher_row`.
 
 The engine core runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0 unless
 the caller set it), so finished rows reach the driver as the worker's own
@@ -29,7 +29,8 @@ import torch
 from common.causal_lm import DTYPES_BY_NAME, dtype_name
 from common.shard_format import TeacherRow
 from common.spec import ShardSpec
-from teacher_cache.backend import BackendOptions, SourceRow, TeacherInfo, assemble_rows, read_teacher_info
+from teacher_cache.backend import (BackendOptions, SourceRow, TeacherInfo, host_hidden, kept_positions,
+                                   read_teacher_info, teacher_row)
 from teacher_cache.targets import selection
 from teacher_cache.vllm_worker import CAPTURE_CONFIG_KEY, ROW_ID_KEY, CaptureConfig, unpack_arrays
 
@@ -156,7 +157,7 @@ class VllmBackend:
                         break
                     self._check_row(row, seen)
                     if row.num_tokens == 0:  # vLLM refuses empty prompts; such a row holds nothing to compute
-                        yield self._assemble(row, None)
+                        yield self._teacher_row(row, None)
                         continue
                     in_flight[row.row_id] = (self._submit(row), row)
                     in_flight_tokens += row.num_tokens
@@ -168,7 +169,7 @@ class VllmBackend:
                 for result in results:
                     request_id, row = in_flight.pop(result["row_id"])
                     in_flight_tokens -= row.num_tokens
-                    yield self._assemble(row, result)
+                    yield self._teacher_row(row, result)
                 if idle and in_flight:  # every submitted request has finished: these are lost
                     raise RuntimeError(f"vLLM finished without returning rows {sorted(in_flight)[:8]}")
         finally:
@@ -185,17 +186,19 @@ class VllmBackend:
 
     def _take_finished(self, final: bool) -> list[dict]:
         results = self.llm.collective_rpc("vpmoe_take_finished", args=(final, self._packed))[0]
-        return [unpack_arrays(r) for r in results] if self._packed else results
+        return [unpack_arrays(r, self.spec.targets.kind.row_targets) for r in results] if self._packed else results
 
-    def _assemble(self, row: SourceRow, result: dict | None) -> TeacherRow:
+    def _teacher_row(self, row: SourceRow, result: dict | None) -> TeacherRow:
+        """The worker's finished row (None: an empty row, never sent to the engine) as a TeacherRow."""
         spec = self.spec
         if result is not None and result["num_tokens"] != row.num_tokens:
             raise RuntimeError(f"row {row.row_id}: the engine saw {result['num_tokens']} tokens, "
                                f"the source has {row.num_tokens}")
         if result is None:
-            result = _empty_result(spec)
-        targets = selection(spec.targets).from_arrays(result)
-        return assemble_rows([row], targets, result["hidden"], spec, result.get("hidden_scales"))[0]
+            result = _empty_result(row, spec)
+        hidden_HD, scales_H = host_hidden(result["hidden"], spec, result.get("hidden_scales"))
+        kept_H = kept_positions(row, spec) if spec.hidden.layers else None
+        return teacher_row(row, result["targets"], hidden_HD, scales_H, kept_H, spec)
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)
@@ -213,6 +216,8 @@ class VllmBackend:
         cleanup_dist_env_and_memory()
 
 
-def _empty_result(spec: ShardSpec) -> dict:
+def _empty_result(row: SourceRow, spec: ShardSpec) -> dict:
+    """What the worker returns for a row of no tokens."""
     t, h = spec.targets, spec.hidden
-    return {"hidden": {layer: torch.zeros((0, h.hidden_size)) for layer in h.layers}, **selection(t).empty_arrays(t)}
+    return {"targets": selection(t).row_buffer(t, row.row_id, 0).finish(),
+            "hidden": {layer: torch.zeros((0, h.hidden_size)) for layer in h.layers}}

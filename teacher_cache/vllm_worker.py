@@ -50,6 +50,7 @@ import torch
 
 from common.codec import quantize_fp8
 from common.spec import ShardSpec, hidden_positions
+from common.targets import RowTargets
 from teacher_cache.targets import DEFAULT_CHUNK, SelectionConfig, compute_targets, selection
 
 # Key of `LLM(additional_config=...)` holding the capture settings; vLLM hashes
@@ -114,7 +115,7 @@ class RowCapture:
         self.num_tokens = num_tokens
         self.next_position = 0
         tspec, hspec = spec.targets, spec.hidden
-        self.targets = selection(tspec).row_targets(tspec, row_id, max(num_tokens - 1, 0))
+        self.targets = selection(tspec).row_buffer(tspec, row_id, max(num_tokens - 1, 0))
         self.layers = tuple(sorted(set(hspec.layers)))
         if self.layers:
             self.kept_H = hidden_positions(row_id, num_tokens, hspec.token_fraction, hspec.seed)
@@ -149,13 +150,12 @@ class RowCapture:
         return offsets, slots[offsets]
 
     def finish(self) -> dict:
-        """The row's arrays; hidden tensors keep the model's dtype."""
-        out: dict = {"row_id": self.row_id, "num_tokens": self.num_tokens,
+        """The row's `RowTargets` and hidden tensors (in the model's dtype, or fp8 with scales)."""
+        out: dict = {"row_id": self.row_id, "num_tokens": self.num_tokens, "targets": self.targets.finish(),
                      "hidden": {layer: (h.view(torch.float8_e4m3fn) if self.fp8 else h)
                                 for layer, h in self.hidden.items()}}
         if self.fp8:
             out["hidden_scales"] = dict(self.hidden_scale)
-        out.update(self.targets.arrays())
         return out
 
 
@@ -362,21 +362,20 @@ def pack_arrays(result: dict) -> dict:
     """A finished row as msgpack-native values (bytes, not tensors), for an
     engine core in another process: vLLM serialises RPC results without pickle
     only when they are built from native types."""
-    packed = {"row_id": int(result["row_id"]), "num_tokens": int(result["num_tokens"]), "arrays": {}}
-    for name, value in result.items():
-        if name in ("row_id", "num_tokens", "hidden", "hidden_scales"):
-            continue
-        packed["arrays"][name] = _pack_one(torch.from_numpy(np.ascontiguousarray(value)))
+    targets = result["targets"]
+    packed = {"row_id": int(result["row_id"]), "num_tokens": int(result["num_tokens"]),
+              "targets": {f.name: _pack_one(torch.from_numpy(np.ascontiguousarray(getattr(targets, f.name))))
+                          for f in dataclasses.fields(targets)}}
     for key in ("hidden", "hidden_scales"):
         if key in result:
             packed[key] = {int(layer): _pack_one(t) for layer, t in result[key].items()}
     return packed
 
 
-def unpack_arrays(packed: dict) -> dict:
-    out = {"row_id": packed["row_id"], "num_tokens": packed["num_tokens"]}
-    for name, blob in packed["arrays"].items():
-        out[name] = _unpack_one(blob).numpy()
+def unpack_arrays(packed: dict, row_targets: type[RowTargets]) -> dict:
+    """The inverse of `pack_arrays`; `row_targets`: the cache's kind's `RowTargets` class."""
+    out = {"row_id": packed["row_id"], "num_tokens": packed["num_tokens"],
+           "targets": row_targets(**{name: _unpack_one(blob).numpy() for name, blob in packed["targets"].items()})}
     for key in ("hidden", "hidden_scales"):
         if key in packed:
             out[key] = {int(layer): _unpack_one(blob) for layer, blob in packed[key].items()}

@@ -33,6 +33,8 @@ from common.shard_format import CHECKSUM_COLUMN, SCHEMA_METADATA_KEY, TeacherRow
 from common.shard_reader import row_cells
 from common.shard_writer import ShardWriter
 from common.spec import ShardSpec, hidden_positions
+from common.targets.sampled import SampledRowTargets
+from common.targets.topk import TopkRowTargets
 from demo.peaked_teacher import PeakedConfig, hidden_like, lse_float64, peaked_logits, sample_counts
 
 
@@ -64,13 +66,13 @@ def teacher_row(spec: ShardSpec, row_id: int, length: int, seed: int,
     lse_PT = lse_float64(logits_PV, tspec.temperatures)
     if tspec.mode == "topk":
         vals, ids = torch.from_numpy(logits_PV).topk(tspec.k, dim=1)
-        row.topk_ids_PK = ids.numpy().astype(np.int64)
-        row.topk_logits_PK = vals.numpy()
-        row.lse_PT = lse_PT.astype(np.float32)
+        row.targets = TopkRowTargets(ids_PK=ids.numpy().astype(np.int64), logits_PK=vals.numpy(),
+                                     lse_PT=lse_PT.astype(np.float32))
     else:
         rng_u = np.random.Generator(np.random.PCG64([tspec.seed, row_id, 0x53414D50]))
         uniforms_PM = rng_u.random((num_pos, tspec.num_samples))
-        row.sample_ids_S, row.sample_counts_S, row.sample_sizes_P = sample_counts(logits_PV, uniforms_PM)
+        ids_S, counts_S, sizes_P = sample_counts(logits_PV, uniforms_PM)
+        row.targets = SampledRowTargets(sizes_P=sizes_P, ids_S=ids_S, counts_S=counts_S)
 
     hidden = {}
     hspec = spec.hidden

@@ -147,31 +147,31 @@ def test_topk_targets_and_hidden_states_equal_float64_recomputation(teacher, tmp
             # Target t is the teacher's distribution of token t + 1: logits of position t, t = 0..L-2.
             ref_PV = logits_LV[:-1]
             num_pos = len(ids) - 1
-            assert row.topk_ids_PK.shape == (num_pos, k)
+            assert row.targets.ids_PK.shape == (num_pos, k)
             order_PV = np.argsort(-ref_PV, axis=1)
             ref_sorted_PV = np.take_along_axis(ref_PV, order_PV, axis=1)
             for t in range(num_pos):
                 if ref_sorted_PV[t, k - 1] - ref_sorted_PV[t, k] > 1e-4:  # the k-th id is not tied
-                    assert set(row.topk_ids_PK[t].tolist()) == set(order_PV[t, :k].tolist()), (row_id, t)
-                true_gap_K = ref_PV[t].max() - ref_PV[t, row.topk_ids_PK[t]]
-                stored_gap_K = row.topk_logits_PK[t].max() - row.topk_logits_PK[t]
+                    assert set(row.targets.ids_PK[t].tolist()) == set(order_PV[t, :k].tolist()), (row_id, t)
+                true_gap_K = ref_PV[t].max() - ref_PV[t, row.targets.ids_PK[t]]
+                stored_gap_K = row.targets.logits_PK[t].max() - row.targets.logits_PK[t]
                 bound_K = codec.value_error_bound(true_gap_K)
                 assert np.all(np.abs(stored_gap_K - true_gap_K) <= bound_K + 1e-4), (row_id, t)
-                assert abs(row.topk_logits_PK[t].max() - ref_PV[t].max()) < 1e-4
+                assert abs(row.targets.logits_PK[t].max() - ref_PV[t].max()) < 1e-4
             for j, temp in enumerate(temperatures):
                 lse_P = torch.logsumexp(torch.from_numpy(ref_PV) / temp, dim=-1).numpy()
-                np.testing.assert_allclose(row.lse_PT[:, j], lse_P, atol=1e-4, rtol=0)
+                np.testing.assert_allclose(row.targets.lse_PT[:, j], lse_P, atol=1e-4, rtol=0)
 
             # The shift, explicitly: the greedy continuation makes token t + 1 the
             # top-1 of position t, so the stored top-1 of target t is input_ids[t + 1].
-            top1_P = row.topk_ids_PK[np.arange(num_pos), row.topk_logits_PK.argmax(axis=1)]
+            top1_P = row.targets.ids_PK[np.arange(num_pos), row.targets.logits_PK.argmax(axis=1)]
             clear_P = ref_sorted_PV[:, 0] - ref_sorted_PV[:, 1] > 1e-3
             greedy_P = np.arange(num_pos) >= PREFIX - 1
             assert np.all(top1_P[greedy_P & clear_P] == ids[1:][greedy_P & clear_P])
             # ... and the comparison above would catch an off-by-one either way.
             lse_next_P = torch.logsumexp(torch.from_numpy(logits_LV[1:]), dim=-1).numpy()
-            assert np.abs(row.lse_PT[:, 0] - lse_next_P).max() > 0.1
-            assert np.abs(row.lse_PT[1:, 0] - torch.logsumexp(torch.from_numpy(ref_PV[:-1]), -1).numpy()).max() > 0.1
+            assert np.abs(row.targets.lse_PT[:, 0] - lse_next_P).max() > 0.1
+            assert np.abs(row.targets.lse_PT[1:, 0] - torch.logsumexp(torch.from_numpy(ref_PV[:-1]), -1).numpy()).max() > 0.1
 
             positions = hidden_positions(row_id, len(ids), hidden_kw.get("hidden_token_fraction", 1.0), 0)
             np.testing.assert_array_equal(row.hidden_positions_H, positions)
@@ -205,16 +205,16 @@ def test_sampled_counts_follow_the_teacher_distribution_of_the_next_token(llama,
     ids = rows[0]
     with torch.no_grad():
         probs_LV = torch.softmax(model_f64(torch.from_numpy(ids.astype(np.int64))[None]).logits[0], -1).numpy()
-    offsets = np.concatenate([[0], np.cumsum(row.sample_sizes_P)])
-    assert len(row.sample_sizes_P) == len(ids) - 1
+    offsets = np.concatenate([[0], np.cumsum(row.targets.sizes_P)])
+    assert len(row.targets.sizes_P) == len(ids) - 1
 
     def chi_square(positions, shift: int) -> float:
         chi2 = dof = 0.0
         for t in positions:
             counts_V = np.zeros(VOCAB)
             sl = slice(offsets[t], offsets[t + 1])
-            assert np.all(np.diff(row.sample_ids_S[sl]) > 0), "distinct ids, ascending"
-            counts_V[row.sample_ids_S[sl]] = row.sample_counts_S[sl]
+            assert np.all(np.diff(row.targets.ids_S[sl]) > 0), "distinct ids, ascending"
+            counts_V[row.targets.ids_S[sl]] = row.targets.counts_S[sl]
             assert counts_V.sum() == draws
             expected_V = draws * probs_LV[t + shift]
             big = expected_V >= 5  # pool small bins so the chi-square approximation holds
@@ -252,9 +252,9 @@ def test_hf_backend_returns_an_empty_row_without_running_the_model(llama):
               SourceRow(1, np.zeros(0, np.int32), np.zeros(0, np.int32))]
     got = {r.row_id: r for r in backend.run(source)}
     backend.close()
-    assert got[1].num_tokens == 0 and got[1].topk_ids_PK.shape == (0, 4) and got[1].hidden[1].shape[0] == 0
+    assert got[1].num_tokens == 0 and got[1].targets.ids_PK.shape == (0, 4) and got[1].hidden[1].shape[0] == 0
     logits = model_f64(torch.as_tensor(rows[1][None], dtype=torch.long)).logits[0]
-    np.testing.assert_array_equal(np.sort(got[0].topk_ids_PK, axis=1),
+    np.testing.assert_array_equal(np.sort(got[0].targets.ids_PK, axis=1),
                                   np.sort(logits[:-1].topk(4).indices.numpy(), axis=1))
 
 
@@ -304,9 +304,9 @@ def test_hf_backend_reads_a_stream_lazily_and_batches_each_shard_alone(llama):
     assert pulled_at_first_result == 7
     assert sorted(streamed) == sorted(alone) == list(range(len(source)))
     for row_id, trow in streamed.items():
-        np.testing.assert_array_equal(trow.topk_ids_PK, alone[row_id].topk_ids_PK)
-        np.testing.assert_array_equal(trow.topk_logits_PK, alone[row_id].topk_logits_PK)
-        np.testing.assert_array_equal(trow.lse_PT, alone[row_id].lse_PT)
+        np.testing.assert_array_equal(trow.targets.ids_PK, alone[row_id].targets.ids_PK)
+        np.testing.assert_array_equal(trow.targets.logits_PK, alone[row_id].targets.logits_PK)
+        np.testing.assert_array_equal(trow.targets.lse_PT, alone[row_id].targets.lse_PT)
         torch.testing.assert_close(trow.hidden[1], alone[row_id].hidden[1], rtol=0, atol=0)
 
 
@@ -319,8 +319,8 @@ def test_compression_choice_reaches_the_shards_and_not_their_content(llama, tmp_
     a, b = read_cache_rows(tmp_path / "zstd"), read_cache_rows(tmp_path / "none")
     assert sorted(a) == sorted(b)
     for row_id in a:
-        np.testing.assert_array_equal(a[row_id].topk_ids_PK, b[row_id].topk_ids_PK)
-        np.testing.assert_array_equal(a[row_id].lse_PT, b[row_id].lse_PT)
+        np.testing.assert_array_equal(a[row_id].targets.ids_PK, b[row_id].targets.ids_PK)
+        np.testing.assert_array_equal(a[row_id].targets.lse_PT, b[row_id].targets.lse_PT)
     for shard in sorted((tmp_path / "none").glob("shard-*.arrow")):
         assert all(col.compressed == col.uncompressed for col in column_bytes(shard))
     with pytest.raises(ValueError, match="compression must be one of"):

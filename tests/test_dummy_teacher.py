@@ -48,10 +48,10 @@ def test_a_config_only_teacher_caches_with_dummy_weights_named_in_the_manifest(t
         # Top values are stored with a bounded quantisation of their gaps; the largest logit and the
         # full log-sum-exp are exact: both single out the seeded model.
         row = cached[row_id]
-        assert row.topk_logits_PK.shape == (len(ids) - 1, 4)
+        assert row.targets.logits_PK.shape == (len(ids) - 1, 4)
         expected_PK = logits_PV.topk(4, dim=-1).values
-        np.testing.assert_allclose(row.topk_logits_PK.max(axis=1), expected_PK[:, 0].numpy(), rtol=0, atol=1e-4)
-        np.testing.assert_allclose(row.lse_PT[:, 0], torch.logsumexp(logits_PV, -1).numpy(), rtol=0, atol=1e-4)
+        np.testing.assert_allclose(row.targets.logits_PK.max(axis=1), expected_PK[:, 0].numpy(), rtol=0, atol=1e-4)
+        np.testing.assert_allclose(row.targets.lse_PT[:, 0], torch.logsumexp(logits_PV, -1).numpy(), rtol=0, atol=1e-4)
         assert np.abs(expected_PK.numpy()).max() > 0  # not a test on zeros
 
 

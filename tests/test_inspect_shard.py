@@ -126,7 +126,7 @@ def test_row_json_gives_decoded_targets(cache):
         t = p["t"]
         assert p["next_token"] == truth.row.input_ids_L[t + 1]
         assert p["ids"][0] == p["next_token"]  # target t describes token t+1
-        assert set(p["ids"]) == set(truth.row.topk_ids_PK[t].tolist())
+        assert set(p["ids"]) == set(truth.row.targets.ids_PK[t].tolist())
         true_K = truth.logits_PV[t, p["ids"]].astype(np.float64)
         bound_K = codec.value_error_bound(true_K.max() - true_K, scale) + 1e-5
         assert (np.abs(np.array(p["logits"]) - true_K) <= bound_K).all()
@@ -256,16 +256,16 @@ def test_format_errors_exit_2_with_one_line_naming_the_file(tmp_path, case):
 
 
 def _low_lse(row):
-    row.lse_PT[4, 0] = row.topk_logits_PK[4].max() - 1.0
+    row.targets.lse_PT[4, 0] = row.targets.logits_PK[4].max() - 1.0
 
 
 def _lse_below_topk(row):
     # Above the max logit but below the log-sum-exp of the kept top-k.
-    row.lse_PT[6, 1] = row.topk_logits_PK[6].max() / 2.0 + 1e-3
+    row.targets.lse_PT[6, 1] = row.targets.logits_PK[6].max() / 2.0 + 1e-3
 
 
 def _nan_lse(row):
-    row.lse_PT[2, 1] = np.nan
+    row.targets.lse_PT[2, 1] = np.nan
 
 
 def _inf_hidden(row):
@@ -273,7 +273,7 @@ def _inf_hidden(row):
 
 
 def _bad_counts(row):
-    row.sample_counts_S[0] += 1
+    row.targets.counts_S[0] += 1
 
 
 HIDDEN = HiddenSpec(layers=(2,), dtype="bf16", hidden_size=16)

@@ -6,6 +6,7 @@ token t+1" can be checked on every batch without trusting the loader's own bookk
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import threading
@@ -23,6 +24,8 @@ from common.shard_format import (CHECKSUM_COLUMN, ShardFormatError, TeacherRow, 
 from common.shard_reader import ShardReader
 from common.shard_writer import ShardWriter
 from common.spec import HiddenSpec, ShardSpec, TargetSpec, hidden_positions
+from common.targets.sampled import SampledBatchTargets, SampledRowTargets
+from common.targets.topk import TopkRowTargets
 from student_train.batch import StudentBatch
 from student_train.loader import CacheLoader, LoaderConfig, plan_epoch
 from teacher_cache.targets import compute_targets, row_uniforms
@@ -47,13 +50,13 @@ def synthetic_row(row_id: int, length: int, spec: ShardSpec, rng: np.random.Gene
     row = TeacherRow(row_id=row_id, input_ids_L=input_ids, labels_L=labels)
     if spec.targets.mode == "topk":
         t = compute_targets(logits_PV, lambda x: x, spec.targets, chunk_size=16)
-        row.topk_ids_PK, row.topk_logits_PK = t.topk_ids_NK.numpy(), t.topk_logits_NK.numpy()
-        row.lse_PT = t.lse_NT.numpy()
+        row.targets = TopkRowTargets(ids_PK=t.topk_ids_NK.numpy(), logits_PK=t.topk_logits_NK.numpy(),
+                                     lse_PT=t.lse_NT.numpy())
     else:
         uniforms = torch.from_numpy(row_uniforms(spec.targets.seed, row_id, length - 1, spec.targets.num_samples))
         t = compute_targets(logits_PV, lambda x: x, spec.targets, uniforms_NM=uniforms, chunk_size=16)
-        row.sample_ids_S, row.sample_counts_S = t.sample_ids_S.numpy(), t.sample_counts_S.numpy()
-        row.sample_sizes_P = t.sample_sizes_N.numpy()
+        row.targets = SampledRowTargets(sizes_P=t.sample_sizes_N.numpy(), ids_S=t.sample_ids_S.numpy(),
+                                        counts_S=t.sample_counts_S.numpy())
     h = spec.hidden
     if h.layers:
         positions = hidden_positions(row_id, length, h.token_fraction, h.seed)
@@ -125,9 +128,12 @@ def take(it, n):
 
 
 def assert_same_batch(a: StudentBatch, b: StudentBatch):
-    for name in ("row_ids_B", "input_ids_BL", "attention_mask_BL", "labels_BL", "topk_ids_BPK", "topk_logits_BPK",
-                 "lse_BPT", "sample_ids_BPM", "sample_counts_BPM", "hidden_mask_BL"):
-        x, y = getattr(a, name), getattr(b, name)
+    pairs = [(name, getattr(a, name), getattr(b, name))
+             for name in ("row_ids_B", "input_ids_BL", "attention_mask_BL", "labels_BL", "hidden_mask_BL")]
+    assert type(a.targets) is type(b.targets)
+    if a.targets is not None:
+        pairs += [(f.name, getattr(a.targets, f.name), getattr(b.targets, f.name)) for f in dataclasses.fields(a.targets)]
+    for name, x, y in pairs:
         assert (x is None) == (y is None), name
         if x is not None:
             assert x.dtype == y.dtype and torch.equal(x, y), name
@@ -172,9 +178,9 @@ def test_topk_batches_reproduce_rows_with_target_t_predicting_token_t_plus_1(top
     for batch in batches:
         B, L = batch.input_ids_BL.shape
         P = L - 1
-        assert batch.topk_ids_BPK.shape == (B, P, 8) and batch.topk_ids_BPK.dtype == torch.int64
-        assert batch.topk_logits_BPK.shape == (B, P, 8) and batch.topk_logits_BPK.dtype == torch.float32
-        assert batch.lse_BPT.shape == (B, P, 2) and batch.lse_BPT.dtype == torch.float32
+        assert batch.targets.ids_BPK.shape == (B, P, 8) and batch.targets.ids_BPK.dtype == torch.int64
+        assert batch.targets.logits_BPK.shape == (B, P, 8) and batch.targets.logits_BPK.dtype == torch.float32
+        assert batch.targets.lse_BPT.shape == (B, P, 2) and batch.targets.lse_BPT.dtype == torch.float32
         assert L == max(reference[int(r)].num_tokens for r in batch.row_ids_B)
         assert batch.num_tokens == int(batch.attention_mask_BL.sum())
         for b in range(B):
@@ -182,19 +188,19 @@ def test_topk_batches_reproduce_rows_with_target_t_predicting_token_t_plus_1(top
             n, p = row.num_tokens, row.num_positions
             check_common(batch, b, row, original)
             # stored target t sits at batch position t (no shift in the loader) ...
-            assert torch.equal(batch.topk_ids_BPK[b, :p], torch.from_numpy(row.topk_ids_PK))
-            assert torch.equal(batch.topk_logits_BPK[b, :p], torch.from_numpy(row.topk_logits_PK))
-            assert torch.equal(batch.lse_BPT[b, :p], torch.from_numpy(original.lse_PT))  # lossless
-            want_ids = torch.from_numpy(np.sort(original.topk_ids_PK, axis=1))
-            assert torch.equal(batch.topk_ids_BPK[b, :p].sort(1).values, want_ids)  # same ids per position
+            assert torch.equal(batch.targets.ids_BPK[b, :p], torch.from_numpy(row.targets.ids_PK))
+            assert torch.equal(batch.targets.logits_BPK[b, :p], torch.from_numpy(row.targets.logits_PK))
+            assert torch.equal(batch.targets.lse_BPT[b, :p], torch.from_numpy(original.targets.lse_PT))  # lossless
+            want_ids = torch.from_numpy(np.sort(original.targets.ids_PK, axis=1))
+            assert torch.equal(batch.targets.ids_BPK[b, :p].sort(1).values, want_ids)  # same ids per position
             # ... and it predicts token t+1: the teacher's favourite id is the next input token
-            top1_p = batch.topk_ids_BPK[b, :p].gather(1, batch.topk_logits_BPK[b, :p].argmax(1, keepdim=True))[:, 0]
+            top1_p = batch.targets.ids_BPK[b, :p].gather(1, batch.targets.logits_BPK[b, :p].argmax(1, keepdim=True))[:, 0]
             assert torch.equal(top1_p, batch.input_ids_BL[b, 1:n])
             # the loss counts target t where labels[t+1] is set: those are exactly the unmasked next tokens
             valid_p = batch.labels_BL[b, 1:n] != IGNORE_INDEX
             assert torch.equal(top1_p[valid_p], batch.labels_BL[b, 1:n][valid_p])
-            assert (batch.topk_ids_BPK[b, p:] == 0).all() and (batch.topk_logits_BPK[b, p:] == 0).all()
-            assert (batch.lse_BPT[b, p:] == 0).all()
+            assert (batch.targets.ids_BPK[b, p:] == 0).all() and (batch.targets.logits_BPK[b, p:] == 0).all()
+            assert (batch.targets.lse_BPT[b, p:] == 0).all()
             # hidden states are not shifted; fraction 1 stores every real token
             assert batch.hidden_mask_BL[b].tolist() == [True] * n + [False] * (L - n)
             for layer in (2, 5):
@@ -215,30 +221,30 @@ def test_sampled_batches_and_hidden_subset(sampled_cache):
     assert ld.spec.targets.num_samples == 24
     for batch in batches:
         B, L = batch.input_ids_BL.shape
-        M = batch.sample_ids_BPM.shape[2]
-        assert batch.topk_ids_BPK is None and batch.lse_BPT is None
-        assert batch.sample_ids_BPM.shape == batch.sample_counts_BPM.shape == (B, L - 1, M)
-        assert M == max(int(reference[abs(int(r))].sample_sizes_P.max(initial=0)) for r in batch.row_ids_B if r >= 0)
+        M = batch.targets.ids_BPM.shape[2]
+        assert isinstance(batch.targets, SampledBatchTargets)  # no top-k fields
+        assert batch.targets.ids_BPM.shape == batch.targets.counts_BPM.shape == (B, L - 1, M)
+        assert M == max(int(reference[abs(int(r))].targets.sizes_P.max(initial=0)) for r in batch.row_ids_B if r >= 0)
         for b in range(B):
             if batch.row_ids_B[b] < 0:
                 continue
             row, original = reference[int(batch.row_ids_B[b])], by_id[int(batch.row_ids_B[b])]
             n, p = row.num_tokens, row.num_positions
             check_common(batch, b, row, original)
-            starts = np.concatenate([[0], np.cumsum(original.sample_sizes_P)])
+            starts = np.concatenate([[0], np.cumsum(original.targets.sizes_P)])
             for t in range(p):
-                ids = batch.sample_ids_BPM[b, t]
-                counts = batch.sample_counts_BPM[b, t]
-                size = int(original.sample_sizes_P[t])
+                ids = batch.targets.ids_BPM[b, t]
+                counts = batch.targets.counts_BPM[b, t]
+                size = int(original.targets.sizes_P[t])
                 got = sorted(zip(ids[:size].tolist(), counts[:size].tolist()))
-                want = sorted(zip(original.sample_ids_S[starts[t]:starts[t + 1]].tolist(),
-                                  original.sample_counts_S[starts[t]:starts[t + 1]].tolist()))
+                want = sorted(zip(original.targets.ids_S[starts[t]:starts[t + 1]].tolist(),
+                                  original.targets.counts_S[starts[t]:starts[t + 1]].tolist()))
                 assert got == want
                 assert (ids[size:] == -1).all() and (counts[size:] == 0).all()
                 assert int(counts.sum()) == 24
                 # the most drawn id at position t is token t+1
                 assert int(ids[counts.argmax()]) == int(batch.input_ids_BL[b, t + 1])
-            assert (batch.sample_ids_BPM[b, p:] == -1).all() and (batch.sample_counts_BPM[b, p:] == 0).all()
+            assert (batch.targets.ids_BPM[b, p:] == -1).all() and (batch.targets.counts_BPM[b, p:] == 0).all()
             # fraction 0.5: only the stored positions are marked and filled
             mask = torch.zeros(L, dtype=torch.bool)
             mask[torch.from_numpy(original.hidden_positions_H.astype(np.int64))] = True

@@ -4,6 +4,8 @@ labels, targets and hidden states at its offset with the boundary masked."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -153,10 +155,10 @@ def test_loader_places_each_row_at_its_offset(cache):
                 assert int(batch.labels_BL[b, start]) == IGNORE_INDEX
                 assert torch.equal(batch.labels_BL[b, start + 1:start + n], ref.labels_BL[0, 1:n])
                 # target position t (predicting token t + 1) moves with its row
-                targets = [f for f in ("topk_ids_BPK", "topk_logits_BPK", "lse_BPT", "sample_ids_BPM",
-                                       "sample_counts_BPM") if getattr(batch, f) is not None]
+                targets = [f.name for f in dataclasses.fields(batch.targets)]
                 for f in targets:
-                    mine, theirs = getattr(batch, f)[b, start:start + n - 1], getattr(ref, f)[0, :n - 1]
+                    mine = getattr(batch.targets, f)[b, start:start + n - 1]
+                    theirs = getattr(ref.targets, f)[0, :n - 1]
                     width = min(mine.shape[-1], theirs.shape[-1])  # sampled: M differs per batch
                     assert torch.equal(mine[..., :width], theirs[..., :width])
                 assert torch.equal(batch.hidden_mask_BL[b, span], ref.hidden_mask_BL[0, :n])

@@ -99,7 +99,7 @@ def test_the_tampered_shard_decodes_and_its_resealed_sha256_passes(sound, tmp_pa
         rows = {row.row_id: row for row in reader.iter_rows(verify_content=True)}
     with ShardReader(sound.cache / shard.name, verify_cells=False) as reader:
         before = {row.row_id: row for row in reader.iter_rows()}
-    changed = [r for r in rows if not np.array_equal(rows[r].lse_PT, before[r].lse_PT)]
+    changed = [r for r in rows if not np.array_equal(rows[r].targets.lse_PT, before[r].targets.lse_PT)]
     assert changed == [TAMPERED_ROW]  # the lowest bit of one lse: a change no value check can see
 
 

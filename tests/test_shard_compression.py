@@ -31,9 +31,9 @@ def test_every_codec_decodes_to_the_same_rows_and_accounts_its_bytes(tmp_path):
     for codec in ("lz4", "none"):
         for a, b in zip(decoded["zstd"], decoded[codec]):
             np.testing.assert_array_equal(a.input_ids_L, b.input_ids_L)
-            np.testing.assert_array_equal(a.topk_ids_PK, b.topk_ids_PK)
-            np.testing.assert_array_equal(a.topk_logits_PK, b.topk_logits_PK)
-            np.testing.assert_array_equal(a.lse_PT, b.lse_PT)
+            np.testing.assert_array_equal(a.targets.ids_PK, b.targets.ids_PK)
+            np.testing.assert_array_equal(a.targets.logits_PK, b.targets.logits_PK)
+            np.testing.assert_array_equal(a.targets.lse_PT, b.targets.lse_PT)
             assert torch.equal(a.hidden[2], b.hidden[2])
     sizes = {c: {col.name: col for col in column_bytes(p)} for c, p in paths.items()}
     for name, col in sizes["none"].items():

@@ -63,23 +63,23 @@ def test_topk_round_trip_ids_exact_values_within_bound(topk_cache):
         np.testing.assert_array_equal(row.labels_L, truth.row.labels_L)
         assert row.content_hash == content_hash(truth.row.input_ids_L)
         num_pos = row.num_positions
-        assert row.topk_ids_PK.shape == (num_pos, spec.targets.k)
+        assert row.targets.ids_PK.shape == (num_pos, spec.targets.k)
         # ids exact (stored sorted ascending per position)
-        np.testing.assert_array_equal(row.topk_ids_PK, np.sort(truth.row.topk_ids_PK, axis=1))
+        np.testing.assert_array_equal(row.targets.ids_PK, np.sort(truth.row.targets.ids_PK, axis=1))
         # lse is stored as float32 bits: exact.
-        np.testing.assert_array_equal(row.lse_PT, truth.row.lse_PT)
+        np.testing.assert_array_equal(row.targets.lse_PT, truth.row.targets.lse_PT)
         if not num_pos:
             continue
-        true_PK = np.take_along_axis(truth.logits_PV, row.topk_ids_PK, axis=1).astype(np.float64)
+        true_PK = np.take_along_axis(truth.logits_PV, row.targets.ids_PK, axis=1).astype(np.float64)
         max_P = truth.logits_PV.max(axis=1).astype(np.float64)
         gap_PK = max_P[:, None] - true_PK
         bound_PK = codec.value_error_bound(gap_PK, spec.targets.value_scale)
         # float32 arithmetic on logits near 25 adds a few ulps.
         ulps_P = 4 * np.spacing(np.abs(max_P).astype(np.float32)).astype(np.float64)
-        err_PK = np.abs(row.topk_logits_PK.astype(np.float64) - true_PK)
+        err_PK = np.abs(row.targets.logits_PK.astype(np.float64) - true_PK)
         assert (err_PK <= bound_PK + ulps_P[:, None]).all(), float((err_PK - bound_PK).max())
         # The top-1 gap is 0 and decodes exactly.
-        np.testing.assert_array_equal(row.topk_logits_PK.max(axis=1), truth.row.topk_logits_PK.max(axis=1))
+        np.testing.assert_array_equal(row.targets.logits_PK.max(axis=1), truth.row.targets.logits_PK.max(axis=1))
 
 
 def test_target_t_predicts_token_t_plus_1(topk_cache):
@@ -87,7 +87,7 @@ def test_target_t_predicts_token_t_plus_1(topk_cache):
     for row in read_all(cache / shard_file_name(0)):
         if not row.num_positions:
             continue
-        top1_P = row.topk_ids_PK[np.arange(row.num_positions), row.topk_logits_PK.argmax(axis=1)]
+        top1_P = row.targets.ids_PK[np.arange(row.num_positions), row.targets.logits_PK.argmax(axis=1)]
         # The rows were built greedily: token t+1 is the teacher's top-1 at t.
         np.testing.assert_array_equal(top1_P, row.input_ids_L[1:])
         # ... and position t is not token t's own distribution shifted in.
@@ -101,9 +101,9 @@ def test_topk_mean_kl_with_tail_bucket_below_1e4(topk_cache):
         truth = truths[row.row_id]
         if not row.num_positions:
             continue
-        true_PK = np.take_along_axis(truth.logits_PV, row.topk_ids_PK, axis=1)
+        true_PK = np.take_along_axis(truth.logits_PV, row.targets.ids_PK, axis=1)
         for ti, t in enumerate(spec.targets.temperatures):
-            kls[t].append(topk_tail_kl(true_PK, truth.lse_PT[:, ti], row.topk_logits_PK, row.lse_PT[:, ti], t))
+            kls[t].append(topk_tail_kl(true_PK, truth.lse_PT[:, ti], row.targets.logits_PK, row.targets.lse_PT[:, ti], t))
     for t, parts in kls.items():
         kl = np.concatenate(parts)
         assert (kl > -1e-12).all()
@@ -180,15 +180,15 @@ def test_sampled_round_trip_is_lossless(tmp_path):
     truths = write_cache(tmp_path, spec, [[65, 30]])
     for row in read_all(tmp_path / shard_file_name(0)):
         truth = truths[row.row_id].row
-        np.testing.assert_array_equal(row.sample_sizes_P, truth.sample_sizes_P)
-        np.testing.assert_array_equal(row.sample_ids_S, truth.sample_ids_S)
-        np.testing.assert_array_equal(row.sample_counts_S, truth.sample_counts_S)
-        group_S = np.repeat(np.arange(row.num_positions), row.sample_sizes_P)
-        np.testing.assert_array_equal(np.bincount(group_S, weights=row.sample_counts_S), 50)
+        np.testing.assert_array_equal(row.targets.sizes_P, truth.targets.sizes_P)
+        np.testing.assert_array_equal(row.targets.ids_S, truth.targets.ids_S)
+        np.testing.assert_array_equal(row.targets.counts_S, truth.targets.counts_S)
+        group_S = np.repeat(np.arange(row.num_positions), row.targets.sizes_P)
+        np.testing.assert_array_equal(np.bincount(group_S, weights=row.targets.counts_S), 50)
         # About 12 distinct ids from 50 draws of a peaked distribution.
-        assert 2 < row.sample_sizes_P.mean() < 25
+        assert 2 < row.targets.sizes_P.mean() < 25
         # Target t describes token t+1 (the greedy next token is drawn with p >= 0.2).
-        hit = row.sample_ids_S == row.input_ids_L[1:][group_S]
+        hit = row.targets.ids_S == row.input_ids_L[1:][group_S]
         np.testing.assert_array_equal(np.bincount(group_S[hit], minlength=row.num_positions), 1)
 
 

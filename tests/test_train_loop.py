@@ -165,9 +165,9 @@ def ce_kl_floor(cache: Path, w_ce: float, w_kl: float) -> float:
             y = int(batch.labels_BL[b, t + 1])
             if y == -100:
                 continue
-            p = np.exp(batch.topk_logits_BPK[b, t].double().numpy() - float(batch.lse_BPT[b, t, 0]))
+            p = np.exp(batch.targets.logits_BPK[b, t].double().numpy() - float(batch.targets.lse_BPT[b, t, 0]))
             p = np.append(p, max(1 - p.sum(), 0.0))
-            hit = np.flatnonzero(batch.topk_ids_BPK[b, t].numpy() == y)
+            hit = np.flatnonzero(batch.targets.ids_BPK[b, t].numpy() == y)
             bucket = int(hit[0]) if len(hit) else len(p) - 1
             e = np.zeros_like(p)
             e[bucket] = 1.0

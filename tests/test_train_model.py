@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from common.targets.topk import TopkBatchTargets
 from demo.tiny_models import build_model, tiny_gpt_oss_config, tiny_llama_config
 from student_train.batch import StudentBatch
 from student_train.config import OptimConfig, StudentConfig
@@ -46,8 +47,8 @@ def padded_batch(gen, lengths=(9, 12), k=8, teacher_width=24, teacher_layer=2, d
     hidden_mask[drop_hidden_at] = False
     return StudentBatch(
         row_ids_BR=torch.arange(B)[:, None], input_ids_BL=input_ids, attention_mask_BL=mask, labels_BL=labels,
-        topk_ids_BPK=ids, topk_logits_BPK=teacher_logits.gather(-1, ids),
-        lse_BPT=torch.stack([torch.logsumexp(teacher_logits / t, -1) for t in TEMPERATURES], -1),
+        targets=TopkBatchTargets(ids_BPK=ids, logits_BPK=teacher_logits.gather(-1, ids),
+                                 lse_BPT=torch.stack([torch.logsumexp(teacher_logits / t, -1) for t in TEMPERATURES], -1)),
         teacher_hidden={teacher_layer: torch.randn(B, L, teacher_width, generator=gen, dtype=torch.float64)},
         hidden_mask_BL=hidden_mask, num_tokens=int(mask.sum()))
 
@@ -68,9 +69,9 @@ def reference_loss(student, proj_weight, batch, cfg: LossConfig, teacher_layer, 
                 continue
             valid += 1
             ce_sum = ce_sum - torch.log_softmax(logits_BLV[b, t], -1)[label]
-            p_K = torch.exp(batch.topk_logits_BPK[b, t] / T - batch.lse_BPT[b, t, t_index])
+            p_K = torch.exp(batch.targets.logits_BPK[b, t] / T - batch.targets.lse_BPT[b, t, t_index])
             q_V = torch.softmax(logits_BLV[b, t] / T, -1)
-            q_K = q_V[batch.topk_ids_BPK[b, t]]
+            q_K = q_V[batch.targets.ids_BPK[b, t]]
             p_tail, q_tail = 1 - p_K.sum(), 1 - q_K.sum()
             kl_sum = kl_sum + (p_K * (p_K / q_K).log()).sum() + p_tail * (p_tail / q_tail).log()
     student_BLD = out.hidden_states[student_layer]  # the stream leaving decoder block `student_layer`
@@ -125,9 +126,9 @@ def test_target_t_predicts_token_t_plus_1():
     batch.labels_BL[:, 6] = batch.input_ids_BL[:, 6]
     next_BP = batch.input_ids_BL[:, 1:]
     others_BPK = (next_BP[..., None] + torch.arange(1, 4)) % V
-    batch.topk_ids_BPK = torch.cat([next_BP[..., None], others_BPK], -1)
-    batch.topk_logits_BPK = torch.tensor([0.0, -1e4, -1e4, -1e4], dtype=torch.float64).expand(2, 9, 4).clone()
-    batch.lse_BPT = torch.zeros(2, 9, 2, dtype=torch.float64)  # p(token t+1) = 1, tail 0
+    batch.targets.ids_BPK = torch.cat([next_BP[..., None], others_BPK], -1)
+    batch.targets.logits_BPK = torch.tensor([0.0, -1e4, -1e4, -1e4], dtype=torch.float64).expand(2, 9, 4).clone()
+    batch.targets.lse_BPT = torch.zeros(2, 9, 2, dtype=torch.float64)  # p(token t+1) = 1, tail 0
     cfg = LossConfig(ce_weight=0.0, kl_weight=1.0, kl_temperature=1.0)
     model = DistillModel(student, cfg, TargetLayout("topk", 0, 0, 0))
     valid = int((batch.labels_BL[:, 1:] != -100).sum())

@@ -24,6 +24,7 @@ import torch
 
 from common.codec import hidden_error_bound, quantize_fp8
 from common.spec import HiddenSpec, ShardSpec, TargetSpec, hidden_positions
+from common.targets.topk import TopkRowTargets
 from teacher_cache.backend import BackendOptions, SourceRow
 from teacher_cache.targets import compute_targets, row_uniforms
 from teacher_cache.vllm_worker import (ROW_ID_KEY, CaptureConfig, StepCapture, pack_arrays, unpack_arrays)
@@ -131,13 +132,13 @@ def test_chunked_reordered_preempted_steps_give_the_one_shot_result(mode, hidden
         targets, hidden = _scripted_expected(runner2, ids, spec, row_id)
         got = results[row_id]
         if mode == "topk":
-            np.testing.assert_array_equal(got["topk_ids"], targets.topk_ids_NK.numpy())
-            np.testing.assert_allclose(got["topk_logits"], targets.topk_logits_NK.numpy(), rtol=1e-6)
-            np.testing.assert_allclose(got["lse"], targets.lse_NT.numpy(), rtol=1e-6)
+            np.testing.assert_array_equal(got["targets"].ids_PK, targets.topk_ids_NK.numpy())
+            np.testing.assert_allclose(got["targets"].logits_PK, targets.topk_logits_NK.numpy(), rtol=1e-6)
+            np.testing.assert_allclose(got["targets"].lse_PT, targets.lse_NT.numpy(), rtol=1e-6)
         else:
-            np.testing.assert_array_equal(got["sample_sizes"], targets.sample_sizes_N.numpy())
-            np.testing.assert_array_equal(got["sample_ids"], targets.sample_ids_S.numpy())
-            np.testing.assert_array_equal(got["sample_counts"], targets.sample_counts_S.numpy())
+            np.testing.assert_array_equal(got["targets"].sizes_P, targets.sample_sizes_N.numpy())
+            np.testing.assert_array_equal(got["targets"].ids_S, targets.sample_ids_S.numpy())
+            np.testing.assert_array_equal(got["targets"].counts_S, targets.sample_counts_S.numpy())
         for layer in spec.hidden.layers:
             if hidden_dtype == "fp8":  # quantized on the device, per token, before the host copy
                 want_q, want_scale = quantize_fp8(hidden[layer])
@@ -160,9 +161,11 @@ def test_request_without_row_id_is_refused():
 @pytest.mark.parametrize("num_tokens", [4, 1])
 def test_packed_rows_round_trip_bytes_only(num_tokens):
     p = num_tokens - 1
-    result = {"row_id": 7, "num_tokens": num_tokens, "topk_ids": np.arange(4 * p, dtype=np.int32).reshape(p, 4),
-              "topk_logits": np.linspace(-3, 5, 4 * p, dtype=np.float32).reshape(p, 4),
-              "lse": np.full((p, 2), 2.5, np.float32), "hidden": {2: torch.randn(num_tokens, 8).to(torch.bfloat16)}}
+    targets = TopkRowTargets(ids_PK=np.arange(4 * p, dtype=np.int32).reshape(p, 4),
+                             logits_PK=np.linspace(-3, 5, 4 * p, dtype=np.float32).reshape(p, 4),
+                             lse_PT=np.full((p, 2), 2.5, np.float32))
+    result = {"row_id": 7, "num_tokens": num_tokens, "targets": targets,
+              "hidden": {2: torch.randn(num_tokens, 8).to(torch.bfloat16)}}
     packed = pack_arrays(result)
 
     def native(value):
@@ -173,16 +176,16 @@ def test_packed_rows_round_trip_bytes_only(num_tokens):
         return isinstance(value, (int, str, bytes))
 
     assert native(packed)  # nothing vLLM would have to pickle
-    back = unpack_arrays(packed)
-    for name in ("topk_ids", "topk_logits", "lse"):
-        assert back[name].dtype == result[name].dtype
-        np.testing.assert_array_equal(back[name], result[name])
+    back = unpack_arrays(packed, TopkRowTargets)
+    for name in ("ids_PK", "logits_PK", "lse_PT"):
+        assert getattr(back["targets"], name).dtype == getattr(targets, name).dtype
+        np.testing.assert_array_equal(getattr(back["targets"], name), getattr(targets, name))
     assert back["hidden"][2].dtype == torch.bfloat16
     torch.testing.assert_close(back["hidden"][2], result["hidden"][2], rtol=0, atol=0)
 
     # fp8 hidden states travel with their per-token scales.
     q, scale = quantize_fp8(torch.randn(num_tokens, 8) * 3)
-    back = unpack_arrays(pack_arrays({**result, "hidden": {2: q}, "hidden_scales": {2: scale}}))
+    back = unpack_arrays(pack_arrays({**result, "hidden": {2: q}, "hidden_scales": {2: scale}}), TopkRowTargets)
     assert back["hidden"][2].dtype == torch.float8_e4m3fn
     assert torch.equal(back["hidden"][2].view(torch.uint8), q.view(torch.uint8))
     assert torch.equal(back["hidden_scales"][2], scale)
@@ -309,27 +312,27 @@ def test_topk_and_hidden_match_float64_reference_under_chunked_prefill(engines, 
         np.testing.assert_array_equal(trow.labels_L, row.labels)
         kept = hidden_positions(row.row_id, row.num_tokens, spec.hidden.token_fraction, spec.hidden.seed)
         np.testing.assert_array_equal(trow.hidden_positions_H, kept)
-        assert trow.topk_ids_PK.shape == (max(row.num_tokens - 1, 0), k)
+        assert trow.targets.ids_PK.shape == (max(row.num_tokens - 1, 0), k)
         if row.num_tokens == 0:
             continue
         logits_LV, streams = reference_forward(teacher.reference, row.input_ids)
         # Position t holds the distribution of token t + 1; the last token has none.
         logits_PV = logits_LV[:-1]
-        ids_PK = torch.as_tensor(trow.topk_ids_PK, dtype=torch.long)
-        np.testing.assert_allclose(trow.topk_logits_PK, logits_PV.gather(1, ids_PK).numpy(), atol=ATOL, rtol=0)
+        ids_PK = torch.as_tensor(trow.targets.ids_PK, dtype=torch.long)
+        np.testing.assert_allclose(trow.targets.logits_PK, logits_PV.gather(1, ids_PK).numpy(), atol=ATOL, rtol=0)
         sorted_PV = logits_PV.sort(dim=-1, descending=True).values
         # Same top-k up to ties: the kept ids are distinct and none is below the reference's k-th value.
-        assert all(len(set(r)) == k for r in trow.topk_ids_PK.tolist())
-        assert (trow.topk_logits_PK.min(axis=1) >= sorted_PV[:, k - 1].numpy() - ATOL).all()
+        assert all(len(set(r)) == k for r in trow.targets.ids_PK.tolist())
+        assert (trow.targets.logits_PK.min(axis=1) >= sorted_PV[:, k - 1].numpy() - ATOL).all()
         untied = (sorted_PV[:, k - 1] - sorted_PV[:, k]).numpy() > 1e-3
         ref_ids_PK = logits_PV.topk(k).indices.sort(dim=-1).values.numpy()
-        np.testing.assert_array_equal(np.sort(trow.topk_ids_PK, axis=1)[untied], ref_ids_PK[untied])
+        np.testing.assert_array_equal(np.sort(trow.targets.ids_PK, axis=1)[untied], ref_ids_PK[untied])
         for j, temp in enumerate(spec.targets.temperatures):
-            np.testing.assert_allclose(trow.lse_PT[:, j], torch.logsumexp(logits_PV / temp, dim=-1).numpy(),
+            np.testing.assert_allclose(trow.targets.lse_PT[:, j], torch.logsumexp(logits_PV / temp, dim=-1).numpy(),
                                        atol=ATOL, rtol=0)
         # Teacher distributions are peaked (the top token's probability).
         if row.num_tokens > 20:
-            assert np.median(np.exp(trow.topk_logits_PK.max(axis=1) - trow.lse_PT[:, 0])) > 0.3
+            assert np.median(np.exp(trow.targets.logits_PK.max(axis=1) - trow.targets.lse_PT[:, 0])) > 0.3
         for layer in spec.hidden.layers:
             torch.testing.assert_close(trow.hidden[layer].double(), streams[layer][kept], atol=1e-5, rtol=1e-5)
 
@@ -347,11 +350,11 @@ def test_target_t_predicts_token_t_plus_1(engines, teacher):
             prefix_LV = teacher.reference(torch.as_tensor(row.input_ids[:t + 1], dtype=torch.long)[None]).logits[0]
         prefix_logits = prefix_LV[-1]
         lse = float(torch.logsumexp(prefix_logits, dim=-1))
-        assert abs(trow.lse_PT[t, 0] - lse) < ATOL
-        assert int(trow.topk_ids_PK[t][np.argmax(trow.topk_logits_PK[t])]) == int(prefix_logits.argmax())
+        assert abs(trow.targets.lse_PT[t, 0] - lse) < ATOL
+        assert int(trow.targets.ids_PK[t][np.argmax(trow.targets.logits_PK[t])]) == int(prefix_logits.argmax())
         for other in (t - 1, t + 1):
             if 0 <= other < row.num_tokens - 1:
-                assert abs(trow.lse_PT[other, 0] - lse) > 10 * ATOL
+                assert abs(trow.targets.lse_PT[other, 0] - lse) > 10 * ATOL
 
 
 @pytest.mark.vllm
@@ -362,9 +365,9 @@ def test_results_do_not_depend_on_submission_order(engines, teacher):
     backward = run_rows(backend, teacher.rows[::-1])
     for row_id, a in forward.items():
         b = backward[row_id]
-        np.testing.assert_array_equal(a.topk_ids_PK, b.topk_ids_PK)
-        np.testing.assert_allclose(a.topk_logits_PK, b.topk_logits_PK, atol=1e-5, rtol=0)
-        np.testing.assert_allclose(a.lse_PT, b.lse_PT, atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(a.targets.ids_PK, b.targets.ids_PK)
+        np.testing.assert_allclose(a.targets.logits_PK, b.targets.logits_PK, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(a.targets.lse_PT, b.targets.lse_PT, atol=1e-5, rtol=0)
         for layer in a.hidden:
             torch.testing.assert_close(a.hidden[layer], b.hidden[layer], atol=1e-5, rtol=0)
 
@@ -472,17 +475,17 @@ def test_same_targets_as_the_hf_backend(engines, teacher, engine):
                 torch.testing.assert_close(a.hidden[layer], b.hidden[layer].to(a.hidden[layer].dtype),
                                            atol=1e-5, rtol=1e-5)
         if spec.targets.mode == "topk":
-            np.testing.assert_allclose(a.lse_PT, b.lse_PT, atol=ATOL, rtol=0)
-            np.testing.assert_allclose(np.sort(a.topk_logits_PK, axis=1), np.sort(b.topk_logits_PK, axis=1),
+            np.testing.assert_allclose(a.targets.lse_PT, b.targets.lse_PT, atol=ATOL, rtol=0)
+            np.testing.assert_allclose(np.sort(a.targets.logits_PK, axis=1), np.sort(b.targets.logits_PK, axis=1),
                                        atol=ATOL, rtol=0)
             # Ids agree except where the k-th and (k+1)-th candidates tie within float32 noise.
-            differ = ~(np.sort(a.topk_ids_PK, axis=1) == np.sort(b.topk_ids_PK, axis=1)).all(axis=1)
-            assert (np.abs(a.topk_logits_PK.min(axis=1) - b.topk_logits_PK.min(axis=1))[differ] < ATOL).all()
+            differ = ~(np.sort(a.targets.ids_PK, axis=1) == np.sort(b.targets.ids_PK, axis=1)).all(axis=1)
+            assert (np.abs(a.targets.logits_PK.min(axis=1) - b.targets.logits_PK.min(axis=1))[differ] < ATOL).all()
             positions += len(differ)
             differing += int(differ.sum())
         else:
-            got_rows = _split(a.sample_ids_S, a.sample_counts_S, a.sample_sizes_P)
-            want_rows = _split(b.sample_ids_S, b.sample_counts_S, b.sample_sizes_P)
+            got_rows = _split(a.targets.ids_S, a.targets.counts_S, a.targets.sizes_P)
+            want_rows = _split(b.targets.ids_S, b.targets.counts_S, b.targets.sizes_P)
             assert len(got_rows) == len(want_rows) == max(row.num_tokens - 1, 0)
             positions += len(got_rows)
             differing += sum(g != w for g, w in zip(got_rows, want_rows))
@@ -507,15 +510,15 @@ def test_sampled_counts_match_float64_draws_on_a_compiled_engine(engines, teache
     for row in teacher.rows:
         trow = got[row.row_id]
         if row.num_tokens == 0:
-            assert len(trow.sample_sizes_P) == 0
+            assert len(trow.targets.sizes_P) == 0
             continue
         logits_LV, streams = reference_forward(teacher.reference, row.input_ids)
         uniforms = torch.from_numpy(row_uniforms(spec.targets.seed, row.row_id, row.num_tokens - 1,
                                                  spec.targets.num_samples))
         expected = compute_targets(logits_LV[:-1], lambda h: h, spec.targets, uniforms)
-        sizes = trow.sample_sizes_P
+        sizes = trow.targets.sizes_P
         assert len(sizes) == row.num_tokens - 1
-        got_rows = _split(trow.sample_ids_S, trow.sample_counts_S, sizes)
+        got_rows = _split(trow.targets.ids_S, trow.targets.counts_S, sizes)
         want_rows = _split(expected.sample_ids_S.numpy(), expected.sample_counts_S.numpy(),
                            expected.sample_sizes_N.numpy())
         assert all(sum(g.values()) == spec.targets.num_samples for g in got_rows)
@@ -559,10 +562,10 @@ def test_gpt_oss_teacher_matches_the_hf_backend(engines, teacher, gpt_oss_dir):
     got = run_rows(backend, rows)
     for row in rows:
         a, b = got[row.row_id], want[row.row_id]
-        np.testing.assert_allclose(a.lse_PT, b.lse_PT, atol=ATOL, rtol=0)
-        np.testing.assert_allclose(np.sort(a.topk_logits_PK, axis=1), np.sort(b.topk_logits_PK, axis=1),
+        np.testing.assert_allclose(a.targets.lse_PT, b.targets.lse_PT, atol=ATOL, rtol=0)
+        np.testing.assert_allclose(np.sort(a.targets.logits_PK, axis=1), np.sort(b.targets.logits_PK, axis=1),
                                    atol=ATOL, rtol=0)
-        np.testing.assert_array_equal(np.sort(a.topk_ids_PK, axis=1), np.sort(b.topk_ids_PK, axis=1))
+        np.testing.assert_array_equal(np.sort(a.targets.ids_PK, axis=1), np.sort(b.targets.ids_PK, axis=1))
         # Layer 2 is the last one: its stream is taken before the final norm.
         for layer in spec.hidden.layers:
             torch.testing.assert_close(a.hidden[layer], b.hidden[layer], atol=1e-5, rtol=1e-5)

@@ -203,7 +203,7 @@ def test_a_failing_producer_keeps_finished_shards_and_publishes_nothing_else(row
 
 def test_a_row_that_fails_to_encode_aborts_the_open_shards(rows, tmp_path):
     bad = copy.copy(rows[PLANS[1].row_start + 2])
-    bad.lse_PT = bad.lse_PT[:, :1]  # one temperature instead of two
+    bad.targets.lse_PT = bad.targets.lse_PT[:, :1]  # one temperature instead of two
     stream = [bad if r.row_id == bad.row_id else r for r in rows]
     with pipeline_at(tmp_path) as pipeline:
         with pytest.raises(ValueError, match=f"row {bad.row_id}: lse must be"):

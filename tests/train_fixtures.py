@@ -16,6 +16,8 @@ from common.manifest import CacheManifest, refresh_manifest
 from common.shard_format import TeacherRow
 from common.shard_writer import ShardWriter
 from common.spec import HiddenSpec, ShardSpec, TargetSpec
+from common.targets.sampled import SampledRowTargets
+from common.targets.topk import TopkRowTargets
 from demo.tiny_models import build_model, save_model, tiny_gpt_oss_config, tiny_llama_config
 from student_train.config import load_config
 
@@ -59,10 +61,9 @@ def write_cache(cache_dir: Path, rows, teacher, *, mode: str = "topk", k: int = 
                 row = TeacherRow(row_id=start + offset, input_ids_L=ids, labels_L=labels)
                 if mode == "topk":
                     top = logits_PV.topk(k, dim=-1)
-                    row.topk_ids_PK = top.indices.numpy()
-                    row.topk_logits_PK = top.values.float().numpy()
                     lse_PT = torch.stack([torch.logsumexp(logits_PV / t, -1) for t in temperatures], -1)
-                    row.lse_PT = lse_PT.float().numpy()
+                    row.targets = TopkRowTargets(ids_PK=top.indices.numpy(), logits_PK=top.values.float().numpy(),
+                                                 lse_PT=lse_PT.float().numpy())
                 else:
                     draws_PS = torch.multinomial(torch.softmax(logits_PV, -1), num_samples, replacement=True,
                                                  generator=gen)
@@ -72,9 +73,8 @@ def write_cache(cache_dir: Path, rows, teacher, *, mode: str = "topk", k: int = 
                         ids_S.append(u.numpy())
                         counts_S.append(c.numpy())
                         sizes_P.append(len(u))
-                    row.sample_ids_S = np.concatenate(ids_S)
-                    row.sample_counts_S = np.concatenate(counts_S)
-                    row.sample_sizes_P = np.asarray(sizes_P)
+                    row.targets = SampledRowTargets(sizes_P=np.asarray(sizes_P), ids_S=np.concatenate(ids_S),
+                                                    counts_S=np.concatenate(counts_S))
                 for layer in hidden_layers:
                     row.hidden[layer] = out.hidden_states[layer][0].float()  # stream leaving block `layer`
                 writer.add(row)

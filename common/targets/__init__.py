@@ -3,9 +3,11 @@
 A kind owns everything that depends on it: its shard columns and the coding of
 a row's target cells, its bytes per token, the checks and statistics of a
 decoded row, its collation into a training batch and the loss targets built
-from that batch. The rest of the code asks `TargetSpec.kind` and never tests
+from that batch. A row (`TeacherRow.targets`) and a batch (`StudentBatch.targets`)
+each carry one object of the kind's own `RowTargets` / `BatchTargets` subclass.
+The rest of the code asks `TargetSpec.kind` or those objects and never tests
 the mode. A new kind is one module here with a `@register`ed `TargetKind`
-subclass, imported at the bottom of this file.
+subclass and its two target classes, imported at the bottom of this file.
 
 Shape suffixes: L tokens, P = L - 1 target positions (position t describes
 token t + 1), B batch rows, N flattened batch positions.
@@ -13,6 +15,7 @@ token t + 1), B batch rows, N flattened batch positions.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
@@ -28,9 +31,52 @@ if TYPE_CHECKING:
 Allocate = Callable[[tuple, object, torch.dtype], torch.Tensor]
 
 
+class RowTargets:
+    """One row's decoded targets (numpy arrays), as `TeacherRow.targets` holds them."""
+
+    @property
+    def num_positions(self) -> int:
+        """Target positions the targets cover."""
+        raise NotImplementedError
+
+    def encode(self, spec: "ShardSpec", num_positions: int, where: str) -> dict:
+        """The target cells, {column: cell}; ValueError naming `where` for bad shapes or ids."""
+        raise NotImplementedError
+
+    @classmethod
+    def decode(cls, cells: dict, spec: "ShardSpec") -> "RowTargets | None":
+        """The targets from a row's cells; None when the reader did not read them."""
+        raise NotImplementedError
+
+
+class BatchTargets:
+    """A batch's targets (tensors [B, P, ...], padded), as `StudentBatch.targets` holds them.
+    Subclasses are dataclasses whose fields are all tensors."""
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "BatchTargets":
+        return dataclasses.replace(self, **{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
+    def to(self, device, non_blocking: bool = False) -> "BatchTargets":
+        return self.map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "BatchTargets":
+        return self.map(lambda t: t if t.is_pinned() else t.pin_memory())
+
+    def fill_row(self, b: int, row: RowTargets, start: int = 0) -> None:
+        """Copies one row's targets into batch row b from position `start` on (packed
+        batches hold several rows), through numpy views (the decode
+        threads' copies then run without the GIL; see student_train/loader.py)."""
+        raise NotImplementedError
+
+    def loss_targets(self, n: int, layout):
+        """The targets over the batch's n flattened positions, as the loss reads them."""
+        raise NotImplementedError
+
+
 class TargetKind:
     mode: ClassVar[str]  # TargetSpec.mode, as recorded in every shard and manifest
     described: ClassVar[str]  # in messages: "a top-k cache"
+    row_targets: ClassVar[type[RowTargets]]
 
     def check_spec(self, tspec: "TargetSpec", vocab_size: int | None = None) -> None:
         """ValueError for settings this kind cannot store (vocab_size: once the spec has one)."""
@@ -40,11 +86,14 @@ class TargetKind:
 
     def encode(self, row: "TeacherRow", spec: "ShardSpec", where: str) -> dict:
         """A row's target cells, {column: cell}; ValueError naming `where` for bad shapes or ids."""
-        raise NotImplementedError
+        if not isinstance(row.targets, self.row_targets):
+            raise ValueError(f"{where}: {self.described} cache needs {self.row_targets.__name__}, "
+                             f"got {type(row.targets).__name__}")
+        return row.targets.encode(spec, row.num_positions, where)
 
     def decode(self, cells: dict, spec: "ShardSpec", row: "TeacherRow") -> None:
-        """Sets the row's target arrays from its cells, when the reader read them."""
-        raise NotImplementedError
+        """Sets the row's targets from its cells, when the reader read them."""
+        row.targets = self.row_targets.decode(cells, spec)
 
     def bytes_per_token(self, spec: "ShardSpec") -> float:
         """Uncompressed target bytes per token (an upper bound where the size varies)."""
@@ -52,7 +101,7 @@ class TargetKind:
 
     def num_positions(self, row: "TeacherRow") -> int:
         """Target positions the row's decoded targets cover."""
-        raise NotImplementedError
+        return row.targets.num_positions
 
     def check_row(self, row: "TeacherRow", spec: "ShardSpec", at: str, num_pos: int) -> list[str]:
         """Every rule a decoded row's targets can break; one line each, starting with `at`."""
@@ -81,19 +130,17 @@ class TargetKind:
         """Each of the first `top` ids' share of a `position_entries` entry, readable."""
         raise NotImplementedError
 
-    def batch_fields(self, rows: list["TeacherRow"], spec: "ShardSpec", B: int, P: int,
-                     full: Allocate) -> dict[str, torch.Tensor]:
-        """The batch's target tensors, filled with padding: {StudentBatch field: tensor}."""
+    def batch_targets(self, rows: list["TeacherRow"], spec: "ShardSpec", B: int, P: int,
+                      full: Allocate) -> BatchTargets:
+        """The batch's targets filled with padding, for `BatchTargets.fill_row` to fill."""
         raise NotImplementedError
 
-    def fill_row(self, batch, b: int, row: "TeacherRow", start: int = 0) -> None:
-        """Copies one row's targets into batch row b from position `start` on (packed
-        batches hold several rows), through numpy views (the decode
-        threads' copies then run without the GIL; see student_train/loader.py)."""
+    def synthetic_batch_targets(self, spec: "ShardSpec", B: int, P: int, gen: torch.Generator) -> BatchTargets:
+        """Every target slot filled with valid values: the most memory a real batch can take (autotune)."""
         raise NotImplementedError
 
-    def loss_targets(self, batch, n: int, layout):
-        """The batch's targets over its n flattened positions, as the loss reads them (None: none loaded)."""
+    def stand_in_spec(self, kl_temperature: float) -> "TargetSpec":
+        """Targets of a typical cache of this kind, for sizing a run before its cache exists."""
         raise NotImplementedError
 
 

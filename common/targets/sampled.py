@@ -20,14 +20,74 @@ import torch
 from torch import Tensor
 
 from common import codec
-from common.targets import TargetKind, register
+from common.targets import BatchTargets, RowTargets, TargetKind, register
 from common.targets.topk import check_target_ids
+
+
+@dataclass
+class SampledRowTargets(RowTargets):
+    """One row's sampled targets: distinct ids per position (ascending) and their draw counts."""
+
+    sizes_P: np.ndarray  # distinct ids per position
+    ids_S: np.ndarray
+    counts_S: np.ndarray
+
+    @property
+    def num_positions(self) -> int:
+        return len(self.sizes_P)
+
+    def encode(self, spec, num_positions, where) -> dict:
+        sizes_P = np.asarray(self.sizes_P, dtype=np.int64)
+        ids_S = np.asarray(self.ids_S, dtype=np.int64)
+        counts_S = np.asarray(self.counts_S, dtype=np.int64)
+        if sizes_P.shape != (num_positions,) or ids_S.shape != counts_S.shape or len(ids_S) != sizes_P.sum():
+            raise ValueError(f"{where}: sampled arrays disagree in length")
+        if ids_S.size and (ids_S.min() < 0 or ids_S.max() >= spec.vocab_size):
+            raise ValueError(f"{where}: sampled id outside [0, {spec.vocab_size})")
+        ids_S, counts_S = codec.sort_groups(ids_S, sizes_P, counts_S)
+        return {"sample_sizes": codec.to_planes(sizes_P.astype(np.uint16), 2),
+                "sample_ids": codec.encode_ids(ids_S, sizes_P, spec.id_bytes),
+                "sample_counts": codec.to_planes(counts_S.astype(np.uint16), spec.targets.count_bytes)}
+
+    @classmethod
+    def decode(cls, cells, spec) -> "SampledRowTargets | None":
+        if "sample_sizes" not in cells:
+            return None
+        num_pos = len(cells["sample_sizes"]) // 2
+        sizes_P = codec.from_planes(cells["sample_sizes"], 2, np.uint16, num_pos).astype(np.int64)
+        total = int(sizes_P.sum())
+        return cls(sizes_P=sizes_P, ids_S=codec.decode_ids(cells["sample_ids"], sizes_P, spec.id_bytes),
+                   counts_S=codec.from_planes(cells["sample_counts"], spec.targets.count_bytes, np.uint16,
+                                              total).astype(np.int64))
+
+
+@dataclass
+class SampledBatchTargets(BatchTargets):
+    """A batch's sampled targets for positions 0..L-2, [B, P, M]. Pads: id -1 and count 0."""
+
+    ids_BPM: Tensor  # int64
+    counts_BPM: Tensor  # int64
+
+    def fill_row(self, b, row: SampledRowTargets, start: int = 0) -> None:
+        # flattened (position, distinct id) entries -> [P, M] slots
+        sizes_P = row.sizes_P
+        starts_P = np.cumsum(sizes_P) - sizes_P
+        pos_S = start + np.repeat(np.arange(row.num_positions), sizes_P)
+        slot_S = np.arange(int(sizes_P.sum())) - np.repeat(starts_P, sizes_P)
+        self.ids_BPM.numpy()[b, pos_S, slot_S] = row.ids_S
+        self.counts_BPM.numpy()[b, pos_S, slot_S] = row.counts_S
+
+    def loss_targets(self, n, layout) -> "SampledTargets":
+        m = self.ids_BPM.shape[-1]
+        return SampledTargets(ids_NM=self.ids_BPM.reshape(n, m), counts_NM=self.counts_BPM.reshape(n, m),
+                              num_samples=layout.num_samples)
 
 
 @register
 class SampledKind(TargetKind):
     mode = "sampled"
     described = "sampled"
+    row_targets = SampledRowTargets
 
     def check_spec(self, tspec, vocab_size=None) -> None:
         if not (1 <= tspec.num_samples <= 65535):
@@ -37,38 +97,12 @@ class SampledKind(TargetKind):
         return [pa.field("sample_sizes", pa.binary()), pa.field("sample_ids", pa.binary()),
                 pa.field("sample_counts", pa.binary())]
 
-    def encode(self, row, spec, where) -> dict:
-        sizes_P = np.asarray(row.sample_sizes_P, dtype=np.int64)
-        ids_S = np.asarray(row.sample_ids_S, dtype=np.int64)
-        counts_S = np.asarray(row.sample_counts_S, dtype=np.int64)
-        if sizes_P.shape != (row.num_positions,) or ids_S.shape != counts_S.shape or len(ids_S) != sizes_P.sum():
-            raise ValueError(f"{where}: sampled arrays disagree in length")
-        if ids_S.size and (ids_S.min() < 0 or ids_S.max() >= spec.vocab_size):
-            raise ValueError(f"{where}: sampled id outside [0, {spec.vocab_size})")
-        ids_S, counts_S = codec.sort_groups(ids_S, sizes_P, counts_S)
-        return {"sample_sizes": codec.to_planes(sizes_P.astype(np.uint16), 2),
-                "sample_ids": codec.encode_ids(ids_S, sizes_P, spec.id_bytes),
-                "sample_counts": codec.to_planes(counts_S.astype(np.uint16), spec.targets.count_bytes)}
-
-    def decode(self, cells, spec, row) -> None:
-        if "sample_sizes" not in cells:
-            return
-        num_pos = len(cells["sample_sizes"]) // 2
-        row.sample_sizes_P = codec.from_planes(cells["sample_sizes"], 2, np.uint16, num_pos).astype(np.int64)
-        total = int(row.sample_sizes_P.sum())
-        row.sample_ids_S = codec.decode_ids(cells["sample_ids"], row.sample_sizes_P, spec.id_bytes)
-        row.sample_counts_S = codec.from_planes(cells["sample_counts"], spec.targets.count_bytes, np.uint16,
-                                                total).astype(np.int64)
-
     def bytes_per_token(self, spec) -> float:
         t = spec.targets
         return 2 + t.num_samples * (spec.id_bytes + t.count_bytes)
 
-    def num_positions(self, row) -> int:
-        return len(row.sample_sizes_P)
-
     def check_row(self, row, spec, at, num_pos) -> list[str]:
-        sizes_P, ids_S, counts_S = row.sample_sizes_P, row.sample_ids_S, row.sample_counts_S
+        sizes_P, ids_S, counts_S = row.targets.sizes_P, row.targets.ids_S, row.targets.counts_S
         if len(sizes_P) != num_pos:
             return [f"{at}: {len(sizes_P)} target positions for {num_pos + 1} tokens"]
         problems = []
@@ -91,27 +125,29 @@ class SampledKind(TargetKind):
         return problems
 
     def add_statistics(self, stats, row, spec, next_ids_P) -> None:
-        sizes_P = row.sample_sizes_P
+        targets = row.targets
+        sizes_P = targets.sizes_P
         group_S = np.repeat(np.arange(len(sizes_P)), sizes_P)
-        freq_S = row.sample_counts_S / spec.targets.num_samples
+        freq_S = targets.counts_S / spec.targets.num_samples
         top1_P = np.zeros(len(sizes_P))
         np.maximum.at(top1_P, group_S, freq_S)
         entropy_P = np.zeros(len(sizes_P))
         np.add.at(entropy_P, group_S, -freq_S * np.log(freq_S))
         hit_P = np.zeros(len(sizes_P), dtype=bool)
-        hit_P[group_S[row.sample_ids_S == next_ids_P[group_S]]] = True
+        hit_P[group_S[targets.ids_S == next_ids_P[group_S]]] = True
         stats.add_values("distinct_ids", sizes_P)
         stats.add_values("top1_freq", top1_P)
         stats.add_values("sample_entropy", entropy_P)
         stats.add_flags("next_token_sampled", hit_P)
 
     def position_entries(self, row, spec) -> list[dict]:
-        starts_P = np.cumsum(row.sample_sizes_P) - row.sample_sizes_P
+        targets = row.targets
+        starts_P = np.cumsum(targets.sizes_P) - targets.sizes_P
         entries = []
         for t in range(row.num_positions):
             start = int(starts_P[t])
-            ids = row.sample_ids_S[start:start + row.sample_sizes_P[t]]
-            counts = row.sample_counts_S[start:start + row.sample_sizes_P[t]]
+            ids = targets.ids_S[start:start + targets.sizes_P[t]]
+            counts = targets.counts_S[start:start + targets.sizes_P[t]]
             order = np.lexsort((ids, -counts))
             entries.append({"ids": ids[order].tolist(), "counts": counts[order].tolist()})
         return entries
@@ -125,27 +161,22 @@ class SampledKind(TargetKind):
     def position_shares(self, entry, targets, top) -> list[str]:
         return [f"{c}/{targets['num_samples']}" for c in entry["counts"][:top]]
 
-    def batch_fields(self, rows, spec, B, P, full) -> dict[str, torch.Tensor]:
-        M = max((int(r.sample_sizes_P.max()) for r in rows if r.num_positions), default=0)
-        # Pads: id -1 and count 0.
-        return {"sample_ids_BPM": full((B, P, M), -1, torch.int64),
-                "sample_counts_BPM": full((B, P, M), 0, torch.int64)}
+    def batch_targets(self, rows, spec, B, P, full) -> SampledBatchTargets:
+        M = max((int(r.targets.sizes_P.max()) for r in rows if r.num_positions), default=0)
+        return SampledBatchTargets(ids_BPM=full((B, P, M), -1, torch.int64), counts_BPM=full((B, P, M), 0, torch.int64))
 
-    def fill_row(self, batch, b, row, start: int = 0) -> None:
-        # flattened (position, distinct id) entries -> [P, M] slots
-        sizes_P = row.sample_sizes_P
-        starts_P = np.cumsum(sizes_P) - sizes_P
-        pos_S = start + np.repeat(np.arange(row.num_positions), sizes_P)
-        slot_S = np.arange(int(sizes_P.sum())) - np.repeat(starts_P, sizes_P)
-        batch.sample_ids_BPM.numpy()[b, pos_S, slot_S] = row.sample_ids_S
-        batch.sample_counts_BPM.numpy()[b, pos_S, slot_S] = row.sample_counts_S
+    def synthetic_batch_targets(self, spec, B, P, gen) -> SampledBatchTargets:
+        t, V = spec.targets, spec.vocab_size
+        m = min(t.num_samples, V)
+        offset_BP1 = torch.randint(0, V, (B, P, 1), generator=gen)
+        counts_BPM = torch.zeros(B, P, m, dtype=torch.int64)
+        counts_BPM[..., 0] = t.num_samples
+        return SampledBatchTargets(ids_BPM=(offset_BP1 + torch.arange(m)) % V, counts_BPM=counts_BPM)
 
-    def loss_targets(self, batch, n, layout) -> "SampledTargets | None":
-        if batch.sample_ids_BPM is None:
-            return None
-        m = batch.sample_ids_BPM.shape[-1]
-        return SampledTargets(ids_NM=batch.sample_ids_BPM.reshape(n, m),
-                              counts_NM=batch.sample_counts_BPM.reshape(n, m), num_samples=layout.num_samples)
+    def stand_in_spec(self, kl_temperature):
+        from common.spec import TargetSpec  # here: common.spec imports the kinds
+
+        return TargetSpec(mode=self.mode, num_samples=50)
 
 
 @dataclass(frozen=True)

@@ -20,35 +20,30 @@ import torch
 from torch import Tensor
 
 from common import codec
-from common.targets import TargetKind, register
+from common.targets import BatchTargets, RowTargets, TargetKind, register
 
 # float32 rounding allowance for log-sum-exp comparisons (relative).
 LSE_TOLERANCE = 1e-5
 
 
-@register
-class TopkKind(TargetKind):
-    mode = "topk"
-    described = "top-k"
+@dataclass
+class TopkRowTargets(RowTargets):
+    """One row's top-k targets."""
 
-    def check_spec(self, tspec, vocab_size=None) -> None:
-        if tspec.k < 1:
-            raise ValueError(f"top-k needs k >= 1, got {tspec.k}")
-        if not tspec.temperatures or any(t <= 0 for t in tspec.temperatures):
-            raise ValueError(f"temperatures must be positive, got {tspec.temperatures}")
-        if vocab_size is not None and tspec.k > vocab_size:
-            raise ValueError(f"k={tspec.k} exceeds the vocabulary ({vocab_size})")
+    ids_PK: np.ndarray  # any integer dtype from a backend; int64, ascending per position, after decode
+    logits_PK: np.ndarray  # float32 teacher logits at T=1
+    lse_PT: np.ndarray  # float32 log-sum-exp of logits / T, full vocabulary
 
-    def schema_fields(self) -> list[pa.Field]:
-        return [pa.field("topk_ids", pa.binary()), pa.field("topk_values", pa.binary()),
-                pa.field("topk_max", pa.binary()), pa.field("lse", pa.binary())]
+    @property
+    def num_positions(self) -> int:
+        return len(self.ids_PK)
 
-    def encode(self, row, spec, where) -> dict:
+    def encode(self, spec, num_positions, where) -> dict:
         tspec = spec.targets
-        num_pos = row.num_positions
-        ids_PK = np.asarray(row.topk_ids_PK)
-        logits_PK = np.asarray(row.topk_logits_PK, dtype=np.float32)
-        lse_PT = np.asarray(row.lse_PT, dtype=np.float32)
+        num_pos = num_positions
+        ids_PK = np.asarray(self.ids_PK)
+        logits_PK = np.asarray(self.logits_PK, dtype=np.float32)
+        lse_PT = np.asarray(self.lse_PT, dtype=np.float32)
         if ids_PK.shape != (num_pos, tspec.k) or logits_PK.shape != ids_PK.shape:
             raise ValueError(f"{where}: top-k arrays must be [{num_pos}, {tspec.k}], got {ids_PK.shape} and {logits_PK.shape}")
         if lse_PT.shape != (num_pos, len(tspec.temperatures)):
@@ -64,28 +59,65 @@ class TopkKind(TargetKind):
                 "topk_max": codec.encode_float32(max_P),
                 "lse": codec.encode_float32(lse_PT.reshape(-1))}
 
-    def decode(self, cells, spec, row) -> None:
+    @classmethod
+    def decode(cls, cells, spec) -> "TopkRowTargets | None":
         if "topk_max" not in cells:
-            return
+            return None
         tspec = spec.targets
         max_P = codec.decode_float32(cells["topk_max"], len(cells["topk_max"]) // 4)
         num_pos = len(max_P)
-        row.lse_PT = codec.decode_float32(cells["lse"], num_pos * len(tspec.temperatures)).reshape(
+        lse_PT = codec.decode_float32(cells["lse"], num_pos * len(tspec.temperatures)).reshape(
             num_pos, len(tspec.temperatures))
         sizes = np.full(num_pos, tspec.k, dtype=np.int64)
-        row.topk_ids_PK = codec.decode_ids(cells["topk_ids"], sizes, spec.id_bytes).reshape(num_pos, tspec.k)
+        ids_PK = codec.decode_ids(cells["topk_ids"], sizes, spec.id_bytes).reshape(num_pos, tspec.k)
         gap_PK = codec.decode_values(cells["topk_values"], tspec.value_scale).reshape(num_pos, tspec.k)
-        row.topk_logits_PK = max_P[:, None] - gap_PK
+        return cls(ids_PK=ids_PK, logits_PK=max_P[:, None] - gap_PK, lse_PT=lse_PT)
+
+
+@dataclass
+class TopkBatchTargets(BatchTargets):
+    """A batch's top-k targets for positions 0..L-2. Pads: id 0 (still valid for a gather) and value 0."""
+
+    ids_BPK: Tensor  # int64
+    logits_BPK: Tensor  # float32 teacher logits at T=1
+    lse_BPT: Tensor  # float32 full-vocabulary logsumexp(logits / T) per cached T
+
+    def fill_row(self, b, row: TopkRowTargets, start: int = 0) -> None:
+        where = slice(start, start + row.num_positions)
+        self.ids_BPK.numpy()[b, where] = row.ids_PK
+        self.logits_BPK.numpy()[b, where] = row.logits_PK
+        self.lse_BPT.numpy()[b, where] = row.lse_PT
+
+    def loss_targets(self, n, layout) -> "TopkTargets":
+        k = self.ids_BPK.shape[-1]
+        return TopkTargets(ids_NK=self.ids_BPK.reshape(n, k), logits_NK=self.logits_BPK.reshape(n, k),
+                           lse_NT=self.lse_BPT.reshape(n, -1), lse_index=layout.lse_index)
+
+
+@register
+class TopkKind(TargetKind):
+    mode = "topk"
+    described = "top-k"
+    row_targets = TopkRowTargets
+
+    def check_spec(self, tspec, vocab_size=None) -> None:
+        if tspec.k < 1:
+            raise ValueError(f"top-k needs k >= 1, got {tspec.k}")
+        if not tspec.temperatures or any(t <= 0 for t in tspec.temperatures):
+            raise ValueError(f"temperatures must be positive, got {tspec.temperatures}")
+        if vocab_size is not None and tspec.k > vocab_size:
+            raise ValueError(f"k={tspec.k} exceeds the vocabulary ({vocab_size})")
+
+    def schema_fields(self) -> list[pa.Field]:
+        return [pa.field("topk_ids", pa.binary()), pa.field("topk_values", pa.binary()),
+                pa.field("topk_max", pa.binary()), pa.field("lse", pa.binary())]
 
     def bytes_per_token(self, spec) -> float:
         t = spec.targets
         return t.k * (spec.id_bytes + 1) + 4 * (1 + len(t.temperatures))  # ids, value byte, max + lse
 
-    def num_positions(self, row) -> int:
-        return len(row.topk_ids_PK)
-
     def check_row(self, row, spec, at, num_pos) -> list[str]:
-        ids_PK, logits_PK, lse_PT = row.topk_ids_PK, row.topk_logits_PK, row.lse_PT
+        ids_PK, logits_PK, lse_PT = row.targets.ids_PK, row.targets.logits_PK, row.targets.lse_PT
         if ids_PK.shape[0] != num_pos:
             return [f"{at}: {ids_PK.shape[0]} target positions for {num_pos + 1} tokens"]
         problems = []
@@ -107,9 +139,9 @@ class TopkKind(TargetKind):
         return spec.targets.temperatures[t_index]
 
     def add_statistics(self, stats, row, spec, next_ids_P) -> None:
-        t_index = stats.t_index
+        t_index, targets = stats.t_index, row.targets
         temperature = spec.targets.temperatures[t_index]
-        logp_PK = row.topk_logits_PK.astype(np.float64) / temperature - row.lse_PT[:, t_index, None]
+        logp_PK = targets.logits_PK.astype(np.float64) / temperature - targets.lse_PT[:, t_index, None]
         p_PK = np.exp(logp_PK)
         mass_P = p_PK.sum(axis=1)
         tail_P = np.clip(1.0 - mass_P, 0.0, 1.0)
@@ -125,21 +157,21 @@ class TopkKind(TargetKind):
         stats.add_values("tail_mass", tail_P)
         stats.add_values("entropy_lower", kept_entropy_P + tail_low_P)
         stats.add_values("entropy_upper", kept_entropy_P + tail_high_P)
-        stats.add_flags("next_token_in_topk", (row.topk_ids_PK == next_ids_P[:, None]).any(axis=1))
-        top1_ids_P = row.topk_ids_PK[np.arange(len(p_PK)), p_PK.argmax(axis=1)] if len(p_PK) else next_ids_P
+        stats.add_flags("next_token_in_topk", (targets.ids_PK == next_ids_P[:, None]).any(axis=1))
+        top1_ids_P = targets.ids_PK[np.arange(len(p_PK)), p_PK.argmax(axis=1)] if len(p_PK) else next_ids_P
         stats.add_flags("next_token_is_top1", top1_ids_P == next_ids_P)
 
     def position_entries(self, row, spec) -> list[dict]:
-        temps = spec.targets.temperatures
+        temps, targets = spec.targets.temperatures, row.targets
         entries = []
         for t in range(row.num_positions):
-            order = np.argsort(-row.topk_logits_PK[t], kind="stable")
-            logits_K = row.topk_logits_PK[t][order].astype(np.float64)
+            order = np.argsort(-targets.logits_PK[t], kind="stable")
+            logits_K = targets.logits_PK[t][order].astype(np.float64)
             entries.append({
-                "ids": row.topk_ids_PK[t][order].tolist(),
+                "ids": targets.ids_PK[t][order].tolist(),
                 "logits": logits_K.tolist(),
-                "logprobs": {str(T): (logits_K / T - float(row.lse_PT[t, i])).tolist() for i, T in enumerate(temps)},
-                "lse": {str(T): float(row.lse_PT[t, i]) for i, T in enumerate(temps)},
+                "logprobs": {str(T): (logits_K / T - float(targets.lse_PT[t, i])).tolist() for i, T in enumerate(temps)},
+                "lse": {str(T): float(targets.lse_PT[t, i]) for i, T in enumerate(temps)},
             })
         return entries
 
@@ -154,25 +186,25 @@ class TopkKind(TargetKind):
         key = "1.0" if "1.0" in entry["logprobs"] else next(iter(entry["logprobs"]))
         return [f"{math.exp(lp):.3f}" for lp in entry["logprobs"][key][:top]]
 
-    def batch_fields(self, rows, spec, B, P, full) -> dict[str, torch.Tensor]:
+    def batch_targets(self, rows, spec, B, P, full) -> TopkBatchTargets:
         k, num_temps = spec.targets.k, len(spec.targets.temperatures)
-        # Pads: id 0 (still valid for a gather) and value 0.
-        return {"topk_ids_BPK": full((B, P, k), 0, torch.int64),
-                "topk_logits_BPK": full((B, P, k), 0.0, torch.float32),
-                "lse_BPT": full((B, P, num_temps), 0.0, torch.float32)}
+        return TopkBatchTargets(ids_BPK=full((B, P, k), 0, torch.int64),
+                                logits_BPK=full((B, P, k), 0.0, torch.float32),
+                                lse_BPT=full((B, P, num_temps), 0.0, torch.float32))
 
-    def fill_row(self, batch, b, row, start: int = 0) -> None:
-        where = slice(start, start + row.num_positions)
-        batch.topk_ids_BPK.numpy()[b, where] = row.topk_ids_PK
-        batch.topk_logits_BPK.numpy()[b, where] = row.topk_logits_PK
-        batch.lse_BPT.numpy()[b, where] = row.lse_PT
+    def synthetic_batch_targets(self, spec, B, P, gen) -> TopkBatchTargets:
+        t, V = spec.targets, spec.vocab_size
+        offset_BP1 = torch.randint(0, V, (B, P, 1), generator=gen)
+        logits_BPK = torch.randn(B, P, t.k, generator=gen)
+        return TopkBatchTargets(ids_BPK=(offset_BP1 + torch.arange(t.k)) % V,  # distinct per position
+                                logits_BPK=logits_BPK,
+                                lse_BPT=torch.logsumexp(logits_BPK, -1, keepdim=True).expand(
+                                    B, P, len(t.temperatures)) + 1.0)
 
-    def loss_targets(self, batch, n, layout) -> "TopkTargets | None":
-        if batch.topk_ids_BPK is None:
-            return None
-        k = batch.topk_ids_BPK.shape[-1]
-        return TopkTargets(ids_NK=batch.topk_ids_BPK.reshape(n, k), logits_NK=batch.topk_logits_BPK.reshape(n, k),
-                           lse_NT=batch.lse_BPT.reshape(n, -1), lse_index=layout.lse_index)
+    def stand_in_spec(self, kl_temperature):
+        from common.spec import TargetSpec  # here: common.spec imports the kinds
+
+        return TargetSpec(k=64, temperatures=tuple(sorted({1.0, kl_temperature})))
 
 
 def _check_lse(logits_PK: np.ndarray, lse_PT: np.ndarray, tspec, at: str) -> list[str]:
