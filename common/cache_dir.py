@@ -226,8 +226,8 @@ class CacheDir:
         """Join caches written by separate workers into this one (which may be one of them)."""
         # Sidecars, not the manifest's list: a worker killed between publishing a
         # shard and refreshing its manifest still has the shard's sidecar.
-        caches = [(CacheDir(d), dataclasses.replace(CacheDir(d).manifest(), shards=CacheDir(d).sidecars()))
-                  for d in sources]
+        caches = [(cache, dataclasses.replace(cache.manifest(), shards=cache.sidecars()))
+                  for cache in map(CacheDir, sources)]
         ref_dir, ref = caches[0]
         others = caches[1:] + ([(self, self.manifest())] if self.has_manifest() else [])
         for cache, m in others:
@@ -254,7 +254,7 @@ class CacheDir:
                 if self.shard_is_intact(entry):
                     report.shards_present += 1
                 else:
-                    dest = self.file(entry.file)
+                    dest = self.path / entry.file
                     if dest.exists() and dest.resolve() != src.resolve():
                         raise ValueError(f"{dest}: a different shard {entry.index} is already there")
                     self.place_shard(src, entry, link)
