@@ -27,7 +27,6 @@ from common.cache_dir import CacheDir
 from common.manifest import MANIFEST_NAME, load_manifest, resolve_inside, shard_file_name
 from common.shard_format import ShardFormatError
 from common.shard_reader import ShardReader
-from common.shard_writer import ShardWriter
 from common.spec import HiddenSpec, ShardSpec, TargetSpec, content_hash, hidden_positions
 from demo.peaked_teacher import hidden_like, topk_tail_kl
 from peaked import rewrite_shard, teacher_row, write_cache
