@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common.shard_reader import read_cache_rows  # noqa: E402
+from common.cache_dir import CacheDir  # noqa: E402
 from teacher_cache.compare import compare  # noqa: E402
 
 
@@ -32,7 +32,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     try:
-        report = compare(read_cache_rows(args.cache_a), read_cache_rows(args.cache_b))
+        report = compare(CacheDir(args.cache_a).read_rows(), CacheDir(args.cache_b).read_rows())
     except ValueError as exc:  # ShardFormatError too: a damaged cache is named by its file
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -73,10 +73,10 @@ def _number(text: str) -> float:
 
 def shard_times(cache_dir: Path, workers: int, started_at: float) -> dict:
     """Steady tokens/s per worker from the sidecars' publication times (see the module docstring)."""
-    from common.manifest import read_sidecars
+    from common.cache_dir import CacheDir
 
     published: dict[int, list[tuple[float, int]]] = {}
-    for entry in read_sidecars(cache_dir):
+    for entry in CacheDir(cache_dir).sidecars():
         mtime = (cache_dir / (entry.file + ".json")).stat().st_mtime
         published.setdefault(entry.index % workers, []).append((mtime, entry.tokens))
     tokens = seconds = 0.0

@@ -40,7 +40,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.gpt_oss_shape import gpt_oss_config  # noqa: E402
 from common.causal_lm import IGNORE_INDEX  # noqa: E402
-from common.manifest import CacheManifest, refresh_manifest  # noqa: E402
+from common.cache_dir import CacheDir  # noqa: E402
+from common.manifest import CacheManifest  # noqa: E402
 from common.parent_death import die_with_parent, dies_with_this_process  # noqa: E402
 from common.shard_format import TeacherRow  # noqa: E402
 from common.shard_writer import ShardWriter  # noqa: E402
@@ -83,7 +84,7 @@ def write_cache(out: Path, rows: int, seq_len: int, hidden_layers: tuple[int, ..
     for r in range(rows):
         writer.add(synthetic_row(r, seq_len, spec, rng))
     writer.close()
-    refresh_manifest(out, CacheManifest(spec=spec, teacher={"model": "synthetic"}, work={"rows_per_shard": rows}))
+    CacheDir(out).refresh_manifest(CacheManifest(spec=spec, teacher={"model": "synthetic"}, work={"rows_per_shard": rows}))
     return spec
 
 

@@ -28,7 +28,6 @@ S flattened sampled entries, H stored hidden positions, D hidden size.
 from __future__ import annotations
 
 import itertools
-import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,8 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from common.causal_lm import IGNORE_INDEX
-from common.manifest import MANIFEST_NAME, CacheManifest, ShardEntry, load_manifest, read_sidecar, resolve_inside
+from common.cache_dir import CacheDir, scan_shard
+from common.manifest import MANIFEST_NAME, CacheManifest, ShardEntry, read_sidecar
 from common.shard_format import (CHECKSUM_COLUMN, TOKEN_COLUMNS, ShardFormatError, TeacherRow, decode_row,
                                  warn_unchecked_rows)
 from common.shard_reader import ShardReader
@@ -289,9 +289,9 @@ class _Shard:
 def _locate(path: Path) -> tuple[str, CacheManifest | None, dict | None, list[tuple[Path, ShardEntry | None]]]:
     """(kind, manifest, raw manifest JSON, [(shard path, its entry)])."""
     if path.is_dir():
-        manifest, raw = _manifest_and_json(path)
-        shards = sorted(manifest.shards, key=lambda e: e.index)
-        return "cache", manifest, raw, [(resolve_inside(path, e.file), e) for e in shards]
+        cache = CacheDir(path)
+        manifest = cache.manifest()
+        return "cache", manifest, cache.manifest_json(), cache.shard_files(manifest)
     if not path.is_file():
         raise ShardFormatError(f"{path}: no such shard file or cache directory")
     manifest = raw = None
@@ -299,39 +299,24 @@ def _locate(path: Path) -> tuple[str, CacheManifest | None, dict | None, list[tu
     sidecar = path.with_name(path.name + ".json")
     if sidecar.is_file():
         entry = read_sidecar(sidecar)
-    if (path.parent / MANIFEST_NAME).is_file():
-        manifest, raw = _manifest_and_json(path.parent)
+    parent = CacheDir(path.parent)
+    if parent.has_manifest():
+        manifest, raw = parent.manifest(), parent.manifest_json()
         if entry is None:
             entry = next((e for e in manifest.shards if e.file == path.name), None)
     return "shard", manifest, raw, [(path, entry)]
 
 
-def _manifest_and_json(cache_dir: Path) -> tuple[CacheManifest, dict]:
-    """The manifest, and its JSON as written (its totals are checked against the shards)."""
-    return load_manifest(cache_dir), json.loads((cache_dir / MANIFEST_NAME).read_text())
-
-
 def _open_shard(path: Path, entry: ShardEntry | None, manifest: CacheManifest | None, verify: bool) -> _Shard:
     # The checksum comes first: a changed file is named as such, whatever else breaks.
-    with ShardReader(path, columns=["input_ids"], entry=entry, verify_checksum=verify) as reader:
-        spec = reader.spec
-        if manifest is not None and spec != manifest.spec:
-            raise ShardFormatError(f"{path}: shard spec differs from the manifest's spec")
-        rows = tokens = positions = 0
-        row_ids = []
-        for b in range(reader.num_batches):
-            batch = reader.read_batch(b)
-            lengths = batch.column("input_ids").value_lengths().to_numpy(zero_copy_only=False)
-            row_ids.append(batch.column("row_id").to_numpy(zero_copy_only=False).astype(np.int64))
-            rows += len(lengths)
-            tokens += int(lengths.sum())
-            positions += int(np.maximum(lengths - 1, 0).sum())
+    scan = scan_shard(path, entry, manifest.spec if manifest is not None else None, verify_sha256=verify)
     if entry is not None:
-        for name, held in (("rows", rows), ("tokens", tokens), ("positions", positions)):
+        for name in ("rows", "tokens", "positions"):
+            held = getattr(scan, name)
             if getattr(entry, name) != held:
                 raise ShardFormatError(f"{path}: manifest says {getattr(entry, name)} {name}, the shard holds {held}")
-    return _Shard(path, entry, spec, reader.schema, path.stat().st_size, rows, tokens, positions, reader.num_batches,
-                  column_bytes(path), np.concatenate(row_ids or [np.zeros(0, np.int64)]))
+    return _Shard(path, entry, scan.spec, scan.schema, path.stat().st_size, scan.rows, scan.tokens, scan.positions,
+                  scan.num_batches, column_bytes(path), scan.row_id_R)
 
 
 def inspect_path(path: Path, options: InspectOptions = InspectOptions(),

@@ -1,11 +1,9 @@
-"""The cache manifest: what a cache directory holds and how it was made.
+"""The cache manifest's JSON model: what a cache directory holds and how it was made.
 
-A cache directory holds `manifest.json`, shard files `shard-NNNNN.arrow`, and a
-sidecar `shard-NNNNN.arrow.json` per finished shard. The sidecars are the
-source of truth for shards (each is written atomically right after its shard),
-so workers on several nodes can share one directory; `manifest.json` is an
-index rebuilt from them under a lock, and `merge` rebuilds it from several
-directories. Every file a manifest names must resolve inside its directory.
+`manifest.json` lists a `ShardEntry` per finished shard, the same entry its
+sidecar `shard-NNNNN.arrow.json` holds; what is done with the directory's
+files (resume, publish, verify, scan, merge, read) is `common/cache_dir.py`.
+Every file a manifest names must resolve inside its directory (`resolve_inside`).
 """
 
 from __future__ import annotations
@@ -15,7 +13,6 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from common.atomic import atomic_write_text, file_lock
 from common.json_check import check_json, check_known_keys
 from common.shard_format import ShardFormatError
 from common.spec import READABLE_FORMAT_VERSIONS, ShardSpec
@@ -24,6 +21,9 @@ MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".manifest.lock"
 SHARD_SUFFIX = ".arrow"
 SIDECAR_SUFFIX = ".arrow.json"
+# Teacher and source keys that may differ between runs writing one cache: where the model and data live.
+_TEACHER_LOCATION_KEYS = ("model",)
+_SOURCE_LOCATION_KEYS = ("path",)
 # Keys of the free-form sections that readers use, and their JSON types; other keys are free.
 SECTION_KEYS = {
     "teacher": {"model": str, "model_type": str, "config_hash": str, "weights_fingerprint": str, "backend": str,
@@ -60,6 +60,18 @@ class ShardEntry:
         except ValueError as exc:
             raise ShardFormatError(f"{where}: shard entry: {exc}") from exc
         return cls(**known)
+
+    def check_file(self, path: Path, sha256: bool) -> None:
+        """ShardFormatError unless `path` is this entry's file: its size and, with
+        `sha256`, its content hash (every shard check goes through here)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ShardFormatError(f"{path}: shard file not found")
+        size = path.stat().st_size
+        if size != self.bytes:
+            raise ShardFormatError(f"{path}: {size} bytes on disk, manifest says {self.bytes}")
+        if sha256 and file_sha256(path) != self.sha256:
+            raise ShardFormatError(f"{path}: sha256 does not match the manifest (corrupted)")
 
 
 @dataclass
@@ -156,6 +168,23 @@ def teacher_differences(a: dict, b: dict) -> list[str]:
     return [f"teacher {key} {a.get(key)!r} vs {b.get(key)!r}" for key in keys if a.get(key) != b.get(key)]
 
 
+def header_differences(existing: CacheManifest, header: CacheManifest) -> list[str]:
+    """Names of what differs between two caches' identities (empty: same cache)."""
+    diffs = []
+    if existing.format_version != header.format_version:
+        diffs.append(f"format version ({existing.format_version} -> {header.format_version})")
+    elif existing.spec != header.spec:
+        diffs.append("targets/hidden spec")
+    for name, a, b, ignore in (("teacher", existing.teacher, header.teacher, _TEACHER_LOCATION_KEYS),
+                               ("source", existing.source, header.source, _SOURCE_LOCATION_KEYS)):
+        for key in sorted(set(a) | set(b)):
+            if key not in ignore and a.get(key) != b.get(key):
+                diffs.append(f"{name} {key} ({a.get(key)!r} -> {b.get(key)!r})")
+    if existing.work.get("rows_per_shard") != header.work.get("rows_per_shard"):
+        diffs.append(f"rows per shard ({existing.work.get('rows_per_shard')} -> {header.work.get('rows_per_shard')})")
+    return diffs
+
+
 def resolve_inside(cache_dir: Path, name: str) -> Path:
     """Path of a file a manifest names; refuses names that leave the directory."""
     cache_dir = Path(cache_dir).resolve()
@@ -175,39 +204,11 @@ def load_manifest(cache_dir: Path) -> CacheManifest:
     return manifest
 
 
-def write_manifest(cache_dir: Path, manifest: CacheManifest) -> None:
-    atomic_write_text(Path(cache_dir) / MANIFEST_NAME, manifest.to_json())
-
-
-def write_sidecar(cache_dir: Path, entry: ShardEntry) -> None:
-    atomic_write_text(Path(cache_dir) / (entry.file + ".json"), json.dumps(asdict(entry), sort_keys=True))
-
-
 def read_sidecar(path: Path) -> ShardEntry:
     try:
         return ShardEntry.from_dict(json.loads(Path(path).read_text()), str(path))
     except json.JSONDecodeError as exc:
         raise ShardFormatError(f"{path}: not valid JSON ({exc})") from exc
-
-
-def read_sidecars(cache_dir: Path) -> list[ShardEntry]:
-    entries = []
-    for p in sorted(Path(cache_dir).glob(f"shard-*{SIDECAR_SUFFIX}")):
-        entry = read_sidecar(p)
-        resolve_inside(cache_dir, entry.file)
-        entries.append(entry)
-    return entries
-
-
-def refresh_manifest(cache_dir: Path, header: CacheManifest) -> CacheManifest:
-    """Rebuild manifest.json from the header and every sidecar, under a lock."""
-    cache_dir = Path(cache_dir)
-    with file_lock(cache_dir / LOCK_NAME):
-        manifest = CacheManifest(spec=header.spec, teacher=header.teacher, tokenizer=header.tokenizer,
-                                 source=header.source, work=header.work, shards=read_sidecars(cache_dir),
-                                 config=header.config)
-        write_manifest(cache_dir, manifest)
-    return manifest
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:

@@ -1,6 +1,7 @@
 """Shard reader: memory-maps an Arrow IPC shard, decodes only the columns asked
 for, compares every row it returns with the row's checksums (format 2 on),
-and verifies the file's sha256 and row content hashes on request."""
+and on request checks the file against its manifest entry (`ShardEntry.check_file`)
+and each row's content hash. A cache directory's rows: `CacheDir.read_rows`."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from typing import Iterator, Sequence
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from common.manifest import ShardEntry, file_sha256, load_manifest, resolve_inside
+from common.manifest import ShardEntry
 from common.shard_format import (CHECKSUM_COLUMN, ShardFormatError, TeacherRow, check_row_checksums,
-                                 checksummed_columns, decode_row, spec_from_schema, warn_unchecked_rows)
+                                 checksummed_columns, decode_row, spec_from_schema)
 from common.spec import ShardSpec, content_hash
 
 
@@ -25,14 +26,10 @@ class ShardReader:
     def __init__(self, path: Path, columns: Sequence[str] | None = None, entry: ShardEntry | None = None,
                  verify_checksum: bool = False, verify_cells: bool = True):
         self.path = Path(path)
-        if not self.path.is_file():
-            raise ShardFormatError(f"{self.path}: shard file not found")
         if entry is not None:
-            size = self.path.stat().st_size
-            if size != entry.bytes:
-                raise ShardFormatError(f"{self.path}: {size} bytes on disk, manifest says {entry.bytes}")
-            if verify_checksum and file_sha256(self.path) != entry.sha256:
-                raise ShardFormatError(f"{self.path}: sha256 does not match the manifest (corrupted)")
+            entry.check_file(self.path, sha256=verify_checksum)
+        elif not self.path.is_file():
+            raise ShardFormatError(f"{self.path}: shard file not found")
         try:
             self._mmap = pa.memory_map(str(self.path), "r")
             full = ipc.open_file(self._mmap)
@@ -140,19 +137,3 @@ def check_content_hash(row: TeacherRow, path: Path) -> None:
         return
     if content_hash(row.input_ids_L) != row.content_hash:
         raise ShardFormatError(f"{path}: row {row.row_id}: content hash does not match its input_ids")
-
-
-def read_cache_rows(cache_dir: Path) -> dict[int, TeacherRow]:
-    """Every row of a cache by row id, each shard's sha256 and each row's content
-    hash verified (for checks and comparisons; training reads through its loader)."""
-    rows: dict[int, TeacherRow] = {}
-    manifest = load_manifest(cache_dir)
-    warn_unchecked_rows(manifest.spec, str(cache_dir))
-    for entry in manifest.shards:
-        path = resolve_inside(cache_dir, entry.file)
-        with ShardReader(path, entry=entry, verify_checksum=True) as reader:
-            for row in reader.iter_rows(verify_content=True):
-                if row.row_id in rows:
-                    raise ShardFormatError(f"{path}: row {row.row_id} is also in another shard of {cache_dir}")
-                rows[row.row_id] = row
-    return rows

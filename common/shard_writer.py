@@ -14,8 +14,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from common.atomic import publish, tmp_path_for
-from common.manifest import ShardEntry, file_sha256, shard_file_name, write_sidecar
+from common.atomic import tmp_path_for
+from common.cache_dir import CacheDir
+from common.manifest import ShardEntry, shard_file_name
 from common.shard_format import CHECKSUM_COLUMN, TeacherRow, build_schema, encode_row
 from common.spec import ShardSpec
 
@@ -75,12 +76,11 @@ class ShardWriter:
         self._flush()
         self._writer.close()
         self._sink.close()
-        publish(self.tmp_path, self.final_path)
+        # bytes and sha256 are the published file's, filled in by publish_shard
         entry = ShardEntry(file=self.final_path.name, index=self.index, rows=self.rows, tokens=self.tokens,
-                           positions=self.positions, bytes=self.final_path.stat().st_size,
-                           sha256=file_sha256(self.final_path), row_start=self.row_start, row_end=self.row_end)
-        write_sidecar(self.cache_dir, entry)
-        return entry
+                           positions=self.positions, bytes=0, sha256="", row_start=self.row_start,
+                           row_end=self.row_end)
+        return CacheDir(self.cache_dir).publish_shard(self.tmp_path, entry)
 
     def abort(self) -> None:
         try:

@@ -60,7 +60,8 @@ import numpy as np
 import torch
 
 from common.causal_lm import IGNORE_INDEX
-from common.manifest import MANIFEST_NAME, CacheManifest, ShardEntry, load_manifest, resolve_inside
+from common.cache_dir import CacheDir, scan_shard
+from common.manifest import CacheManifest, ShardEntry
 from common.parent_death import die_with_parent
 from common.shard_format import ShardFormatError, TeacherRow, read_columns, warn_unchecked_rows
 from common.shard_reader import ShardReader, check_content_hash
@@ -177,20 +178,8 @@ class _RowMap:
 
 def _scan_shard(path: Path, entry: ShardEntry, spec: ShardSpec, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """(row ids, lengths) of one shard; reads only the row_id and input_ids columns."""
-    with ShardReader(path, columns=["input_ids"], entry=entry) as reader:
-        if reader.spec != spec:
-            raise ShardFormatError(f"{path}: shard spec differs from the manifest's")
-        row_ids, lengths = [], []
-        for b in range(reader.num_batches):
-            batch = reader.read_batch(b)
-            tokens = batch.column("input_ids")
-            if tokens.null_count:
-                raise ShardFormatError(f"{path}: record batch {b} has rows without input_ids")
-            row_ids.append(batch.column("row_id").to_numpy(zero_copy_only=False))
-            lengths.append(tokens.value_lengths().to_numpy(zero_copy_only=False))
-    # concatenate copies, so nothing refers to the closed memory map
-    row_id_R = np.concatenate(row_ids or [np.zeros(0, np.int64)]).astype(np.int64)
-    length_R = np.concatenate(lengths or [np.zeros(0, np.int64)]).astype(np.int64)
+    scan = scan_shard(path, entry, spec)
+    row_id_R, length_R = scan.row_id_R, scan.length_R
     if len(row_id_R) != entry.rows:
         raise ShardFormatError(f"{path}: holds {len(row_id_R)} rows, manifest says {entry.rows}")
     bad = np.flatnonzero((length_R > seq_len) | (length_R < 1))
@@ -201,23 +190,22 @@ def _scan_shard(path: Path, entry: ShardEntry, spec: ShardSpec, seq_len: int) ->
     return row_id_R, length_R
 
 
-def _build_row_map(cache_dir: Path, manifest: CacheManifest, seq_len: int, executor: ThreadPoolExecutor) -> _RowMap:
-    where = cache_dir / MANIFEST_NAME
-    entries = sorted(manifest.shards, key=lambda e: e.index)
-    if not entries:
+def _build_row_map(cache: CacheDir, manifest: CacheManifest, seq_len: int, executor: ThreadPoolExecutor) -> _RowMap:
+    where = cache.manifest_path
+    if not manifest.shards:
         raise ValueError(f"{where}: the cache has no shards")
     for key in ("index", "file"):
-        values = [getattr(e, key) for e in entries]
+        values = [getattr(e, key) for e in manifest.shards]
         if len(set(values)) != len(values):
             raise ShardFormatError(f"{where}: two shard entries share a {key}")
-    paths = [resolve_inside(cache_dir, e.file) for e in entries]
-    scans = list(executor.map(lambda pe: _scan_shard(*pe, manifest.spec, seq_len), zip(paths, entries)))
+    shards = cache.shard_files(manifest)
+    scans = list(executor.map(lambda pe: _scan_shard(*pe, manifest.spec, seq_len), shards))
     row_id_N = np.concatenate([ids for ids, _ in scans])
     unique, counts = np.unique(row_id_N, return_counts=True)
     if (counts > 1).any():
         raise ShardFormatError(f"{where}: row id {unique[counts > 1][0]} appears more than once in the cache")
     return _RowMap(
-        paths=paths, entries=entries,
+        paths=[path for path, _ in shards], entries=[entry for _, entry in shards],
         shard_N=np.concatenate([np.full(len(ids), s, np.int64) for s, (ids, _) in enumerate(scans)]),
         index_N=np.concatenate([np.arange(len(ids), dtype=np.int64) for ids, _ in scans]),
         row_id_N=row_id_N,
@@ -445,8 +433,9 @@ class CacheLoader:
             raise ValueError(f"loader needs 0 <= rank < world_size, got rank {rank} of {world_size}")
         self.config = config
         self.rank, self.world_size = rank, world_size
-        cache_dir = Path(config.cache_dir)
-        self.manifest: CacheManifest = load_manifest(cache_dir)
+        cache = CacheDir(config.cache_dir)
+        cache_dir = cache.path
+        self.manifest: CacheManifest = cache.manifest()
         self.spec: ShardSpec = self.manifest.spec
         if config.verify_checksums:
             warn_unchecked_rows(self.spec, str(cache_dir))
@@ -466,7 +455,7 @@ class CacheLoader:
         self._finalizer = weakref.finalize(self, self._executor.shutdown, wait=False, cancel_futures=True)
         self._processes: ProcessPoolExecutor | None = None
         try:
-            rows = _build_row_map(cache_dir, self.manifest, config.seq_len, self._executor)
+            rows = _build_row_map(cache, self.manifest, config.seq_len, self._executor)
         except BaseException:
             self.close()
             raise

@@ -5,8 +5,10 @@ Order of work: the teacher's config and every selected source row are checked
 before anything is written or any model is loaded. An existing cache must have
 been made with the same teacher, targets, source and rows per shard (unless
 --overwrite); its finished shards are verified (sidecar, size, sha256, row
-range) and kept, anything partial is recomputed. The manifest is rebuilt from
-the sidecars after each shard, under a lock, so workers can share a directory.
+range) and kept, anything partial is recomputed (`CacheDir.open_for_run`). The
+manifest is rebuilt from the sidecars as shards are published, under a lock,
+so workers can share a directory. `--gpus` runs this once per GPU in worker
+processes (`gpu_workers.py`); `--merge` joins worker caches (`CacheDir.merge_from`).
 """
 
 from __future__ import annotations
@@ -16,9 +18,6 @@ import itertools
 import json
 import math
 import os
-import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +25,8 @@ from typing import Sequence
 
 from rich.console import Console
 
-from common.atomic import file_lock, publish, remove_stale_tmp, tmp_path_for
-from common.manifest import (LOCK_NAME, MANIFEST_NAME, SIDECAR_SUFFIX, CacheManifest, ShardEntry, file_sha256,
-                             load_manifest, read_sidecars, refresh_manifest, shard_file_name, write_manifest,
-                             write_sidecar)
-from common.parent_death import dies_with_this_process
+from common.cache_dir import CacheDir, MergeReport
+from common.manifest import CacheManifest, ShardEntry
 from common.paths import is_within, overlap, overlap_error
 from common import config_file
 from common.spec import ShardSpec
@@ -38,15 +34,13 @@ from teacher_cache import spec_config
 from teacher_cache.backend import BackendOptions, TeacherInfo, default_backend_name, make_backend, read_teacher_info
 from teacher_cache.data import SourceConfig, SourceData, open_source
 from teacher_cache.spec_config import HiddenConfig, TargetsConfig
+from teacher_cache.gpu_workers import check_gpus, run_gpu_workers
 from teacher_cache.pipeline import PipelineConfig, ProgressView, RunSummary, WriterPipeline
-from teacher_cache.plan import (ShardPlan, WorkerSlot, auto_rows_per_shard, estimate_storage, node_local_worker, plan_shards,
-                                resolve_worker, shards_for_worker)
+from teacher_cache.plan import ShardPlan, WorkerSlot, auto_rows_per_shard, plan_shards, resolve_worker, shards_for_worker
+from teacher_cache.plan_report import plan_report, print_lines
 
 # Seconds between manifest rebuilds while shards are being published (and once at the end).
 MANIFEST_REFRESH_S = 30.0
-# Teacher keys that may differ between runs writing one cache: where the model lives.
-_TEACHER_LOCATION_KEYS = ("model",)
-_SOURCE_LOCATION_KEYS = ("path",)
 
 
 @dataclass
@@ -177,102 +171,11 @@ def resolve_rows_per_shard(cfg: CacheConfig, spec: ShardSpec, source: SourceData
         raise ValueError(f"--rows-per-shard must be >= 1 (or 0 for automatic), got {cfg.rows_per_shard}")
     if cfg.rows_per_shard:
         return cfg.rows_per_shard
-    if not cfg.overwrite and (Path(cfg.out) / MANIFEST_NAME).is_file():
-        existing = load_manifest(Path(cfg.out)).work.get("rows_per_shard")
+    if not cfg.overwrite and CacheDir(cfg.out).has_manifest():
+        existing = CacheDir(cfg.out).manifest().work.get("rows_per_shard")
         if isinstance(existing, int) and existing > 0:
             return existing
     return auto_rows_per_shard(spec, source.num_tokens / max(source.num_rows, 1))
-
-
-def header_differences(existing: CacheManifest, header: CacheManifest) -> list[str]:
-    """Names of what differs between two caches' identities (empty: same cache)."""
-    diffs = []
-    if existing.format_version != header.format_version:
-        diffs.append(f"format version ({existing.format_version} -> {header.format_version})")
-    elif existing.spec != header.spec:
-        diffs.append("targets/hidden spec")
-    for name, a, b, ignore in (("teacher", existing.teacher, header.teacher, _TEACHER_LOCATION_KEYS),
-                               ("source", existing.source, header.source, _SOURCE_LOCATION_KEYS)):
-        for key in sorted(set(a) | set(b)):
-            if key not in ignore and a.get(key) != b.get(key):
-                diffs.append(f"{name} {key} ({a.get(key)!r} -> {b.get(key)!r})")
-    if existing.work.get("rows_per_shard") != header.work.get("rows_per_shard"):
-        diffs.append(f"rows per shard ({existing.work.get('rows_per_shard')} -> {header.work.get('rows_per_shard')})")
-    return diffs
-
-
-def _remove_shard(cache_dir: Path, index: int) -> None:
-    name = shard_file_name(index)
-    (cache_dir / (name + ".json")).unlink(missing_ok=True)  # sidecar first: a shard without one is never trusted
-    (cache_dir / name).unlink(missing_ok=True)
-    remove_stale_tmp(cache_dir, name)
-
-
-def _shard_indices_on_disk(cache_dir: Path) -> set[int]:
-    indices = set()
-    for p in cache_dir.glob("shard-*"):
-        stem = p.name.split(".")[0]
-        if stem[len("shard-"):].isdigit():
-            indices.add(int(stem[len("shard-"):]))
-    return indices
-
-
-def finished_entry(cache_dir: Path, shard: ShardPlan) -> ShardEntry | None:
-    """The shard's entry if it is complete and intact, else None."""
-    name = shard_file_name(shard.index)
-    sidecar, path = cache_dir / (name + ".json"), cache_dir / name
-    if not sidecar.is_file() or not path.is_file():
-        return None
-    try:
-        entry = ShardEntry.from_dict(json.loads(sidecar.read_text()), str(sidecar))
-    except (ValueError, json.JSONDecodeError):
-        return None
-    if (entry.index, entry.row_start, entry.row_end, entry.file) != (shard.index, shard.row_start, shard.row_end, name):
-        return None
-    if path.stat().st_size != entry.bytes or file_sha256(path) != entry.sha256:
-        return None
-    return entry
-
-
-def open_cache(cache_dir: Path, header: CacheManifest, plan: list[ShardPlan], mine: list[ShardPlan],
-               worker: WorkerSlot, overwrite: bool) -> tuple[list[ShardPlan], list[ShardEntry]]:
-    """Agree on the header, clean up, and split this worker's shards into
-    (to compute, finished and verified)."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with file_lock(cache_dir / LOCK_NAME):
-        has_manifest = (cache_dir / MANIFEST_NAME).is_file()
-        existing = load_manifest(cache_dir) if has_manifest else None
-        if existing is None and list(cache_dir.glob(f"shard-*{SIDECAR_SUFFIX}")):
-            diffs = [f"no {MANIFEST_NAME} beside its shards"]
-        else:
-            diffs = header_differences(existing, header) if existing is not None else []
-        if diffs:
-            if not overwrite:
-                raise ValueError(f"{cache_dir}: the existing cache differs: {'; '.join(diffs)}. "
-                                 f"Pass --overwrite to replace it, or choose another --out")
-            for index in _shard_indices_on_disk(cache_dir):
-                _remove_shard(cache_dir, index)
-        elif overwrite:
-            for shard in mine:
-                _remove_shard(cache_dir, shard.index)
-        # A killed run can leave a half-written manifest; only a lock holder writes one.
-        remove_stale_tmp(cache_dir, MANIFEST_NAME)
-        if worker.index == 0:
-            # Shards past the end of the plan (an earlier, larger --limit-rows) belong to nobody.
-            for index in _shard_indices_on_disk(cache_dir):
-                if index >= len(plan):
-                    _remove_shard(cache_dir, index)
-        write_manifest(cache_dir, dataclasses.replace(header, shards=read_sidecars(cache_dir)))
-    todo, kept = [], []
-    for shard in mine:
-        entry = finished_entry(cache_dir, shard)
-        if entry is not None:
-            remove_stale_tmp(cache_dir, shard_file_name(shard.index))  # an interrupted rewrite of it
-            kept.append(entry)
-        else:
-            _remove_shard(cache_dir, shard.index)
-            todo.append(shard)
-    return todo, kept
 
 
 def _gpus_in_use(cfg: CacheConfig) -> int:
@@ -282,67 +185,6 @@ def _gpus_in_use(cfg: CacheConfig) -> int:
         return len(cfg.gpus)
     on_gpu = torch.cuda.is_available() and not cfg.teacher.device.startswith("cpu")
     return 1 if on_gpu else 0
-
-
-def _format_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if n < 1000 or unit == "PB":
-            return f"{n:,.1f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
-
-
-def _free_bytes(path: Path) -> int:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return shutil.disk_usage(path).free
-
-
-def plan_report(cfg: CacheConfig, prep: Prepared, worker: WorkerSlot, workers_per_node: int = 1) -> list[str]:
-    """The plan and storage estimate, printed before any model work (and alone by --dry-run)."""
-    spec = prep.spec
-    lengths = prep.source.lengths_R
-    tokens = int(lengths.sum())
-    estimate = estimate_storage(spec, tokens)
-    t = spec.targets
-    targets = t.kind.describe(t)
-    lines = [
-        f"teacher {cfg.teacher.model} ({prep.info.model_type}, {prep.info.num_layers} layers, hidden {prep.info.hidden_size}, "
-        f"vocab {prep.info.vocab_size}), backend {prep.backend}",
-        f"source {prep.source.path} split '{prep.source.split}': {prep.source.num_rows:,} rows, {tokens:,} tokens",
-        f"targets: {targets}",
-    ]
-    if prep.source.num_rows == 0:
-        why = ("--limit-rows 0 selects none of its rows" if prep.source.total_rows
-               else f"split '{prep.source.split}' has no rows")
-        lines.append(f"WARNING: {prep.source.path}: {why}; the cache will hold no shards and `vpmoe train` "
-                     "refuses it")
-    if spec.hidden.layers:
-        lines.append(f"hidden layers {list(spec.hidden.layers)} in {spec.hidden.dtype}, "
-                     f"token fraction {spec.hidden.token_fraction:g}")
-    lines.append(f"{len(prep.plan)} shard(s) of {cfg.rows_per_shard} rows")
-    for local in range(workers_per_node):
-        slot = node_local_worker(worker, local, workers_per_node) if workers_per_node > 1 else worker
-        mine = shards_for_worker(prep.plan, slot)
-        rows = sum(s.num_rows for s in mine)
-        mine_tokens = sum(int(lengths[s.row_start:s.row_end].sum()) for s in mine)
-        gpu = f" (GPU {cfg.gpus[local]})" if cfg.gpus else ""
-        lines.append(f"worker {slot.index}/{slot.count}{gpu}: {len(mine)} shard(s), {rows:,} rows, "
-                     f"{mine_tokens:,} tokens")
-    lines.append(f"estimated storage: {_format_bytes(estimate.total_bytes)} "
-                 f"({estimate.bytes_per_token:,.1f} bytes/token: targets and tokens "
-                 f"{estimate.target_bytes_per_token:,.1f}"
-                 + (f", hidden {estimate.hidden_bytes_per_token_per_layer:,.1f} per layer" if spec.hidden.layers else "")
-                 + ")")
-    free = _free_bytes(Path(cfg.out).resolve())
-    lines.append(f"free space at {cfg.out}: {_format_bytes(free)}"
-                 + (" -- WARNING: less than the estimate" if free < estimate.total_bytes else ""))
-    return lines
-
-
-def _print(console: Console, lines: list[str]) -> None:
-    for line in lines:
-        console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 def check_paths(cfg: CacheConfig) -> None:
@@ -359,37 +201,44 @@ def run_cache(cfg: CacheConfig, console: Console | None = None) -> RunSummary | 
     """Run (or dry-run) one cache-teacher invocation; returns the summary of a real run."""
     check_paths(cfg)
     console = console or Console()
-    if cfg.gpus:
-        return _run_gpus(cfg, console)
+    check_gpus(cfg.gpus)
     prep = prepare(cfg)
     cfg = dataclasses.replace(cfg, rows_per_shard=prep.header.work["rows_per_shard"])  # automatic size resolved
-    worker = resolve_worker(cfg.num_workers, cfg.worker_index)
+    worker = resolve_worker(cfg.num_workers, cfg.worker_index)  # with --gpus: this node's slot
     if not cfg.quiet:
-        _print(console, plan_report(cfg, prep, worker))
+        print_lines(console, plan_report(cfg, prep, worker, workers_per_node=max(len(cfg.gpus), 1)))
     if cfg.dry_run:
-        _print(console, ["dry run: nothing written"])
+        print_lines(console, ["dry run: nothing written"])
         return None
-    out = Path(cfg.out)
+    summary = run_gpu_workers(cfg, prep.plan, worker) if cfg.gpus else _run_worker(cfg, prep, worker)
+    if not cfg.quiet:
+        print_lines(console, summary.lines())
+    return summary
+
+
+def _run_worker(cfg: CacheConfig, prep: Prepared, worker: WorkerSlot) -> RunSummary:
+    """This process's shards: those already finished and intact are kept, the rest written."""
+    out = CacheDir(cfg.out)
     mine = shards_for_worker(prep.plan, worker)
-    todo, kept = open_cache(out, prep.header, prep.plan, mine, worker, cfg.overwrite)
+    # Shards past the end of the plan (an earlier, larger --limit-rows) belong to nobody: worker 0 removes them.
+    todo, kept = out.open_for_run(prep.header, mine, num_shards=len(prep.plan), drop_beyond=worker.index == 0,
+                                  overwrite=cfg.overwrite)
     summary = RunSummary(shards_skipped=len(kept), num_gpus=_gpus_in_use(cfg), gpu_hour_price=cfg.gpu_hour_price)
     start = time.monotonic()
     if todo:
         _write_shards(cfg, prep, out, todo, summary)  # refreshes the manifest as it goes and at its end
     else:
-        refresh_manifest(out, prep.header)
+        out.refresh_manifest(prep.header)
     summary.seconds = time.monotonic() - start
-    if not cfg.quiet:
-        _print(console, summary.lines())
     return summary
 
 
-def _write_shards(cfg: CacheConfig, prep: Prepared, out: Path, todo: list[ShardPlan], summary: RunSummary) -> None:
+def _write_shards(cfg: CacheConfig, prep: Prepared, out: CacheDir, todo: list[ShardPlan], summary: RunSummary) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     progress = ProgressView(sum(s.num_rows for s in todo), enabled=cfg.writer.show_progress and not cfg.quiet)
-    pipeline = WriterPipeline(out, prep.spec, cfg.writer, progress)
+    pipeline = WriterPipeline(out.path, prep.spec, cfg.writer, progress)
     backend = None
     try:
         backend = make_backend(prep.backend, prep.spec, dataclasses.replace(cfg.teacher, rows_per_shard=cfg.rows_per_shard))
@@ -405,7 +254,7 @@ def _write_shards(cfg: CacheConfig, prep: Prepared, out: Path, todo: list[ShardP
             # The sidecars are what a resume trusts; the manifest is rebuilt from all of
             # them, so it is refreshed every so often, not per shard (thousands of shards).
             if time.monotonic() - last_refresh[0] >= MANIFEST_REFRESH_S:
-                refresh_manifest(out, prep.header)
+                out.refresh_manifest(prep.header)
                 last_refresh[0] = time.monotonic()
             summary.shards += 1
             summary.rows += entry.rows
@@ -415,7 +264,7 @@ def _write_shards(cfg: CacheConfig, prep: Prepared, out: Path, todo: list[ShardP
         try:
             pipeline.write_shards(todo, backend.run(source_rows), on_shard=shard_done)
         finally:
-            refresh_manifest(out, prep.header)  # every shard finished so far, whatever happened
+            out.refresh_manifest(prep.header)  # every shard finished so far, whatever happened
     finally:
         if backend is not None:
             backend.close()
@@ -423,159 +272,9 @@ def _write_shards(cfg: CacheConfig, prep: Prepared, out: Path, todo: list[ShardP
         progress.close()
 
 
-# ---- one worker process per GPU ------------------------------------------------
-
-def _run_gpus(cfg: CacheConfig, console: Console) -> RunSummary | None:
-    """Spawn one worker per GPU of this node (CUDA_VISIBLE_DEVICES); worker
-    index = node worker * GPUs + local index. Inputs are checked here first."""
-    if len(set(cfg.gpus)) != len(cfg.gpus):
-        raise ValueError(f"--gpus lists a GPU twice: {cfg.gpus}")
-    prep = prepare(cfg)
-    cfg = dataclasses.replace(cfg, rows_per_shard=prep.header.work["rows_per_shard"])
-    node = resolve_worker(cfg.num_workers, cfg.worker_index)
-    if not cfg.quiet:
-        _print(console, plan_report(cfg, prep, node, workers_per_node=len(cfg.gpus)))
-    if cfg.dry_run:
-        _print(console, ["dry run: nothing written"])
-        return None
-    out = Path(cfg.out)
-    slots = [node_local_worker(node, local, len(cfg.gpus)) for local in range(len(cfg.gpus))]
-    node_shards = {s.index for slot in slots for s in shards_for_worker(prep.plan, slot)}
-    before = {e.index for e in read_sidecars(out)} if out.is_dir() else set()
-    start = time.monotonic()
-    procs = []
-    for gpu, slot in zip(cfg.gpus, slots):
-        child = dataclasses.replace(cfg, gpus=(), num_workers=slot.count, worker_index=slot.index, quiet=True,
-                                    writer=dataclasses.replace(cfg.writer, show_progress=False),
-                                    teacher=dataclasses.replace(cfg.teacher, device="auto"))
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
-        procs.append((gpu, subprocess.Popen([sys.executable, "-m", "teacher_cache.cache_run", child.to_json()],
-                                            env=env, preexec_fn=dies_with_this_process())))
-    total_rows = sum(s.num_rows for s in prep.plan if s.index in node_shards)
-    progress = ProgressView(total_rows, enabled=cfg.writer.show_progress and not cfg.quiet, description="caching (node)")
-    try:
-        while any(p.poll() is None for _, p in procs):
-            _report_sidecars(out, node_shards, progress)
-            time.sleep(1.0)
-        _report_sidecars(out, node_shards, progress)
-    finally:
-        progress.close()
-    failed = [(gpu, p.returncode) for gpu, p in procs if p.returncode != 0]
-    if failed:
-        raise RuntimeError("worker(s) failed: " + ", ".join(f"GPU {g} exit code {rc}" for g, rc in failed)
-                           + "; rerun the same command to resume")
-    written = [e for e in read_sidecars(out) if e.index in node_shards and e.index not in before]
-    summary = RunSummary(shards=len(written), rows=sum(e.rows for e in written), tokens=sum(e.tokens for e in written),
-                         bytes=sum(e.bytes for e in written), shards_skipped=len(node_shards & before),
-                         seconds=time.monotonic() - start, num_gpus=len(cfg.gpus), gpu_hour_price=cfg.gpu_hour_price)
-    if not cfg.quiet:
-        _print(console, summary.lines())
-    return summary
-
-
-def _report_sidecars(out: Path, node_shards: set[int], progress: ProgressView) -> None:
-    if not out.is_dir():
-        return
-    done = [e for e in read_sidecars(out) if e.index in node_shards]
-    progress.set_totals(rows=sum(e.rows for e in done), tokens=sum(e.tokens for e in done),
-                        bytes_=sum(e.bytes for e in done))
-
-
-# ---- merging caches written by separate workers ---------------------------------
-
-@dataclass
-class MergeReport:
-    shards_added: int = 0
-    shards_present: int = 0
-    missing: list[int] = field(default_factory=list)
-
-    def lines(self) -> list[str]:
-        out = [f"merged: {self.shards_added} shard(s) added, {self.shards_present} already present"]
-        if self.missing:
-            shown = ", ".join(str(i) for i in self.missing[:20]) + (" ..." if len(self.missing) > 20 else "")
-            out.append(f"missing shard(s) {shown}: run the workers that own them")
-        return out
-
-
-def _place(src: Path, dest: Path, link: bool) -> None:
-    """Hard-link (same filesystem) or copy `src` to `dest` atomically."""
-    tmp = tmp_path_for(dest)
-    try:
-        if link:
-            tmp.unlink()
-            try:
-                os.link(src, tmp)
-            except OSError:
-                shutil.copyfile(src, tmp)
-        else:
-            shutil.copyfile(src, tmp)
-        publish(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def merge_caches(out: Path, sources: list[Path], link: bool = True) -> MergeReport:
     """Join caches written by separate workers into `out` (which may be one of them)."""
     if not sources:
         raise ValueError("--merge needs at least one cache directory")
-    out = Path(out)
-    check_out_dir(out)
-    # Sidecars, not the manifest's list: a worker killed between publishing a
-    # shard and refreshing its manifest still has the shard's sidecar.
-    manifests = [(Path(d), dataclasses.replace(load_manifest(Path(d)), shards=read_sidecars(Path(d))))
-                 for d in sources]
-    ref_dir, ref = manifests[0]
-    targets = manifests + ([(out, load_manifest(out))] if (out / MANIFEST_NAME).is_file() else [])
-    for d, m in targets[1:]:
-        diffs = header_differences(ref, m)
-        if diffs:
-            raise ValueError(f"{d}: cannot merge with {ref_dir}: {'; '.join(diffs)}")
-    owner: dict[int, Path] = {}
-    for d, m in manifests:
-        if d.resolve() == out.resolve():
-            continue
-        for entry in m.shards:
-            if entry.index in owner:
-                raise ValueError(f"shard {entry.index} is in both {owner[entry.index]} and {d}")
-            owner[entry.index] = d
-    out.mkdir(parents=True, exist_ok=True)
-    report = MergeReport()
-    header = dataclasses.replace(ref, shards=[])
-    with file_lock(out / LOCK_NAME):
-        write_manifest(out, dataclasses.replace(ref, shards=read_sidecars(out)))
-    for d, m in manifests:
-        if d.resolve() == out.resolve():
-            continue
-        for entry in m.shards:
-            src = d / entry.file
-            if not src.is_file() or src.stat().st_size != entry.bytes or file_sha256(src) != entry.sha256:
-                raise ValueError(f"{src}: missing or does not match its manifest entry (sha256); not merged")
-            dest = out / entry.file
-            if dest.is_file() and dest.stat().st_size == entry.bytes and file_sha256(dest) == entry.sha256:
-                report.shards_present += 1
-            else:
-                if dest.exists() and dest.resolve() != src.resolve():
-                    raise ValueError(f"{dest}: a different shard {entry.index} is already there")
-                _place(src, dest, link)
-                report.shards_added += 1
-            write_sidecar(out, entry)
-    merged = refresh_manifest(out, header)
-    present = {e.index for e in merged.shards}
-    report.missing = [i for i in range(int(ref.work.get("num_shards", 0))) if i not in present]
-    return report
-
-
-def _worker_main(argv: list[str]) -> int:
-    """Entry point of a per-GPU worker process spawned by `--gpus`."""
-    cfg = CacheConfig.from_json(argv[0])
-    try:
-        run_cache(cfg)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_worker_main(sys.argv[1:]))
+    check_out_dir(Path(out))
+    return CacheDir(out).merge_from([Path(d) for d in sources], link)

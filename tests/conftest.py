@@ -1,7 +1,8 @@
 """Fixtures the test modules share. What builds their inputs lives beside this
 file as plain modules: `train_fixtures.py` (tiny teachers, their caches, train
-configs) and `peaked.py` (exact rows from the synthetic peaked teacher, damaged
-shards). Tests import the product only, never `bench/`."""
+configs), `peaked.py` (exact rows from the synthetic peaked teacher, damaged
+shards) and `synthetic_cache.py` (the one writer of synthetic caches). Tests
+import the product only, never `bench/`."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@
 top-k by torch.topk, log-sum-exp in float64, sampled draws by inverse CDF in
 float64, and greedy next tokens, so input_ids[t + 1] is position t's top-1 id
 (target t predicts token t + 1). `write_cache` writes such rows as a cache
-directory and `rewrite_shard` copies a shard with changes, for corruption tests;
+directory (through `synthetic_cache.write_cache_rows`) and `rewrite_shard` copies a shard with changes, for corruption tests;
 `flip_cell_byte` changes one stored byte of one cell in place, as a bad disk
 would, and reseals the shard's sha256 so that only the row checksums see it.
 
@@ -27,15 +27,15 @@ import pyarrow.ipc as ipc
 import torch
 
 from common.causal_lm import IGNORE_INDEX
-from common.manifest import (CacheManifest, file_sha256, load_manifest, read_sidecar, refresh_manifest,
-                             resolve_inside, write_sidecar)
+from common.cache_dir import CacheDir
+from common.manifest import file_sha256, read_sidecar
 from common.shard_format import CHECKSUM_COLUMN, SCHEMA_METADATA_KEY, TeacherRow, row_checksums
 from common.shard_reader import row_cells
-from common.shard_writer import ShardWriter
 from common.spec import ShardSpec, hidden_positions
 from common.targets.sampled import SampledRowTargets
 from common.targets.topk import TopkRowTargets
 from demo.peaked_teacher import PeakedConfig, hidden_like, lse_float64, peaked_logits, sample_counts
+from synthetic_cache import write_cache_rows
 
 
 @dataclass
@@ -94,21 +94,18 @@ def write_cache(cache_dir: Path, spec: ShardSpec, lengths_per_shard: list[list[i
 
     `tweak` may change each row before it is written (to plant a bad value).
     """
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    truths, row_id = {}, 0
-    for index, lengths in enumerate(lengths_per_shard):
-        start = row_id
-        with ShardWriter(cache_dir, index, spec, start, start + len(lengths), batch_rows=batch_rows) as writer:
-            for length in lengths:
-                truth = teacher_row(spec, row_id, length, seed)
-                truths[row_id] = truth
-                if tweak is not None:
-                    tweak(truth.row)
-                writer.add(truth.row)
-                row_id += 1
-            writer.close()
-    refresh_manifest(cache_dir, CacheManifest(spec=spec, teacher={"model": "peaked-synthetic"},
-                                              tokenizer={"vocab_size": spec.vocab_size}, source={"path": "synthetic"}))
+    truths, shards, row_id = {}, [], 0
+    for lengths in lengths_per_shard:
+        shards.append([])
+        for length in lengths:
+            truth = teacher_row(spec, row_id, length, seed)
+            truths[row_id] = truth
+            if tweak is not None:
+                tweak(truth.row)
+            shards[-1].append(truth.row)
+            row_id += 1
+    write_cache_rows(cache_dir, spec, shards, batch_rows=batch_rows, teacher={"model": "peaked-synthetic"},
+                     source={"path": "synthetic"})
     return truths
 
 
@@ -151,8 +148,9 @@ def flip_cell_byte(cache_dir: Path, row_id: int, column: str, byte: int = 0, mas
     a change no value check can see), rewrite the shard (zstd re-encodes it, so
     it decodes as before) and record the new size and sha256 in its sidecar and
     the manifest. Returns the shard's path."""
-    entry = next(e for e in load_manifest(cache_dir).shards if e.row_start <= row_id < e.row_end)
-    path = resolve_inside(cache_dir, entry.file)
+    cache = CacheDir(cache_dir)
+    entry = next(e for e in cache.manifest().shards if e.row_start <= row_id < e.row_end)
+    path = cache.file(entry.file)
 
     def flip(table: pa.Table) -> pa.Table:
         index = table.schema.get_field_index(column)
@@ -167,7 +165,7 @@ def flip_cell_byte(cache_dir: Path, row_id: int, column: str, byte: int = 0, mas
     rewrite_shard(path, path.with_name(path.name + ".flipped"), flip, keep_checksums=True)
     path.with_name(path.name + ".flipped").replace(path)
     sidecar = path.with_name(path.name + ".json")
-    write_sidecar(cache_dir, dataclasses.replace(read_sidecar(sidecar), bytes=path.stat().st_size,
-                                                 sha256=file_sha256(path)))
-    refresh_manifest(cache_dir, load_manifest(cache_dir))
+    cache.write_sidecar(dataclasses.replace(read_sidecar(sidecar), bytes=path.stat().st_size,
+                                            sha256=file_sha256(path)))
+    cache.refresh_manifest(cache.manifest())
     return path

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from common.manifest import MANIFEST_NAME, load_manifest
-from common.shard_reader import read_cache_rows
+from common.cache_dir import CacheDir
 from demo.tiny_models import build_model, save_model, tiny_llama_config
 
 VOCAB = 384
@@ -218,7 +218,7 @@ def test_extra_struct_and_string_columns_are_ignored(model_dir, tmp_path):
     data = issue20_dataset(tmp_path / "mix", rows)
     result = cache_teacher(model_dir, data, tmp_path / "out")
     assert result.exit_code == 0, result.output
-    stored = read_cache_rows(tmp_path / "out")
+    stored = CacheDir(tmp_path / "out").read_rows()
     assert sorted(stored) == list(range(len(rows)))
     for row_id, ids in enumerate(rows):
         np.testing.assert_array_equal(stored[row_id].input_ids_L, ids)

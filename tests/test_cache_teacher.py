@@ -20,7 +20,8 @@ from scipy import stats
 
 from common import codec
 from common.manifest import MANIFEST_NAME, load_manifest
-from common.shard_reader import ShardReader, read_cache_rows
+from common.cache_dir import CacheDir
+from common.shard_reader import ShardReader
 from common.spec import HiddenSpec, ShardSpec, TargetSpec, content_hash, hidden_positions
 from demo.tiny_models import build_model, save_model, tiny_gpt_oss_config, tiny_llama_config
 from teacher_cache import cache_run
@@ -129,7 +130,7 @@ def test_topk_targets_and_hidden_states_equal_float64_recomputation(teacher, tmp
     # A budget of 64 padded tokens forces several batches, some padded.
     cache(model_dir, data, tmp_path / "c", top_k=k, temperatures=temperatures, rows_per_shard=3,
           max_tokens_per_batch=64, logits_chunk=16, **hidden_kw)
-    stored = read_cache_rows(tmp_path / "c")
+    stored = CacheDir(tmp_path / "c").read_rows()
     assert sorted(stored) == list(range(len(rows)))
 
     captured = {}
@@ -201,7 +202,7 @@ def test_sampled_counts_follow_the_teacher_distribution_of_the_next_token(llama,
     model_dir, model_f64, data, rows = llama
     draws = 4000
     cache(model_dir, data, tmp_path / "c", sampled=draws, seed=1234, rows_per_shard=8)
-    row = read_cache_rows(tmp_path / "c")[0]
+    row = CacheDir(tmp_path / "c").read_rows()[0]
     ids = rows[0]
     with torch.no_grad():
         probs_LV = torch.softmax(model_f64(torch.from_numpy(ids.astype(np.int64))[None]).logits[0], -1).numpy()
@@ -316,7 +317,7 @@ def test_compression_choice_reaches_the_shards_and_not_their_content(llama, tmp_
     model_dir, _, data, _ = llama
     cache(model_dir, data, tmp_path / "zstd", top_k=8, rows_per_shard=2)
     cache(model_dir, data, tmp_path / "none", top_k=8, rows_per_shard=2, compression="none")
-    a, b = read_cache_rows(tmp_path / "zstd"), read_cache_rows(tmp_path / "none")
+    a, b = CacheDir(tmp_path / "zstd").read_rows(), CacheDir(tmp_path / "none").read_rows()
     assert sorted(a) == sorted(b)
     for row_id in a:
         np.testing.assert_array_equal(a[row_id].targets.ids_PK, b[row_id].targets.ids_PK)

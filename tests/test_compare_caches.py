@@ -17,7 +17,7 @@ import torch
 
 from common.manifest import MANIFEST_NAME
 from common.shard_format import ShardFormatError
-from common.shard_reader import read_cache_rows
+from common.cache_dir import CacheDir
 from teacher_cache.compare import compare
 from train_fixtures import make_rows, tiny_teacher, write_cache
 
@@ -42,7 +42,7 @@ def caches(tmp_path_factory):
 
 def test_same_rows_in_other_shards_compare_equal(caches):
     tmp, *_ = caches
-    report = compare(read_cache_rows(tmp / "a"), read_cache_rows(tmp / "a5"))
+    report = compare(CacheDir(tmp / "a").read_rows(), CacheDir(tmp / "a5").read_rows())
     assert report["same_row_ids"] and report["same_tokens"] and report["rows_a"] == 12
     assert report["max_lse_diff"] == 0.0 and report["mean_topk_overlap"] == 1.0
     assert report["mean_abs_logit_diff"] == 0.0
@@ -51,7 +51,7 @@ def test_same_rows_in_other_shards_compare_equal(caches):
 
 def test_overlap_and_differences_match_a_float64_recomputation(caches):
     tmp, rows, teacher, nudged = caches
-    report = compare(read_cache_rows(tmp / "a"), read_cache_rows(tmp / "b"))
+    report = compare(CacheDir(tmp / "a").read_rows(), CacheDir(tmp / "b").read_rows())
     overlaps, lse_diff = [], 0.0
     with torch.no_grad():
         for ids, _ in rows:
@@ -71,7 +71,7 @@ def test_overlap_and_differences_match_a_float64_recomputation(caches):
 def test_a_missing_row_is_reported_and_the_command_fails(caches, tmp_path):
     tmp, rows, teacher, _ = caches
     write_cache(tmp_path / "short", rows[:8], teacher, k=K, hidden_layers=(1,), rows_per_shard=4)
-    assert compare(read_cache_rows(tmp / "a"), read_cache_rows(tmp_path / "short"))["same_row_ids"] is False
+    assert compare(CacheDir(tmp / "a").read_rows(), CacheDir(tmp_path / "short").read_rows())["same_row_ids"] is False
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "compare_caches.py"), str(tmp / "a"),
                            str(tmp_path / "short")], capture_output=True, text=True, check=False)
     assert done.returncode == 1 and '"same_row_ids": false' in done.stdout
@@ -85,14 +85,14 @@ def test_a_row_listed_twice_is_named(caches, tmp_path):
     manifest["shards"].append(dict(manifest["shards"][0], index=99))  # the same shard file listed again
     (tmp_path / "twice" / MANIFEST_NAME).write_text(json.dumps(manifest))
     with pytest.raises(ShardFormatError, match=r"shard-00000\.arrow: row 0 is also in another shard"):
-        read_cache_rows(tmp_path / "twice")
+        CacheDir(tmp_path / "twice").read_rows()
 
 
 def test_caches_of_different_hidden_layers_are_refused_by_name(caches, tmp_path):
     tmp, rows, teacher, _ = caches
     write_cache(tmp_path / "other", rows, teacher, k=K, hidden_layers=(2,), rows_per_shard=4)
     with pytest.raises(ValueError, match=r"row 0: the caches hold different targets or hidden layers"):
-        compare(read_cache_rows(tmp / "a"), read_cache_rows(tmp_path / "other"))
+        compare(CacheDir(tmp / "a").read_rows(), CacheDir(tmp_path / "other").read_rows())
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "compare_caches.py"), str(tmp / "a"),
                            str(tmp_path / "other")], capture_output=True, text=True, check=False)
     assert done.returncode == 2 and "layers [1] and [2]" in done.stderr

@@ -16,7 +16,7 @@ from rich.console import Console
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from common.manifest import load_manifest
-from common.shard_reader import read_cache_rows
+from common.cache_dir import CacheDir
 from teacher_cache.cache_run import CacheConfig, run_cache
 
 VOCAB = 128
@@ -40,7 +40,7 @@ def test_a_config_only_teacher_caches_with_dummy_weights_named_in_the_manifest(t
     # position t are that model's float64 logits for token t + 1.
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).double().eval()
-    cached = read_cache_rows(tmp_path / "c")
+    cached = CacheDir(tmp_path / "c").read_rows()
     assert sorted(cached) == [0, 1, 2]
     for row_id, ids in enumerate(rows):
         with torch.no_grad():

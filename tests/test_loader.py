@@ -18,16 +18,16 @@ import pytest
 import torch
 
 from common.causal_lm import IGNORE_INDEX
-from common.manifest import MANIFEST_NAME, CacheManifest, refresh_manifest
+from common.manifest import MANIFEST_NAME
 from common.shard_format import (CHECKSUM_COLUMN, ShardFormatError, TeacherRow, checksummed_columns, encode_row,
                                  row_checksums)
 from common.shard_reader import ShardReader
-from common.shard_writer import ShardWriter
 from common.spec import HiddenSpec, ShardSpec, TargetSpec, hidden_positions
 from common.targets.sampled import SampledBatchTargets, SampledRowTargets
 from common.targets.topk import TopkRowTargets
 from student_train.batch import StudentBatch
 from student_train.loader import CacheLoader, LoaderConfig, plan_epoch
+from synthetic_cache import write_cache_rows
 from teacher_cache.targets import compute_targets, row_uniforms
 
 VOCAB = 300
@@ -68,22 +68,18 @@ def synthetic_row(row_id: int, length: int, spec: ShardSpec, rng: np.random.Gene
 
 def write_cache(cache_dir: Path, spec: ShardSpec, rows: list[TeacherRow], rows_per_shard: int,
                 batch_rows: int = 4, corrupt_row_id: int | None = None) -> Path:
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    for index, start in enumerate(range(0, len(rows), rows_per_shard)):
-        part = rows[start:start + rows_per_shard]
-        writer = ShardWriter(cache_dir, index, spec, start, start + len(part), batch_rows=batch_rows)
-        for row in part:
-            cells = encode_row(row, spec)
-            if row.row_id == corrupt_row_id:
-                # tokens that no longer match the stored content hash, as from other data
-                cells["input_ids"] = cells["input_ids"].copy()
-                cells["input_ids"][0] = (cells["input_ids"][0] + 1) % VOCAB
-                cells[CHECKSUM_COLUMN] = row_checksums(cells, checksummed_columns(spec))  # written as given
-            writer.add_cells(cells)
-        writer.close()
-    refresh_manifest(cache_dir, CacheManifest(spec=spec, tokenizer={"vocab_size": spec.vocab_size},
-                                              work={"rows_per_shard": rows_per_shard}))
-    return cache_dir
+    def encode(row: TeacherRow, spec: ShardSpec) -> dict:
+        cells = encode_row(row, spec)
+        if row.row_id == corrupt_row_id:
+            # tokens that no longer match the stored content hash, as from other data
+            cells["input_ids"] = cells["input_ids"].copy()
+            cells["input_ids"][0] = (cells["input_ids"][0] + 1) % VOCAB
+            cells[CHECKSUM_COLUMN] = row_checksums(cells, checksummed_columns(spec))  # written as given
+        return cells
+
+    shards = [rows[start:start + rows_per_shard] for start in range(0, len(rows), rows_per_shard)]
+    return write_cache_rows(cache_dir, spec, shards, batch_rows=batch_rows, work={"rows_per_shard": rows_per_shard},
+                            encode=encode)
 
 
 def make_rows(spec: ShardSpec, lengths: list[int], seed: int) -> list[TeacherRow]:

@@ -26,7 +26,8 @@ from typer.testing import CliRunner
 from cli.main import app
 from common.manifest import MANIFEST_NAME, CacheManifest, load_manifest, resolve_inside
 from common.shard_format import CHECKSUM_COLUMN, ShardFormatError, checksummed_columns
-from common.shard_reader import ShardReader, read_cache_rows
+from common.cache_dir import CacheDir
+from common.shard_reader import ShardReader
 from common.spec import ShardSpec, TargetSpec
 from peaked import flip_cell_byte
 from peaked import write_cache as peaked_cache
@@ -142,7 +143,7 @@ def test_plain_inspect_and_row_view_stop_naming_shard_row_and_column(sound, tmp_
 def test_read_cache_rows_names_shard_row_and_column(sound, tmp_path):
     cache, shard = tampered_copy(sound, tmp_path, "topk_values")
     with pytest.raises(ShardFormatError, match=mismatch(shard, "topk_values")):
-        read_cache_rows(cache)
+        CacheDir(cache).read_rows()
 
 
 def test_training_stops_naming_shard_row_and_column(sound, tmp_path):
@@ -212,7 +213,7 @@ def test_a_format_1_cache_loads_with_a_warning(tmp_path):
 
 
 def test_cache_teacher_does_not_add_format_2_shards_to_a_format_1_cache():
-    from teacher_cache.cache_run import header_differences
+    from common.manifest import header_differences
 
     spec = ShardSpec(vocab_size=300)
     old = CacheManifest(spec=dataclasses.replace(spec, format_version=1))

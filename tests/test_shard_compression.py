@@ -7,22 +7,20 @@ import torch
 
 from common.inspect import column_bytes
 from common.shard_reader import ShardReader
-from common.shard_writer import ShardWriter, buffer_codec
+from common.manifest import shard_file_name
+from common.shard_writer import buffer_codec
 from common.spec import HiddenSpec, ShardSpec, TargetSpec
 from peaked import teacher_row
+from synthetic_cache import write_cache_rows
 
 SPEC = ShardSpec(vocab_size=5000, targets=TargetSpec(k=16, temperatures=(1.0, 2.0)),
                  hidden=HiddenSpec(layers=(2,), dtype="fp8", hidden_size=64, token_fraction=0.5, seed=3))
 
 
 def write(tmp_path, compression: str):
-    out = tmp_path / compression
-    out.mkdir()
-    writer = ShardWriter(out, 0, SPEC, 0, 4, compression=compression)
-    for row_id, length in enumerate((40, 7, 65, 1)):
-        writer.add(teacher_row(SPEC, row_id, length, seed=row_id).row)
-    entry = writer.close()
-    return out / entry.file
+    rows = [teacher_row(SPEC, row_id, length, seed=row_id).row for row_id, length in enumerate((40, 7, 65, 1))]
+    cache = write_cache_rows(tmp_path / compression, SPEC, [rows], compression=compression)
+    return cache / shard_file_name(0)
 
 
 def test_every_codec_decodes_to_the_same_rows_and_accounts_its_bytes(tmp_path):

@@ -23,13 +23,14 @@ import pytest
 import torch
 
 from common import codec
-from common.manifest import MANIFEST_NAME, load_manifest, refresh_manifest, resolve_inside, shard_file_name
+from common.cache_dir import CacheDir
+from common.manifest import MANIFEST_NAME, load_manifest, resolve_inside, shard_file_name
 from common.shard_format import ShardFormatError
 from common.shard_reader import ShardReader
-from common.shard_writer import ShardWriter
 from common.spec import HiddenSpec, ShardSpec, TargetSpec, content_hash, hidden_positions
 from demo.peaked_teacher import hidden_like, topk_tail_kl
 from peaked import rewrite_shard, teacher_row, write_cache
+from synthetic_cache import write_cache_rows
 
 REPO = Path(__file__).resolve().parents[1]
 BIG_V = 201_088  # the teacher's padded vocabulary: 18-bit ids
@@ -134,7 +135,7 @@ def test_hidden_states_within_dtype_bound(tmp_path, dtype):
     truth = teacher_row(spec, 0, length, seed=1)
     full = {layer: hidden_like(length, dim, seed=10 + layer) for layer in (1, 3)}
     truth.row.hidden = dict(full)
-    write_cache_rows(tmp_path, spec, [truth.row])
+    write_cache_rows(tmp_path, spec, [[truth.row]])
     [row] = read_all(tmp_path / shard_file_name(0))
     np.testing.assert_array_equal(row.hidden_positions_H, np.arange(length))
     for layer, ref_LD in full.items():
@@ -143,13 +144,6 @@ def test_hidden_states_within_dtype_bound(tmp_path, dtype):
         assert err.max() > 0  # lossy, so a decoder returning its input would not pass unnoticed
         rel = (err.norm() / ref_LD.double().norm()).item()
         assert rel < (0.005 if dtype == "bf16" else 0.05)
-
-
-def write_cache_rows(cache_dir: Path, spec: ShardSpec, rows) -> None:
-    with ShardWriter(cache_dir, 0, spec, 0, len(rows)) as writer:
-        for row in rows:
-            writer.add(row)
-        writer.close()
 
 
 def test_hidden_token_fraction_stores_the_deterministic_subset(tmp_path):
@@ -163,7 +157,7 @@ def test_hidden_token_fraction_stores_the_deterministic_subset(tmp_path):
         truth.row.hidden_positions_H = hidden_positions(row_id, length, 0.25, 5)
         truth.row.hidden = {2: full[row_id][torch.from_numpy(truth.row.hidden_positions_H).long()]}
         rows.append(truth.row)
-    write_cache_rows(tmp_path, spec, rows)
+    write_cache_rows(tmp_path, spec, [rows])
     decoded = read_all(tmp_path / shard_file_name(0))
     assert not np.array_equal(decoded[0].hidden_positions_H, decoded[1].hidden_positions_H)
     for row in decoded:
@@ -318,7 +312,7 @@ def test_killed_writer_leaves_no_visible_shard_and_manifest_unchanged(tmp_path):
     assert sorted(p.name for p in cache.glob("shard-*")) == [shard_file_name(0), shard_file_name(0) + ".json"]
     assert (cache / MANIFEST_NAME).read_bytes() == manifest_before
     # A refresh (what the next run does) sees only the finished shard.
-    refreshed = refresh_manifest(cache, load_manifest(cache))
+    refreshed = CacheDir(cache).refresh_manifest(load_manifest(cache))
     assert [s.file for s in refreshed.shards] == [shard_file_name(0)]
     assert len(read_all(cache / shard_file_name(0))) == 2
     shutil.rmtree(cache)

@@ -12,14 +12,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.manifest import CacheManifest, refresh_manifest
 from common.shard_format import TeacherRow
-from common.shard_writer import ShardWriter
 from common.spec import HiddenSpec, ShardSpec, TargetSpec
 from common.targets.sampled import SampledRowTargets
 from common.targets.topk import TopkRowTargets
 from demo.tiny_models import build_model, save_model, tiny_gpt_oss_config, tiny_llama_config
 from student_train.config import load_config
+from synthetic_cache import write_cache_rows
 
 VOCAB = 300
 
@@ -43,8 +42,6 @@ def make_rows(num_rows: int, min_len: int, max_len: int, seed: int, vocab: int =
 def write_cache(cache_dir: Path, rows, teacher, *, mode: str = "topk", k: int = 16,
                 temperatures=(1.0, 2.0), num_samples: int = 32, hidden_layers=(), rows_per_shard: int = 8,
                 vocab: int | None = None) -> ShardSpec:
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     vocab = vocab or teacher.config.vocab_size
     hidden_size = teacher.config.hidden_size if hidden_layers else 0
     targets = (TargetSpec(mode="topk", k=k, temperatures=tuple(temperatures)) if mode == "topk"
@@ -52,36 +49,33 @@ def write_cache(cache_dir: Path, rows, teacher, *, mode: str = "topk", k: int = 
     spec = ShardSpec(vocab_size=vocab, targets=targets, hidden=HiddenSpec(layers=tuple(hidden_layers),
                                                                           hidden_size=hidden_size))
     gen = torch.Generator().manual_seed(0)
-    for shard, start in enumerate(range(0, len(rows), rows_per_shard)):
-        chunk = rows[start:start + rows_per_shard]
-        with ShardWriter(cache_dir, shard, spec, start, start + len(chunk)) as writer:
-            for offset, (ids, labels) in enumerate(chunk):
-                out = teacher(input_ids=torch.from_numpy(ids.astype(np.int64))[None], output_hidden_states=True)
-                logits_PV = out.logits[0, :-1].double()  # position t: the distribution of token t + 1
-                row = TeacherRow(row_id=start + offset, input_ids_L=ids, labels_L=labels)
-                if mode == "topk":
-                    top = logits_PV.topk(k, dim=-1)
-                    lse_PT = torch.stack([torch.logsumexp(logits_PV / t, -1) for t in temperatures], -1)
-                    row.targets = TopkRowTargets(ids_PK=top.indices.numpy(), logits_PK=top.values.float().numpy(),
-                                                 lse_PT=lse_PT.float().numpy())
-                else:
-                    draws_PS = torch.multinomial(torch.softmax(logits_PV, -1), num_samples, replacement=True,
-                                                 generator=gen)
-                    ids_S, counts_S, sizes_P = [], [], []
-                    for draws in draws_PS:
-                        u, c = torch.unique(draws, return_counts=True)
-                        ids_S.append(u.numpy())
-                        counts_S.append(c.numpy())
-                        sizes_P.append(len(u))
-                    row.targets = SampledRowTargets(sizes_P=np.asarray(sizes_P), ids_S=np.concatenate(ids_S),
-                                                    counts_S=np.concatenate(counts_S))
-                for layer in hidden_layers:
-                    row.hidden[layer] = out.hidden_states[layer][0].float()  # stream leaving block `layer`
-                writer.add(row)
-            writer.close()
-    header = CacheManifest(spec=spec, teacher={"model": "tiny"}, tokenizer={"vocab_size": vocab},
-                           source={"path": "synthetic"}, work={"rows_per_shard": rows_per_shard})
-    refresh_manifest(cache_dir, header)
+    cached = []
+    for row_id, (ids, labels) in enumerate(rows):
+        out = teacher(input_ids=torch.from_numpy(ids.astype(np.int64))[None], output_hidden_states=True)
+        logits_PV = out.logits[0, :-1].double()  # position t: the distribution of token t + 1
+        row = TeacherRow(row_id=row_id, input_ids_L=ids, labels_L=labels)
+        if mode == "topk":
+            top = logits_PV.topk(k, dim=-1)
+            lse_PT = torch.stack([torch.logsumexp(logits_PV / t, -1) for t in temperatures], -1)
+            row.targets = TopkRowTargets(ids_PK=top.indices.numpy(), logits_PK=top.values.float().numpy(),
+                                         lse_PT=lse_PT.float().numpy())
+        else:
+            draws_PS = torch.multinomial(torch.softmax(logits_PV, -1), num_samples, replacement=True,
+                                         generator=gen)
+            ids_S, counts_S, sizes_P = [], [], []
+            for draws in draws_PS:
+                u, c = torch.unique(draws, return_counts=True)
+                ids_S.append(u.numpy())
+                counts_S.append(c.numpy())
+                sizes_P.append(len(u))
+            row.targets = SampledRowTargets(sizes_P=np.asarray(sizes_P), ids_S=np.concatenate(ids_S),
+                                            counts_S=np.concatenate(counts_S))
+        for layer in hidden_layers:
+            row.hidden[layer] = out.hidden_states[layer][0].float()  # stream leaving block `layer`
+        cached.append(row)
+    shards = [cached[start:start + rows_per_shard] for start in range(0, len(cached), rows_per_shard)]
+    write_cache_rows(cache_dir, spec, shards, teacher={"model": "tiny"}, source={"path": "synthetic"},
+                     work={"rows_per_shard": rows_per_shard})
     return spec
 
 

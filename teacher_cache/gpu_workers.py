@@ -1,0 +1,95 @@
+"""`cache-teacher --gpus`: one worker process per GPU of this node.
+
+Each worker is `cache-teacher` itself, run for one worker slot with
+`CUDA_VISIBLE_DEVICES` set to its GPU (worker index = node worker * GPUs +
+local index); the parent has checked the inputs and printed the plan, then
+waits, reporting progress from the sidecars the workers publish. Workers die
+with the parent (`parent_death`), so a killed launcher leaves no engine
+behind; a rerun resumes from the published shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+from typing import TYPE_CHECKING
+
+from common.cache_dir import CacheDir
+from common.parent_death import dies_with_this_process
+from teacher_cache.pipeline import ProgressView, RunSummary
+from teacher_cache.plan import ShardPlan, WorkerSlot, node_local_worker, shards_for_worker
+
+if TYPE_CHECKING:
+    from teacher_cache.cache_run import CacheConfig
+
+POLL_S = 1.0
+
+
+def check_gpus(gpus: tuple[int, ...]) -> None:
+    if len(set(gpus)) != len(gpus):
+        raise ValueError(f"--gpus lists a GPU twice: {gpus}")
+
+
+def run_gpu_workers(cfg: CacheConfig, plan: list[ShardPlan], node: WorkerSlot) -> RunSummary:
+    """Spawn one worker per GPU in `cfg.gpus`, wait for all, and sum up what they wrote."""
+    out = CacheDir(cfg.out)
+    slots = [node_local_worker(node, local, len(cfg.gpus)) for local in range(len(cfg.gpus))]
+    node_shards = {s.index for slot in slots for s in shards_for_worker(plan, slot)}
+    before = {e.index for e in out.sidecars()} if out.path.is_dir() else set()
+    start = time.monotonic()
+    procs = [(gpu, _spawn(cfg, gpu, slot)) for gpu, slot in zip(cfg.gpus, slots)]
+    total_rows = sum(s.num_rows for s in plan if s.index in node_shards)
+    progress = ProgressView(total_rows, enabled=cfg.writer.show_progress and not cfg.quiet, description="caching (node)")
+    try:
+        while any(p.poll() is None for _, p in procs):
+            _report_sidecars(out, node_shards, progress)
+            time.sleep(POLL_S)
+        _report_sidecars(out, node_shards, progress)
+    finally:
+        progress.close()
+    failed = [(gpu, p.returncode) for gpu, p in procs if p.returncode != 0]
+    if failed:
+        raise RuntimeError("worker(s) failed: " + ", ".join(f"GPU {g} exit code {rc}" for g, rc in failed)
+                           + "; rerun the same command to resume")
+    written = [e for e in out.sidecars() if e.index in node_shards and e.index not in before]
+    return RunSummary(shards=len(written), rows=sum(e.rows for e in written), tokens=sum(e.tokens for e in written),
+                      bytes=sum(e.bytes for e in written), shards_skipped=len(node_shards & before),
+                      seconds=time.monotonic() - start, num_gpus=len(cfg.gpus), gpu_hour_price=cfg.gpu_hour_price)
+
+
+def _spawn(cfg: CacheConfig, gpu: int, slot: WorkerSlot) -> subprocess.Popen:
+    child = dataclasses.replace(cfg, gpus=(), num_workers=slot.count, worker_index=slot.index, quiet=True,
+                                writer=dataclasses.replace(cfg.writer, show_progress=False),
+                                teacher=dataclasses.replace(cfg.teacher, device="auto"))
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
+    return subprocess.Popen([sys.executable, "-m", "teacher_cache.gpu_workers", child.to_json()],
+                            env=env, preexec_fn=dies_with_this_process())
+
+
+def _report_sidecars(out: CacheDir, node_shards: set[int], progress: ProgressView) -> None:
+    if not out.path.is_dir():
+        return
+    done = [e for e in out.sidecars() if e.index in node_shards]
+    progress.set_totals(rows=sum(e.rows for e in done), tokens=sum(e.tokens for e in done),
+                        bytes_=sum(e.bytes for e in done))
+
+
+def _worker_main(argv: list[str]) -> int:
+    """Entry point of a per-GPU worker process."""
+    # Imported here: cache_run imports this module to launch workers.
+    from teacher_cache.cache_run import CacheConfig, run_cache
+
+    cfg = CacheConfig.from_json(argv[0])
+    try:
+        run_cache(cfg)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1:]))
