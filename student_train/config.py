@@ -55,7 +55,8 @@ class DataConfig(LoaderSettings):
     eval_cache: str | None = None
     # An eval cache made by another teacher than the train cache is refused; true: a warning instead.
     allow_teacher_mismatch: bool = False
-    global_batch: int = 0  # sequences per optimizer step over all ranks; 0: micro x world x grad_accum
+    # sequences (batch rows; packed: rows of seq_len tokens) per optimizer step over all ranks; 0: micro x world x grad_accum
+    global_batch: int = 0
     grad_accum: int = 0  # 0: global_batch / (micro_batch x world size)
     pin_memory: bool = True  # pinned host batches where there is a GPU
     max_samples: int = 0  # 0: every row
