@@ -52,6 +52,10 @@ def cache_teacher(
     hidden_dtype: Optional[str] = typer.Option(None, "--hidden-dtype", help="bf16 | fp8 (e4m3, per-token scale) [bf16]."),
     hidden_token_fraction: Optional[float] = typer.Option(None, "--hidden-token-fraction",
                                                           help="Fraction of positions whose hidden states are kept [1]."),
+    dense_from_last_layer: bool = typer.Option(False, "--dense-from-last-layer",
+                                               help=("Also store the teacher's last layer and record its final norm "
+                                                     "and lm_head, for `loss.kl_mode: dense` (exact full-vocabulary "
+                                                     "KL); needs a local model directory.")),
     rows_per_shard: Optional[int] = typer.Option(None, "--rows-per-shard",
                                                  help=("Rows per shard; 0 (default): the existing cache's, else about 512 MiB "
                                                        "of raw cells per shard (8-256 rows). Smaller shards are written in "
@@ -95,6 +99,7 @@ def cache_teacher(
                      top_k=top_k, temperatures=_parse_list(temperatures, float, "--temperatures"), sampled=sampled,
                      seed=seed, hidden_layers=_parse_list(hidden_layers, int, "--hidden-layers"),
                      hidden_dtype=hidden_dtype, hidden_token_fraction=hidden_token_fraction,
+                     dense_from_last_layer=dense_from_last_layer or None,
                      rows_per_shard=rows_per_shard, max_tokens_per_batch=max_tokens_per_batch, limit_rows=limit_rows,
                      num_workers=num_workers, worker_index=worker_index, gpus=_parse_list(gpus, int, "--gpus"),
                      dry_run=dry_run or None, overwrite=overwrite or None, gpu_hour_price=gpu_hour_price,

@@ -64,6 +64,11 @@ def print_report(report: dict, top: int, max_positions: int) -> None:
         "targets": mode,
         "hidden": (f"layers {hidden['layers']}, {hidden['dtype']}, fraction {hidden['token_fraction']}, "
                    f"D={hidden['hidden_size']}") if hidden["layers"] else "none",
+        "dense targets": (f"from hidden layer {report['dense_head']['layer']} through "
+                          f"{report['dense_head']['norm']['tensor']} and {report['dense_head']['lm_head']['tensor']} "
+                          f"{report['dense_head']['lm_head']['shape']} of {report['dense_head']['model_dir']} "
+                          f"(sha256 {report['dense_head']['fingerprint'][:16]}...)")
+                         if "dense_head" in report else "none",
         "shards": len(report["shards"]),
         "rows": f"{totals['rows']:,}",
         "tokens": f"{totals['tokens']:,}",

@@ -337,6 +337,8 @@ def inspect_path(path: Path, options: InspectOptions = InspectOptions(),
               "row_checksums": spec.row_checksums, "spec": spec.to_dict()}
     if manifest is not None:
         report["manifest"] = {key: raw_manifest.get(key) for key in ("teacher", "tokenizer", "source", "work", "totals")}
+        if manifest.dense_head is not None:  # `kl_mode: dense` can rebuild every logit from the last layer
+            report["dense_head"] = manifest.dense_head.to_dict()
     report["schema"] = [{"name": f.name, "type": str(f.type)} for f in shards[0].schema]
     report["shards"] = [{"file": s.path.name, "rows": s.rows, "tokens": s.tokens, "positions": s.positions,
                          "bytes": s.file_bytes, "batches": s.num_batches} for s in shards]

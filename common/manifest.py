@@ -16,6 +16,7 @@ from pathlib import Path
 from common.json_check import check_json, check_known_keys
 from common.shard_format import ShardFormatError
 from common.spec import READABLE_FORMAT_VERSIONS, ShardSpec
+from common.teacher_head import TeacherHeadRecord
 
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".manifest.lock"
@@ -86,6 +87,9 @@ class CacheManifest:
     # `--config` reads it). A record for people: never compared on resume or merge, and absent
     # ({}) in caches written before it existed.
     config: dict = field(default_factory=dict)
+    # Where the teacher's final norm and lm_head live, with their fingerprint
+    # (common/teacher_head.py; `cache-teacher --dense-from-last-layer`); None in other caches.
+    dense_head: TeacherHeadRecord | None = None
 
     @property
     def format_version(self) -> int:
@@ -114,6 +118,8 @@ class CacheManifest:
         }
         if self.config:
             d["config"] = self.config
+        if self.dense_head is not None:
+            d["dense_head"] = self.dense_head.to_dict()
         return json.dumps(d, indent=1, sort_keys=True)
 
     @classmethod
@@ -147,8 +153,13 @@ class CacheManifest:
         if spec.format_version != version:
             raise ShardFormatError(f"{where}: format version {version} but spec.format_version {spec.format_version}")
         shards = [ShardEntry.from_dict(s, f"{where} shards[{i}]") for i, s in enumerate(d["shards"])]
+        try:
+            dense_head = TeacherHeadRecord.from_dict(d["dense_head"], where) if "dense_head" in d else None
+        except ValueError as exc:
+            raise ShardFormatError(str(exc)) from exc
         return cls(spec=spec, teacher=d.get("teacher", {}), tokenizer=d.get("tokenizer", {}),
-                   source=d.get("source", {}), work=d.get("work", {}), shards=shards, config=d.get("config", {}))
+                   source=d.get("source", {}), work=d.get("work", {}), shards=shards, config=d.get("config", {}),
+                   dense_head=dense_head)
 
     @property
     def total_tokens(self) -> int:

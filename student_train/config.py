@@ -224,7 +224,8 @@ def run_inputs(config: TrainConfig) -> dict[str, Path]:
     """What a run reads, by config key (a student given as a hub id resolves to no real path)."""
     named = {"data.train_cache": config.data.train_cache,
              "data.eval_cache": config.data.eval_cache if config.eval.every > 0 else None,
-             "student.path": config.student.path, "student.init_config": config.student.init_config}
+             "student.path": config.student.path, "student.init_config": config.student.init_config,
+             "loss.dense_head_path": config.loss.dense_head_path}
     return {key: Path(value) for key, value in named.items() if value}
 
 

@@ -21,7 +21,9 @@ import torch.nn as nn
 from torch.profiler import record_function
 
 from common.causal_lm import TORCH_DTYPES, capture_block_outputs, decoder_layers
+from common.manifest import CacheManifest
 from common.spec import ShardSpec
+from common.teacher_head import TeacherHead, TeacherHeadRecord
 from student_train.batch import StudentBatch
 from student_train.config import StudentConfig
 from student_train.packing import packed_inputs
@@ -34,6 +36,7 @@ from student_train.losses import (
     hidden_cosine_loss,
     lse_column,
 )
+from student_train.losses.dense_targets import DenseTargets
 
 PROJECTIONS_FILE = "hidden_projections.safetensors"
 
@@ -176,11 +179,16 @@ class LossSums:
 class DistillModel(nn.Module):
     """Student + hidden projections; forward returns (globally normalised loss, LossSums)."""
 
-    def __init__(self, student: nn.Module, loss: LossConfig, layout: TargetLayout):
+    def __init__(self, student: nn.Module, loss: LossConfig, layout: TargetLayout,
+                 dense_head: TeacherHead | None = None, dense_layer: int = 0):
         super().__init__()
         self.student = student
         self.loss_cfg = loss
         self.layout = layout
+        # kl_mode dense: the teacher's frozen final norm and lm_head, replicated on every rank and
+        # kept out of the module tree (no FSDP, no optimizer, no checkpoint), and its input layer.
+        assert (dense_head is not None) == (loss.kl_mode == "dense"), "kl_mode dense needs the teacher head"
+        self.dense_head, self.dense_layer = dense_head, dense_layer
         width = student.config.hidden_size
         # Projections train: they take the trained parameters' dtype.
         dtype = next((p.dtype for p in student.parameters() if p.requires_grad), next(student.parameters()).dtype)
@@ -249,7 +257,17 @@ class DistillModel(nn.Module):
         return loss, sums
 
     def _targets(self, batch: StudentBatch, n: int):
-        return None if batch.targets is None else batch.targets.loss_targets(n, self.layout)
+        if batch.targets is None:
+            return None
+        targets = batch.targets.loss_targets(n, self.layout)
+        if self.dense_head is None:
+            return targets
+        # The stored state of token t is what the teacher's head turns into the distribution of
+        # token t + 1: target position t (already shifted) reads hidden position t, the last one none.
+        hidden_NE = batch.hidden_float(self.dense_layer)[:, :-1].reshape(n, -1)
+        has_hidden_N = batch.hidden_mask_BL[:, :-1].reshape(n)
+        return DenseTargets(hidden_NE, has_hidden_N, self.dense_head, targets,
+                            skip_missing=self.loss_cfg.dense_fallback == "skip")
 
 
 def projection_key(student_layer: int, teacher_layer: int) -> str:
@@ -273,3 +291,18 @@ def check_cache_fits(spec: ShardSpec, loss: LossConfig, student_vocab: int, num_
                                  f"{sorted(stored) or 'no hidden layers'}")
             if not 1 <= s <= num_student_layers:
                 raise ValueError(f"loss.layer_pairs: student layer {s} outside 1..{num_student_layers}")
+
+
+def dense_head_record(manifest: CacheManifest, loss: LossConfig, where: str) -> TeacherHeadRecord | None:
+    """kl_mode dense: the cache's record of the teacher head (None for other modes); ValueError
+    naming the cache when it has none or lacks the layer the head reads."""
+    if loss.kl_mode != "dense":
+        return None
+    record = manifest.dense_head
+    if record is None:
+        raise ValueError(f"{where}: loss.kl_mode 'dense' needs a cache written with cache-teacher "
+                         "--dense-from-last-layer (its manifest has no dense_head)")
+    if record.layer not in manifest.spec.hidden.layers:
+        raise ValueError(f"{where}: dense_head reads teacher layer {record.layer}, the cache stores "
+                         f"{list(manifest.spec.hidden.layers)}")
+    return record

@@ -23,7 +23,9 @@ from torch.profiler import record_function
 
 from common.causal_lm import IGNORE_INDEX, TORCH_DTYPES, decoder_layers
 from common.gil import shorten_switch_interval
+from common.manifest import load_manifest
 from common.spec import ShardSpec
+from common.teacher_head import TeacherHeadRecord, load_teacher_head
 from student_train import parallel, run_lock
 from student_train.checkpoint import Checkpointer, export_hf, resolve_resume, step_dir_name
 from student_train.config import TrainConfig, grad_accum_steps
@@ -36,6 +38,7 @@ from student_train.model import (
     TargetLayout,
     cast_trained,
     check_cache_fits,
+    dense_head_record,
     load_student,
     select_trainable,
 )
@@ -90,13 +93,22 @@ def build_student(cfg: TrainConfig, env: DistEnv):
     return student, counts
 
 
-def build_distill_model(cfg: TrainConfig, env: DistEnv, student, spec: ShardSpec):
-    """DistillModel around the student, parallelised and in train mode; and its FLOPs per token."""
+def build_distill_model(cfg: TrainConfig, env: DistEnv, student, spec: ShardSpec,
+                        dense: TeacherHeadRecord | None = None):
+    """DistillModel around the student, parallelised and in train mode; and its FLOPs per token.
+    `dense`: the cache's teacher head record (kl_mode dense), loaded here onto the device."""
     loss_cfg = cfg.loss.to_loss_config()
+    head = None
+    if loss_cfg.kl_mode == "dense" and dense is None:
+        raise ValueError("loss.kl_mode 'dense' needs its cache's dense_head (vpmoe train reads it; autotune "
+                         "does not size the teacher head: autotune with kl_mode: tail)")
+    if dense is not None:
+        head = load_teacher_head(dense, loss_cfg.dense_head_path, env.device)
     # The same seed on every rank: each builds the same new projections.
     torch.manual_seed(cfg.seed)
     with env.device:
-        model = DistillModel(student, loss_cfg, TargetLayout.from_spec(spec, loss_cfg))
+        model = DistillModel(student, loss_cfg, TargetLayout.from_spec(spec, loss_cfg), head,
+                             dense.layer if dense is not None else 0)
     flops = flops_model(student, student.config, cfg.data.seq_len)
     model = parallel.parallelize(model, env, ParallelConfig(
         compute_dtype=cfg.student.compute_dtype, activation_checkpointing=cfg.activation_checkpointing,
@@ -137,6 +149,9 @@ class Trainer:
 
         # Data, and every cache/config mismatch, before any training work.
         teacher_layers = self.loss_cfg.teacher_layers
+        self.dense = dense_head_record(load_manifest(cfg.data.train_cache), self.loss_cfg, cfg.data.train_cache)
+        if self.dense is not None:  # kl_mode dense reads the teacher's last layer too
+            teacher_layers = tuple(sorted({*teacher_layers, self.dense.layer}))
         self.train_loader = CacheLoader(loader_config(cfg, cfg.data.train_cache, False, teacher_layers),
                                         env.rank, env.world_size, expected_vocab_size=vocab)
         check_cache_fits(self.train_loader.spec, self.loss_cfg, vocab, num_layers, cfg.data.train_cache)
@@ -148,6 +163,10 @@ class Trainer:
                 raise ValueError(f"{cfg.data.eval_cache}: its targets ({self.eval_loader.spec.targets}) differ from "
                                  f"the train cache's ({self.train_loader.spec.targets})")
             check_eval_teacher(self.train_loader.manifest, self.eval_loader.manifest, cfg.data)
+            eval_dense = dense_head_record(self.eval_loader.manifest, self.loss_cfg, cfg.data.eval_cache)
+            if eval_dense is not None and eval_dense.fingerprint != self.dense.fingerprint:
+                raise ValueError(f"{cfg.data.eval_cache}: its dense_head fingerprint differs from the train "
+                                 "cache's (another teacher head)")
 
         self.accum = grad_accum_steps(cfg.data, env.world_size)
         self.total_steps = cfg.optim.steps or self.train_loader.batches_per_epoch // self.accum
@@ -155,7 +174,7 @@ class Trainer:
             raise ValueError(f"{cfg.data.train_cache}: one epoch holds {self.train_loader.batches_per_epoch} micro "
                              f"batches per rank, fewer than grad_accum={self.accum}; set optim.steps")
 
-        self.model, self.flops = build_distill_model(cfg, env, student, self.train_loader.spec)
+        self.model, self.flops = build_distill_model(cfg, env, student, self.train_loader.spec, self.dense)
         self.autocast = lambda: parallel.autocast_context(env, cfg.student.compute_dtype)
         self.trained_params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, cfg.optim, env.device)

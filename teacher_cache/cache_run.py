@@ -30,6 +30,7 @@ from common.manifest import CacheManifest, ShardEntry
 from common.paths import is_within, overlap, overlap_error
 from common import config_file
 from common.spec import ShardSpec
+from common.teacher_head import TeacherHeadRecord, locate_teacher_head
 from teacher_cache import spec_config
 from teacher_cache.backend import BackendOptions, TeacherInfo, default_backend_name, make_backend, read_teacher_info
 from teacher_cache.data import SourceConfig, SourceData, open_source
@@ -160,8 +161,18 @@ def prepare(cfg: CacheConfig) -> Prepared:
         source=source.describe(),
         work={"rows_per_shard": rows_per_shard, "num_rows": source.num_rows, "num_shards": len(plan)},
         config=dataclasses.replace(cfg, rows_per_shard=rows_per_shard).to_dict(),
+        dense_head=dense_head_record(cfg, info),
     )
     return Prepared(info, source, spec, backend, plan, header)
+
+
+def dense_head_record(cfg: CacheConfig, info: TeacherInfo) -> TeacherHeadRecord | None:
+    """Where the teacher's final norm and lm_head live, for `--dense-from-last-layer`."""
+    if not cfg.hidden.dense_from_last_layer:
+        return None
+    if cfg.teacher.load_format == "dummy":
+        raise ValueError("--dense-from-last-layer: a --load-format dummy teacher has no weights to rebuild logits from")
+    return locate_teacher_head(cfg.teacher.model, info.num_layers, info.vocab_size, info.hidden_size)
 
 
 def resolve_rows_per_shard(cfg: CacheConfig, spec: ShardSpec, source: SourceData) -> int:

@@ -48,18 +48,27 @@ class HiddenConfig:
     dtype: str = field(default="bf16", metadata={"flag": "--hidden-dtype"})  # bf16 | fp8 (e4m3, per-token scale)
     # Fraction of positions whose hidden states are kept (a seeded subset per row).
     token_fraction: float = field(default=1.0, metadata={"flag": "--hidden-token-fraction"})
+    # Also store the teacher's last layer and record where its final norm and lm_head live
+    # (common/teacher_head.py): the trainer's `kl_mode: dense` rebuilds every logit from them.
+    dense_from_last_layer: bool = field(default=False, metadata={"flag": "--dense-from-last-layer"})
 
     def __post_init__(self):
         self.layers = tuple(int(layer) for layer in self.layers)
 
+    def stored_layers(self, num_layers: int) -> tuple[int, ...]:
+        """The layers asked for, plus the last one when dense targets are asked for."""
+        extra = (num_layers,) if self.dense_from_last_layer and num_layers not in self.layers else ()
+        return self.layers + extra
+
     def hidden_spec(self, seed: int, num_layers: int, hidden_size: int) -> HiddenSpec:
-        too_deep = [layer for layer in self.layers if layer > num_layers]
+        layers = self.stored_layers(num_layers)
+        too_deep = [layer for layer in layers if layer > num_layers]
         if too_deep:
             raise ValueError(f"--hidden-layers {too_deep}: the teacher has {num_layers} layers (1-based)")
-        if len(set(self.layers)) != len(self.layers):
+        if len(set(layers)) != len(layers):
             raise ValueError(f"--hidden-layers lists a layer twice: {self.layers}")
-        return HiddenSpec(layers=tuple(sorted(self.layers)), dtype=self.dtype, token_fraction=self.token_fraction,
-                          hidden_size=hidden_size if self.layers else 0, seed=seed)
+        return HiddenSpec(layers=tuple(sorted(layers)), dtype=self.dtype, token_fraction=self.token_fraction,
+                          hidden_size=hidden_size if layers else 0, seed=seed)
 
 
 def build_spec(targets: TargetsConfig, hidden: HiddenConfig, seed: int, vocab_size: int, num_layers: int,

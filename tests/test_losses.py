@@ -6,6 +6,7 @@ the references below build full [N, V] logits and let autograd differentiate the
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -14,6 +15,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from common.spec import TargetSpec
+from common.teacher_head import TeacherHead
+from student_train.losses.dense_targets import DenseTargets
 from student_train.evaluate import summarise
 from student_train.losses import (
     DIVERGENCES,
@@ -65,7 +68,20 @@ def sampled_targets(logits_NV, gen, num_samples=NUM_SAMPLES):
     return SampledTargets(ids_NM, counts_NM, num_samples)
 
 
+def dense_targets(n, vocab, gen, fallback, width=20, stored_fraction=0.75):
+    """A teacher head (RMSNorm + lm_head, float64) and its last-layer states, stored at about
+    `stored_fraction` of the positions; the others fall back to `fallback`."""
+    head = TeacherHead(norm_weight_E=1 + 0.1 * torch.randn(width, generator=gen, dtype=torch.float64),
+                       lm_head_VE=2.5 / math.sqrt(width) * torch.randn(vocab, width, generator=gen, dtype=torch.float64),
+                       norm_eps=1e-5)
+    hidden_NE = 3 * torch.randn(n, width, generator=gen, dtype=torch.float64)
+    has_hidden_N = torch.rand(n, generator=gen) < stored_fraction
+    return DenseTargets(hidden_NE, has_hidden_N, head, fallback, skip_missing=False)
+
+
 def with_temperature(targets, temperature):
+    if isinstance(targets, DenseTargets):
+        return dataclasses.replace(targets, fallback=with_temperature(targets.fallback, temperature))
     if isinstance(targets, TopkTargets):
         return TopkTargets(targets.ids_NK, targets.logits_NK, targets.lse_NT, TEMPERATURES.index(temperature))
     return targets
@@ -82,6 +98,7 @@ def make_case(seed=0, n=N, vocab=V, width=D, dtype=torch.float64, k=16, masked_f
     labels_N = torch.multinomial(torch.softmax(t_logits_NV, -1), 1, generator=gen).squeeze(1)
     labels_N[torch.rand(n, generator=gen) < masked_fraction] = -100
     by_kind = {TopkTargets: topk_targets(t_logits_NV, k), SampledTargets: sampled_targets(t_logits_NV, gen)}
+    by_kind[DenseTargets] = dense_targets(n, vocab, gen, by_kind[TopkTargets])
     # Each registered divergence's targets under its name.
     targets = {name: by_kind[divergence.targets] for name, divergence in DIVERGENCES.items()}
     return dict(hidden=hidden_ND, weight=weight_VD, labels=labels_N, teacher=t_logits_NV, targets=targets)
@@ -125,8 +142,25 @@ def reference_sampled_kl(scaled_RV, targets: SampledTargets, t):
     return torch.stack(terms)
 
 
+def reference_dense_teacher_logits(targets: DenseTargets):
+    """The teacher's logits from its last-layer states, naively in float64: RMSNorm, then lm_head."""
+    h_NE = targets.hidden_NE.double()
+    normed_NE = h_NE / torch.sqrt((h_NE**2).mean(-1, keepdim=True) + targets.head.norm_eps)
+    return (normed_NE * targets.head.norm_weight_E.double()) @ targets.head.lm_head_VE.double().T
+
+
+def reference_dense_kl(scaled_RV, targets: DenseTargets, t):
+    """Full-softmax KL(teacher || student) where a state is stored, the fallback's reference elsewhere."""
+    log_p = F.log_softmax(reference_dense_teacher_logits(targets) / t, -1)
+    dense_R = (log_p.exp() * (log_p - F.log_softmax(scaled_RV, -1))).sum(-1)
+    fallback = REFERENCE_KL["tail" if isinstance(targets.fallback, TopkTargets) else "sampled"]
+    fallback_R = torch.zeros_like(dense_R) if targets.skip_missing else fallback(scaled_RV, targets.fallback, t)
+    return torch.where(targets.has_hidden_N, dense_R, fallback_R)
+
+
 # The built-in divergences written out directly, from full float64 softmaxes.
-REFERENCE_KL = {"tail": reference_tail_kl, "renorm": reference_renorm_kl, "sampled": reference_sampled_kl}
+REFERENCE_KL = {"tail": reference_tail_kl, "renorm": reference_renorm_kl, "sampled": reference_sampled_kl,
+                "dense": reference_dense_kl}
 
 
 def reference_kl(kl_mode):
@@ -140,6 +174,8 @@ def reference_kl(kl_mode):
 
 
 def reference_top1(targets):
+    if isinstance(targets, DenseTargets):  # the metric reads the cache's own targets
+        return reference_top1(targets.fallback)
     if isinstance(targets, TopkTargets):
         return targets.ids_NK.gather(1, targets.logits_NK.double().argmax(1, keepdim=True)).squeeze(1)
     return torch.tensor([max(((i, c) for i, c in zip(ids.tolist(), counts.tolist()) if c > 0),
@@ -348,7 +384,8 @@ def test_a_divergence_defined_by_value_compiles(monkeypatch):
     assert_close(g_weight_v, g_weight, 1e-5, "weight grad")
 
 
-@pytest.mark.parametrize("kl_mode", divergence_names())
+# dense reads any cache with a dense_head; its fallback's checks are in tests/test_dense_kl.py.
+@pytest.mark.parametrize("kl_mode", [name for name in divergence_names() if name != "dense"])
 def test_every_divergence_names_the_cache_it_cannot_read(kl_mode):
     divergence = DIVERGENCES[kl_mode]
     mode = divergence.targets.cache_mode
@@ -533,7 +570,9 @@ def test_nothing_of_size_positions_by_vocab_is_created_or_saved(kl_mode, weight_
         loss, _ = distill_loss(hidden_ND, weight_VD, case["labels"], case["targets"][kl_mode], 100,
                                kl_mode=kl_mode, chunk_size=chunk)
     # one chunk of logits is the largest thing made; a full [N, V] would be 60,000 elements
-    assert mode.largest <= max(chunk * vocab, vocab * width, n * width)
+    # (dense: the matmul's transposed view of the teacher's existing [V, E] head is as large as it)
+    teacher_head = vocab * case["targets"]["dense"].head.width if kl_mode == "dense" else 0
+    assert mode.largest <= max(chunk * vocab, vocab * width, n * width, teacher_head)
     saved = [t for t in loss.grad_fn.saved_tensors if t is not None]
     saved += [t for t in vars(loss.grad_fn).values() if isinstance(t, torch.Tensor)]
     expected = [(n, width), (vocab, width)] if weight_grad else [(n, width)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from student_train.losses.dense_targets import DENSE_FALLBACKS
 from student_train.losses.divergences import divergence_names
 
 
@@ -28,6 +29,12 @@ class LossConfig:
     compile_chunks: bool = False  # torch.compile the per-chunk loss and gradient (one fused pass on GPUs)
     # (student_layer, teacher_layer), both 1-based: the stream leaving that decoder layer
     layer_pairs: tuple[tuple[int, int], ...] = ()
+    # kl_mode dense: positions without a cached last-layer state use the cache's targets
+    # ("targets": tail for top-k, sampled for sampled) or get no KL ("skip").
+    dense_fallback: str = "targets"
+    # kl_mode dense: the teacher's model directory (its final norm and lm_head); None: the one the
+    # cache's manifest records. The tensors must hash to the manifest's fingerprint either way.
+    dense_head_path: str | None = None
 
     def __post_init__(self):
         for key in ("ce_weight", "kl_weight", "hidden_cosine_weight"):
@@ -43,6 +50,8 @@ class LossConfig:
             raise ValueError(f"kl_mode: must be one of {divergence_names()}, got {self.kl_mode!r}")
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise ValueError(f"chunk_size must be an int >= 1, got {self.chunk_size!r}")
+        if self.dense_fallback not in DENSE_FALLBACKS:
+            raise ValueError(f"dense_fallback must be one of {DENSE_FALLBACKS}, got {self.dense_fallback!r}")
         # YAML gives lists; store tuples so the config stays hashable and frozen.
         try:
             pairs = tuple((int(s), int(t)) for s, t in self.layer_pairs)

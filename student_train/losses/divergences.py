@@ -26,6 +26,7 @@ import math
 import torch
 from torch import Tensor
 
+from student_train.losses.dense_targets import DenseTargets
 from student_train.losses.targets import SampledTargets, TopkTargets, lse_column
 
 DIVERGENCES: dict[str, Divergence] = {}  # by name, in registration order
@@ -177,3 +178,64 @@ class Sampled(Divergence):
         mass_C = p_CM.sum(-1)
         dense_CV = s_CV.sub_(lse_s_C[:, None]).exp_().mul_(mass_C[:, None])
         return kl_C, dense_CV, ids_CM, -p_CM
+
+
+@register
+class Dense(Divergence):
+    """Exact KL(teacher || student) over the full vocabulary, the teacher's logits rebuilt per chunk
+    from its cached last-layer state (DenseTargets); other positions fall back to the cache's
+    targets under the divergence below, or are skipped (`loss.dense_fallback`)."""
+
+    name = "dense"
+    targets = DenseTargets
+    FALLBACK = {"topk": "tail", "sampled": "sampled"}  # cache targets mode -> the fallback's kl_mode
+
+    def check_cache(self, targets_spec, loss, where: str) -> None:
+        """The cache's targets must feed the fallback; the hidden layer and the head are checked
+        where the manifest is read (student_train/model.py, load_dense_head)."""
+        if loss.dense_fallback == "skip":
+            return
+        try:
+            DIVERGENCES[self.FALLBACK[targets_spec.mode]].check_cache(targets_spec, loss, where)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (the fallback of kl_mode 'dense' where no hidden state is stored; "
+                             "or set loss.dense_fallback: skip)") from None
+
+    def value_and_grad(self, logits_CV, lse_C, targets: DenseTargets, temperature):
+        has_C = targets.has_hidden_N
+        if bool(has_C.all()):  # every position of a full-fraction cache: no gather, no copy
+            kl_C, dense_CV = _dense_kl(logits_CV, lse_C, targets.hidden_NE, targets.head, temperature)
+            return kl_C, dense_CV, None, None
+        kl_C = torch.zeros_like(lse_C)
+        dense_CV = torch.zeros_like(logits_CV)
+        rows_d = has_C.nonzero().squeeze(1)
+        if rows_d.numel():
+            kl_d, grad_d = _dense_kl(logits_CV[rows_d], lse_C[rows_d], targets.hidden_NE[rows_d], targets.head,
+                                     temperature)
+            kl_C[rows_d] = kl_d
+            dense_CV[rows_d] = grad_d
+        rows_f = (~has_C).nonzero().squeeze(1)
+        if rows_f.numel() and not targets.skip_missing:
+            fallback = targets.fallback.rows(rows_f)
+            divergence = DIVERGENCES[self.FALLBACK[fallback.cache_mode]]
+            kl_f, dense_f, ids_f, grad_f = divergence.value_and_grad(logits_CV[rows_f], lse_C[rows_f], fallback,
+                                                                     temperature)
+            kl_C[rows_f] = kl_f
+            grad_f_CV = dense_f if dense_f is not None else torch.zeros_like(logits_CV[rows_f])
+            if ids_f is not None:
+                grad_f_CV.scatter_add_(1, ids_f, grad_f)
+            dense_CV[rows_f] = grad_f_CV
+        return kl_C, dense_CV, None, None
+
+
+def _dense_kl(logits_CV, lse_C, hidden_CE, head, temperature):
+    """(KL(p || q) per position, dKL/ds = q - p) with p the teacher's and q the student's softmax
+    of logits / T, over the whole vocabulary; three [C, V] buffers."""
+    logp_CV = head.logits(hidden_CE, logits_CV.dtype).div_(temperature)
+    logp_CV -= torch.logsumexp(logp_CV, -1, keepdim=True)
+    p_CV = logp_CV.exp()
+    s_CV, lse_s_C = _tempered(logits_CV, lse_C, temperature)
+    logq_CV = s_CV.sub_(lse_s_C[:, None])
+    # p log p is 0 where p underflows: log p is finite (the teacher's logits are), so no 0 * inf.
+    kl_C = torch.linalg.vecdot(p_CV, logp_CV.sub_(logq_CV))
+    return kl_C, logq_CV.exp_().sub_(p_CV)
