@@ -359,6 +359,35 @@ def test_target_t_predicts_token_t_plus_1(engines, teacher):
 
 @pytest.mark.vllm
 @needs_vllm
+def test_dense_targets_from_the_last_layer_vllm_captured(engines, teacher):
+    """`--dense-from-last-layer` with vLLM: the last layer's stream as vLLM captures it, through the
+    teacher's recorded final norm and lm_head, gives the teacher's float64 distribution of token
+    t + 1 at every stored position t."""
+    from common.teacher_head import load_teacher_head, locate_teacher_head
+
+    backend = engines.get("topk-eager")  # stores layer LAYERS, the last one, at token fraction 0.6
+    record = locate_teacher_head(teacher.dir, LAYERS, VOCAB, HIDDEN)
+    head = load_teacher_head(record).to(dtype=torch.float64)
+    rows = [r for r in teacher.rows if r.num_tokens > 1]
+    stored = 0
+    for row in rows:
+        trow = run_rows(backend, [row])[row.row_id]
+        logits_LV, _ = reference_forward(teacher.reference, row.input_ids)
+        positions_H = torch.as_tensor(trow.hidden_positions_H, dtype=torch.int64)
+        rebuilt_HV = head.logits(trow.hidden[LAYERS].double(), torch.float64)
+        truth_HV = logits_LV[positions_H]  # position t: the distribution of token t + 1
+        kl_H = (torch.softmax(truth_HV, -1) * (torch.log_softmax(truth_HV, -1)
+                                                - torch.log_softmax(rebuilt_HV, -1))).sum(-1)
+        assert kl_H.max() < 1e-3, (row.row_id, kl_H.max())  # the stored hidden state's rounding
+        inside = positions_H < row.num_tokens - 1
+        if inside.any():
+            assert (rebuilt_HV[inside] - logits_LV[positions_H[inside] + 1]).abs().max() > 0.1  # not token t + 2's
+        stored += len(positions_H)
+    assert stored > 50
+
+
+@pytest.mark.vllm
+@needs_vllm
 def test_results_do_not_depend_on_submission_order(engines, teacher):
     backend = engines.get("topk-eager")
     forward = run_rows(backend, teacher.rows)
