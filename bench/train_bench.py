@@ -14,6 +14,7 @@ runs the steps. Each variant is `name:key=value,key=value` over the config
 
     python bench/train_bench.py --variants "plain:compile=false,activation_checkpointing=true;fast:" --profile
     python bench/train_bench.py --nproc 2 --variants "shard:frozen_weights=shard;replicate:"
+    python bench/train_bench.py --dense-head --variants "tail:;dense:loss.kl_mode=dense"
     python bench/train_bench.py --device cpu --layers 2 --tiny   # a smoke run of this script
 """
 
@@ -46,6 +47,7 @@ from common.parent_death import die_with_parent, dies_with_this_process  # noqa:
 from common.shard_format import TeacherRow  # noqa: E402
 from common.shard_writer import ShardWriter  # noqa: E402
 from common.spec import HiddenSpec, ShardSpec, TargetSpec, hidden_positions  # noqa: E402
+from common.teacher_head import locate_teacher_head  # noqa: E402
 from common.targets.topk import TopkRowTargets  # noqa: E402
 
 K = 64
@@ -73,9 +75,25 @@ def synthetic_row(row_id: int, length: int, spec: ShardSpec, rng: np.random.Gene
                       hidden=hidden, hidden_positions_H=keep)
 
 
+def write_teacher_head(out: Path, vocab: int, width: int) -> Path:
+    """A random teacher final norm and lm_head (bf16 safetensors + config.json), for `kl_mode: dense`."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"model.norm.weight": (1.0 + 0.1 * torch.randn(width, generator=gen)).to(torch.bfloat16),
+               "lm_head.weight": (torch.randn(vocab, width, generator=gen) * width ** -0.5).to(torch.bfloat16)}
+    save_file(tensors, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps({"rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+                                                 "vocab_size": vocab, "hidden_size": width}))
+    return out
+
+
 def write_cache(out: Path, rows: int, seq_len: int, hidden_layers: tuple[int, ...], vocab: int = 201_088,
-                width: int = 2880) -> ShardSpec:
-    """A synthetic top-64 cache with fp8 hidden layers (default: the GPT-OSS-20B vocabulary and width)."""
+                width: int = 2880, head_dir: Path | None = None) -> ShardSpec:
+    """A synthetic top-64 cache with fp8 hidden layers (default: the GPT-OSS-20B vocabulary and width);
+    with `head_dir`, a random teacher head there and its record in the manifest (dense targets from
+    the last cached layer)."""
     spec = ShardSpec(vocab_size=vocab, targets=TargetSpec(mode="topk", k=K, temperatures=(1.0, 2.0)),
                      hidden=HiddenSpec(layers=hidden_layers, dtype="fp8", token_fraction=1.0, hidden_size=width))
     out.mkdir(parents=True, exist_ok=True)
@@ -84,7 +102,11 @@ def write_cache(out: Path, rows: int, seq_len: int, hidden_layers: tuple[int, ..
     for r in range(rows):
         writer.add(synthetic_row(r, seq_len, spec, rng))
     writer.close()
-    CacheDir(out).refresh_manifest(CacheManifest(spec=spec, teacher={"model": "synthetic"}, work={"rows_per_shard": rows}))
+    dense_head = None
+    if head_dir is not None:
+        dense_head = locate_teacher_head(write_teacher_head(head_dir, vocab, width), hidden_layers[-1], vocab, width)
+    CacheDir(out).refresh_manifest(CacheManifest(spec=spec, teacher={"model": "synthetic"},
+                                                 work={"rows_per_shard": rows}, dense_head=dense_head))
     return spec
 
 
@@ -306,6 +328,8 @@ def main():
                          "checksums; '' for none")
     ap.add_argument("--loader-variant", default=None, help="the variant the loader-fed pass runs (default: last)")
     ap.add_argument("--profile", action="store_true", help="a profiled pass per variant: GPU time by category")
+    ap.add_argument("--dense-head", action="store_true",
+                    help="a random teacher head with the cache, so variants may set loss.kl_mode=dense")
     ap.add_argument("--nproc", type=int, default=1, help="ranks on this node (FSDP2 over NCCL; gloo on CPU)")
     ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
     ap.add_argument("--json", default=None, help="write the results here")
@@ -327,7 +351,8 @@ def main():
     cache_s = None
     if not launched and not (cache / "manifest.json").is_file():
         t0 = time.perf_counter()
-        write_cache(cache, args.rows, args.seq_len, teacher_layers, config["vocab_size"], config["hidden_size"])
+        write_cache(cache, args.rows, args.seq_len, teacher_layers, config["vocab_size"], config["hidden_size"],
+                    head_dir=work / "teacher-head" if args.dense_head else None)
         cache_s = time.perf_counter() - t0
         student.mkdir(parents=True, exist_ok=True)
         (student / "config.json").write_text(json.dumps(config))
