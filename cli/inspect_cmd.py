@@ -76,6 +76,7 @@ def print_report(report: dict, top: int, max_positions: int) -> None:
         "bytes/token (file)": f"{totals['bytes_per_token']:.1f}",
         "bytes/token (targets)": f"{totals['target_bytes_per_token']:.1f}",
         "bytes/token (hidden)": f"{totals['hidden_bytes_per_token']:.1f}",
+        "bytes/token (row columns)": f"{totals['row_column_bytes_per_token']:.3f}",
     })
     console.print(overview)
     if "manifest" in report:

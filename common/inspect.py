@@ -42,6 +42,7 @@ from common.cache_dir import CacheDir, scan_shard
 from common.manifest import MANIFEST_NAME, CacheManifest, ShardEntry, read_sidecar
 from common.shard_format import (CHECKSUM_COLUMN, TOKEN_COLUMNS, ShardFormatError, TeacherRow, decode_row,
                                  warn_unchecked_rows)
+from common.row_columns import ROW_COLUMNS
 from common.shard_reader import ShardReader
 from common.spec import ShardSpec, content_hash, hidden_positions
 
@@ -381,14 +382,16 @@ def _bytes_report(shards: list[_Shard], tokens: int) -> tuple[list[dict], dict]:
                 "ratio": c.ratio, "compressed_per_token": per_token(c.compressed),
                 "uncompressed_per_token": per_token(c.uncompressed)} for c in merged.values()]
     targets = [c for c in merged.values()
-               if c.name not in (*TOKEN_COLUMNS, CHECKSUM_COLUMN) and not c.name.startswith("hidden")]
+               if c.name not in (*TOKEN_COLUMNS, *ROW_COLUMNS, CHECKSUM_COLUMN) and not c.name.startswith("hidden")]
     hidden = [c for c in merged.values() if c.name.startswith("hidden")]
+    row_columns = [c for c in merged.values() if c.name in ROW_COLUMNS]
     return columns, {
         "file_bytes": file_bytes,
         "overhead_bytes": file_bytes - sum(c.compressed for c in merged.values()),
         "bytes_per_token": per_token(file_bytes),
         "target_bytes_per_token": per_token(sum(c.compressed for c in targets)),
         "hidden_bytes_per_token": per_token(sum(c.compressed for c in hidden)),
+        "row_column_bytes_per_token": per_token(sum(c.compressed for c in row_columns)),
     }
 
 

@@ -18,7 +18,8 @@ _EXPECTED = {bool: "true or false", int: "an integer", float: "a finite number",
 
 def check_json(value: Any, hint: Any, key: str) -> None:
     """ValueError `key 'a.b': expects ..., got ...` unless `value` fits `hint`: a
-    dataclass (an object with exactly its fields), list[X] or tuple[X, ...] (a
+    dataclass (an object with exactly its fields; a field whose metadata says
+    "optional" may be left out), list[X] or tuple[X, ...] (a
     list), bool, int, float, str or dict."""
     if dataclasses.is_dataclass(hint):
         _check_object(value, hint, key)
@@ -46,15 +47,17 @@ def _check_object(value: Any, cls: type, key: str) -> None:
         raise _mismatch(key, "an object", value)
     hints = typing.get_type_hints(cls)
     fields = [f.name for f in dataclasses.fields(cls)]
+    optional = {f.name for f in dataclasses.fields(cls) if f.metadata.get("optional")}
     prefix = f"{key}." if key else ""
-    missing = [name for name in fields if name not in value]
+    missing = [name for name in fields if name not in value and name not in optional]
     if missing:
         raise ValueError(f"missing key '{prefix}{missing[0]}'")
     unknown = sorted(set(value) - set(fields))
     if unknown:
         raise ValueError(f"unknown key '{prefix}{unknown[0]}'")
     for name in fields:
-        check_json(value[name], hints[name], f"{prefix}{name}")
+        if name in value:
+            check_json(value[name], hints[name], f"{prefix}{name}")
 
 
 def _is_a(value: Any, hint: Any) -> bool:

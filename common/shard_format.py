@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from common import codec
+from common import codec, row_columns
 from common.spec import READABLE_FORMAT_VERSIONS, ShardSpec, content_hash
 from common.targets import RowTargets
 
@@ -50,6 +50,10 @@ class TeacherRow:
     # fp8 caches: per-token scales of hidden states that arrive already quantized
     hidden_scales: dict[int, np.ndarray] = field(default_factory=dict)
     content_hash: bytes | None = None
+    # Optional row columns (common.row_columns), stored when the spec lists them
+    dataset_id: str | None = None  # the dataset's own id of the row
+    source: str | None = None  # the source (sub-dataset) the row comes from
+    channels_L: np.ndarray | None = None  # uint8 channel code of each token
 
     @property
     def num_tokens(self) -> int:
@@ -75,6 +79,7 @@ def build_schema(spec: ShardSpec) -> pa.Schema:
         pa.field("input_ids", pa.list_(pa.int32())),
         pa.field("labels", pa.list_(pa.int32())),
     ]
+    fields += row_columns.schema_fields(spec.columns)
     fields += spec.targets.kind.schema_fields()
     if spec.hidden.layers:
         if spec.hidden.subset:
@@ -111,10 +116,12 @@ def checksummed_columns(spec: ShardSpec) -> tuple[str, ...]:
 
 def cell_checksum(cell) -> int:
     """CRC-32 of a cell's bytes: row_id as int64 little-endian, list cells as
-    their little-endian int32 values, binary cells as stored. zlib's CRC-32
-    runs at several GB/s and releases the GIL on large cells (decode threads)."""
+    their little-endian int32 values, string cells as UTF-8, binary cells as stored.
+    zlib's CRC-32 runs at several GB/s and releases the GIL on large cells (decode threads)."""
     if isinstance(cell, int):
         return zlib.crc32(cell.to_bytes(8, "little", signed=True))
+    if isinstance(cell, str):
+        return zlib.crc32(cell.encode("utf-8"))
     if isinstance(cell, np.ndarray):
         cell = np.ascontiguousarray(cell)
     return zlib.crc32(cell)
@@ -185,6 +192,7 @@ def encode_row(row: TeacherRow, spec: ShardSpec) -> dict:
         "input_ids": input_ids,
         "labels": labels,
     }
+    cells.update(_encode_row_columns(row, spec.columns, len(input_ids), where))
     cells.update(spec.targets.kind.encode(row, spec, where))
     hspec = spec.hidden
     if hspec.layers:
@@ -212,6 +220,20 @@ def encode_row(row: TeacherRow, spec: ShardSpec) -> dict:
     return cells
 
 
+def _encode_row_columns(row: TeacherRow, columns: tuple[str, ...], num_tokens: int, where: str) -> dict:
+    cells = {}
+    for name, value in ((row_columns.DATASET_ID, row.dataset_id), (row_columns.SOURCE, row.source)):
+        if name in columns:
+            if not isinstance(value, str):
+                raise ValueError(f"{where}: the cache stores {name} per row, this row has {value!r}")
+            cells[name] = value
+    if row_columns.CHANNELS in columns:
+        if row.channels_L is None:
+            raise ValueError(f"{where}: the cache stores channels per row, this row has none")
+        cells[row_columns.CHANNELS] = row_columns.encode_channels(row.channels_L, num_tokens, where)
+    return cells
+
+
 def decode_row(cells: dict, spec: ShardSpec, where: str = "", hidden_stored: bool = False) -> TeacherRow:
     """{column: cell} (as returned by the reader) -> TeacherRow.
 
@@ -230,6 +252,11 @@ def decode_row(cells: dict, spec: ShardSpec, where: str = "", hidden_stored: boo
         content_hash=cells.get("content_hash"),
     )
     try:
+        row.dataset_id = cells.get(row_columns.DATASET_ID)
+        row.source = cells.get(row_columns.SOURCE)
+        if row_columns.CHANNELS in cells:
+            row.channels_L = row_columns.decode_channels(cells[row_columns.CHANNELS], row.num_tokens
+                                                         if input_ids is not None else None, where)
         spec.targets.kind.decode(cells, spec, row)
         hspec = spec.hidden
         if hspec.layers and any(hidden_column(layer) in cells for layer in hspec.layers):

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from common import row_columns
 from common.codec import DEFAULT_VALUE_SCALE, id_bytes_for_vocab
 from common.targets import KINDS, TargetKind, target_kind
 
@@ -82,11 +83,15 @@ class ShardSpec:
     targets: TargetSpec = field(default_factory=TargetSpec)
     hidden: HiddenSpec = field(default_factory=HiddenSpec)
     format_version: int = FORMAT_VERSION
+    # Optional per-row columns from the dataset (common.row_columns): absent from the spec's
+    # JSON when empty, so a cache without them is byte for byte what it was before them.
+    columns: tuple[str, ...] = field(default=(), metadata={"optional": True})
 
     def __post_init__(self):
         if self.format_version not in READABLE_FORMAT_VERSIONS:
             raise ValueError(f"unknown format version {self.format_version!r} (this build reads "
                              f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))})")
+        row_columns.check_columns(self.columns)
         if self.vocab_size < 2:
             raise ValueError(f"vocab_size must be >= 2, got {self.vocab_size}")
         self.targets.kind.check_spec(self.targets, self.vocab_size)
@@ -101,7 +106,12 @@ class ShardSpec:
         return id_bytes_for_vocab(self.vocab_size)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not self.columns:
+            del d["columns"]
+        else:
+            d["columns"] = list(self.columns)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ShardSpec":
@@ -115,6 +125,7 @@ class ShardSpec:
                 targets=TargetSpec(**targets),
                 hidden=HiddenSpec(**hidden),
                 format_version=int(d["format_version"]),
+                columns=tuple(d.get("columns", ())),
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"shard spec is missing or has an unknown key: {exc}") from exc

