@@ -64,6 +64,12 @@ def cache_teacher(
     max_tokens_per_batch: Optional[int] = typer.Option(None, "--max-tokens-per-batch",
                                                        help="Padded tokens per forward [16384]."),
     limit_rows: Optional[int] = typer.Option(None, "--limit-rows", help="Use only the first N rows of the split."),
+    source_column: Optional[str] = typer.Option(None, "--source-column",
+                                                help="Column naming each row's source: a string, or a struct whose "
+                                                     "'dataset' field is used [source; stored when present]."),
+    bad_spans: Optional[str] = typer.Option(None, "--bad-spans",
+                                            help="Rows whose spans do not fit their tokens: error | unknown "
+                                                 "(a warning, channel 'unknown') [error]."),
     num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Workers (nodes) in all; else env."),
     worker_index: Optional[int] = typer.Option(None, "--worker-index", help="This worker's index; else env."),
     gpus: Optional[str] = typer.Option(None, "--gpus", help="One worker process per GPU of this node, e.g. 0,1,2,3."),
@@ -104,7 +110,8 @@ def cache_teacher(
                      num_workers=num_workers, worker_index=worker_index, gpus=_parse_list(gpus, int, "--gpus"),
                      dry_run=dry_run or None, overwrite=overwrite or None, gpu_hour_price=gpu_hour_price,
                      encode_threads=encode_threads, compression=compression, zstd_level=zstd_level,
-                     show_progress=False if no_progress else None)
+                     show_progress=False if no_progress else None, source_column=source_column,
+                     bad_spans=bad_spans)
         cfg = CacheConfig.load(config, sets or (), **given)
         if not cfg.out:
             raise ValueError("--out is required")
