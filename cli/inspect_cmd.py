@@ -26,6 +26,7 @@ def inspect_shard(
     verify: bool = typer.Option(False, "--verify",
                                 help="Check checksums, content hashes, row ranges and every row's values."),
     row: int | None = typer.Option(None, "--row", help="Show row N (0-based, shards in index order) with its targets."),
+    dataset_id: str | None = typer.Option(None, "--id", help="Show the row whose dataset id is ID (caches that store ids)."),
     tokenizer: Path | None = typer.Option(None, "--tokenizer", help="tokenizer.json (or its directory) to decode tokens."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     stats_rows: int = typer.Option(256, "--stats-rows", help="Rows used for distribution statistics."),
@@ -37,7 +38,8 @@ def inspect_shard(
 
     try:
         decode_token = load_token_decoder(tokenizer) if tokenizer is not None else None
-        report = inspect_path(path, InspectOptions(verify=verify, row=row, stats_rows=stats_rows), decode_token)
+        report = inspect_path(path, InspectOptions(verify=verify, row=row, dataset_id=dataset_id,
+                                                     stats_rows=stats_rows), decode_token)
     except ValueError as exc:  # ShardFormatError included
         typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT)
@@ -145,7 +147,11 @@ def _stats_table(stats: dict) -> Table:
 def _row_table(row: dict, spec: dict, top: int, max_positions: int) -> Table:
     tokens = row.get("tokens")
     shown = row["positions"][:max_positions]
-    title = (f"row {row['index']} ({row['shard']}, row_id {row['row_id']}, {row['num_tokens']} tokens; "
+    provenance = "".join(f", {name} {row[key]!r}" for key, name in (("dataset_id", "dataset id"), ("source", "source"))
+                         if key in row)
+    if "channel_counts" in row:
+        provenance += ", channels " + " ".join(f"{name} {n}" for name, n in row["channel_counts"].items() if n)
+    title = (f"row {row['index']} ({row['shard']}, row_id {row['row_id']}{provenance}, {row['num_tokens']} tokens; "
              f"position t's targets describe token t+1; showing {len(shown)} positions)")
     table = Table(title=title)
     for name in ("t", "token t", "token t+1", "label t+1", "top targets"):

@@ -42,7 +42,7 @@ from common.cache_dir import CacheDir, scan_shard
 from common.manifest import MANIFEST_NAME, CacheManifest, ShardEntry, read_sidecar
 from common.shard_format import (CHECKSUM_COLUMN, TOKEN_COLUMNS, ShardFormatError, TeacherRow, decode_row,
                                  warn_unchecked_rows)
-from common.row_columns import ROW_COLUMNS
+from common.row_columns import CHANNEL_NAMES, DATASET_ID, ROW_COLUMNS, channel_counts
 from common.shard_reader import ShardReader
 from common.spec import ShardSpec, content_hash, hidden_positions
 
@@ -51,6 +51,7 @@ from common.spec import ShardSpec, content_hash, hidden_positions
 class InspectOptions:
     verify: bool = False
     row: int | None = None  # 0-based row index within PATH (shards in index order)
+    dataset_id: str | None = None  # or the row whose dataset id this is (caches with the column)
     stats_rows: int = 256  # rows used for distribution statistics
     max_problems: int = 50  # verification problems kept in the report (all are counted)
 
@@ -239,6 +240,13 @@ def row_report(row: TeacherRow, spec: ShardSpec, decode_token: Callable[[int], s
         "input_ids": row.input_ids_L.tolist(),
         "labels": row.labels_L.tolist(),
     }
+    if row.dataset_id is not None:
+        out["dataset_id"] = row.dataset_id
+    if row.source is not None:
+        out["source"] = row.source
+    if row.channels_L is not None:
+        out["channel_counts"] = channel_counts(row.channels_L)
+        out["channels"] = [CHANNEL_NAMES[c] for c in row.channels_L]
     if decode_token is not None:
         out["tokens"] = [decode_token(int(i)) for i in row.input_ids_L]
     positions = []
@@ -362,9 +370,12 @@ def inspect_path(path: Path, options: InspectOptions = InspectOptions(),
     if options.verify:
         report["verify"] = {"ok": not problems, "rows_checked": report["totals"]["rows"], "num_problems": len(problems),
                             "problems": problems[:options.max_problems]}
-    if options.row is not None:
-        shard, row = _find_row(shards, options.row, path)
-        report["row"] = {"index": options.row, "shard": shard.path.name, **row_report(row, spec, decode_token)}
+    if options.row is not None and options.dataset_id is not None:
+        raise ValueError("give --row or --id, not both")
+    index = options.row if options.dataset_id is None else _index_of_dataset_id(shards, options.dataset_id, path)
+    if index is not None:
+        shard, row = _find_row(shards, index, path)
+        report["row"] = {"index": index, "shard": shard.path.name, **row_report(row, spec, decode_token)}
     return report
 
 
@@ -456,6 +467,21 @@ def _scan_shard(shard: _Shard, options: InspectOptions, stats: DistributionStats
                 if stats.rows < options.stats_rows:
                     stats.add(row)
     return problems
+
+
+def _index_of_dataset_id(shards: list[_Shard], dataset_id: str, path: Path) -> int:
+    """The row's index within PATH (as `--row` counts) whose dataset id is `dataset_id`;
+    reads the dataset_id column alone."""
+    if DATASET_ID not in shards[0].spec.columns:
+        raise ValueError(f"{path}: the cache stores no dataset ids (its dataset had no id column)")
+    before = 0
+    for shard in shards:
+        with ShardReader(shard.path, columns=[DATASET_ID]) as reader:
+            for cells in reader.iter_cells():
+                if cells[DATASET_ID] == dataset_id:
+                    return before
+                before += 1
+    raise ValueError(f"{path}: no row has dataset id {dataset_id!r}")
 
 
 def _find_row(shards: list[_Shard], index: int, path: Path) -> tuple[_Shard, TeacherRow]:

@@ -29,7 +29,8 @@ _SOURCE_LOCATION_KEYS = ("path",)
 SECTION_KEYS = {
     "teacher": {"model": str, "model_type": str, "config_hash": str, "weights_fingerprint": str, "backend": str,
                 "dtype": str},
-    "tokenizer": {"vocab_size": int},
+    "tokenizer": {"vocab_size": int, "path": str, "sha256": str},
+    "software": {"torch": str, "transformers": str, "vllm": str},
     "source": {"path": str, "split": str, "num_rows": int, "has_labels": bool, "fingerprint": str},
     "work": {"rows_per_shard": int, "num_rows": int, "num_shards": int},
     "totals": {"rows": int, "tokens": int, "bytes": int},
@@ -79,7 +80,7 @@ class ShardEntry:
 class CacheManifest:
     spec: ShardSpec
     teacher: dict = field(default_factory=dict)  # model, model_type, config_hash, weights_fingerprint, backend, dtype
-    tokenizer: dict = field(default_factory=dict)  # vocab_size
+    tokenizer: dict = field(default_factory=dict)  # vocab_size, path, sha256 (of its files)
     source: dict = field(default_factory=dict)  # path, split, num_rows, has_labels, fingerprint
     work: dict = field(default_factory=dict)  # rows_per_shard, num_rows, num_shards
     shards: list[ShardEntry] = field(default_factory=list)
@@ -90,6 +91,9 @@ class CacheManifest:
     # Where the teacher's final norm and lm_head live, with their fingerprint
     # (common/teacher_head.py; `cache-teacher --dense-from-last-layer`); None in other caches.
     dense_head: TeacherHeadRecord | None = None
+    # Versions of torch, transformers (and vllm) of the run that last wrote the header; a record
+    # like `config`, never compared, absent ({}) in caches written before it existed.
+    software: dict = field(default_factory=dict)
 
     @property
     def format_version(self) -> int:
@@ -120,6 +124,8 @@ class CacheManifest:
             d["config"] = self.config
         if self.dense_head is not None:
             d["dense_head"] = self.dense_head.to_dict()
+        if self.software:
+            d["software"] = self.software
         return json.dumps(d, indent=1, sort_keys=True)
 
     @classmethod
@@ -159,7 +165,8 @@ class CacheManifest:
             raise ShardFormatError(str(exc)) from exc
         return cls(spec=spec, teacher=d.get("teacher", {}), tokenizer=d.get("tokenizer", {}),
                    source=d.get("source", {}), work=d.get("work", {}), shards=shards, config=d.get("config", {}),
-                   dense_head=dense_head)
+                   dense_head=dense_head,
+                   software=d.get("software", {}))
 
     @property
     def total_tokens(self) -> int:

@@ -39,6 +39,7 @@ from teacher_cache.gpu_workers import check_gpus, run_gpu_workers
 from teacher_cache.pipeline import PipelineConfig, ProgressView, RunSummary, WriterPipeline
 from teacher_cache.plan import ShardPlan, WorkerSlot, auto_rows_per_shard, plan_shards, resolve_worker, shards_for_worker
 from teacher_cache.plan_report import plan_report, print_lines
+from teacher_cache.provenance import software_versions, tokenizer_record
 
 # Seconds between manifest rebuilds while shards are being published (and once at the end).
 MANIFEST_REFRESH_S = 30.0
@@ -157,11 +158,12 @@ def prepare(cfg: CacheConfig) -> Prepared:
         teacher={"model": cfg.teacher.model, "model_type": info.model_type, "config_hash": info.config_hash,
                  "weights_fingerprint": "dummy" if cfg.teacher.load_format == "dummy" else info.weights_fingerprint,
                  "backend": backend, "dtype": cfg.teacher.dtype},
-        tokenizer={"vocab_size": info.vocab_size},
+        tokenizer={"vocab_size": info.vocab_size, **tokenizer_record(cfg.teacher.model)},
         source=source.describe(),
         work={"rows_per_shard": rows_per_shard, "num_rows": source.num_rows, "num_shards": len(plan)},
         config=dataclasses.replace(cfg, rows_per_shard=rows_per_shard).to_dict(),
         dense_head=dense_head_record(cfg, info),
+        software=software_versions(backend),
     )
     return Prepared(info, source, spec, backend, plan, header)
 

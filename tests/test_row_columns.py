@@ -109,6 +109,7 @@ def test_ids_sources_and_channels_round_trip_vllm(tmp_path, teacher_dir, monkeyp
     out = cache(tmp_path, teacher_dir, table, backend="vllm", enforce_eager=True, max_tokens_per_batch=64,
                 logits_chunk=16)
     check_round_trip(out, table)
+    assert out.manifest().software["vllm"].startswith("0.")
 
 
 def test_a_string_source_column_named_by_the_flag(tmp_path, teacher_dir):
@@ -169,3 +170,63 @@ def test_a_changed_channel_byte_is_named_by_the_checksums(tmp_path, teacher_dir)
         cells[row_columns.CHANNELS] = bytes([cells[row_columns.CHANNELS][0] ^ 1]) + cells[row_columns.CHANNELS][1:]
         with pytest.raises(ShardFormatError, match="checksum mismatch in column.s. channels"):
             check_row_checksums(cells, checksummed_columns(reader.spec))
+
+
+# ---- inspect-shard and the manifest's provenance ----------------------------------------------------------
+
+def inspect(*args) -> tuple[int, str]:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    import cli.inspect_cmd  # noqa: F401  (registers the command)
+
+    result = CliRunner().invoke(app, ["inspect-shard", *map(str, args)])
+    return result.exit_code, result.output
+
+
+def test_inspect_shows_a_rows_id_source_and_channels_and_finds_it_by_id(tmp_path, teacher_dir):
+    import json
+
+    table = phase1_table()
+    out = cache(tmp_path, teacher_dir, table)
+    code, text = inspect(out.path, "--id", "row-003-é", "--json")
+    assert code == 0, text
+    report = json.loads(text)
+    row = report["row"]
+    assert (row["index"], row["row_id"], row["dataset_id"], row["source"]) == (3, 3, "row-003-é", "Nemotron-Math-v2")
+    assert row["channel_counts"] == {"prompt": 2, "analysis": 25, "final": 3, "unknown": 0}
+    # position t's channel is token t+1's, like its label
+    assert row["channels"][:3] == ["prompt", "prompt", "analysis"]
+    by_index = json.loads(inspect(out.path, "--row", "3", "--json")[1])["row"]
+    assert by_index["dataset_id"] == "row-003-é"
+    names = {c["name"] for c in report["columns"]}
+    assert {"dataset_id", "source", "channels"} <= names
+    assert 0 < report["totals"]["row_column_bytes_per_token"] < report["totals"]["target_bytes_per_token"]
+    code, text = inspect(out.path, "--row", "3")
+    assert code == 0 and "dataset id 'row-003-é'" in text and "analysis 25" in text
+    code, text = inspect(out.path, "--id", "nope")
+    assert code == 2 and "no row has dataset id 'nope'" in text
+
+
+def test_id_lookup_in_a_cache_without_ids_says_so(tmp_path, teacher_dir):
+    out = cache(tmp_path, teacher_dir, phase1_table().select(["input_ids", "labels"]))
+    code, text = inspect(out.path, "--id", "row-000-é")
+    assert code == 2 and "stores no dataset ids" in text
+
+
+def test_manifest_records_weights_tokenizer_and_versions(tmp_path, teacher_dir):
+    import hashlib
+    import json
+    from importlib import metadata
+
+    (Path(teacher_dir) / "tokenizer.json").write_text('{"model": "tiny"}')
+    try:
+        out = cache(tmp_path, teacher_dir, phase1_table())
+    finally:
+        (Path(teacher_dir) / "tokenizer.json").unlink()
+    raw = json.loads((out.path / "manifest.json").read_text())
+    assert len(raw["teacher"]["weights_fingerprint"]) == 64
+    data = b'{"model": "tiny"}'
+    want = hashlib.sha256(b"tokenizer.json:%d\n" % len(data) + data).hexdigest()
+    assert raw["tokenizer"] == {"vocab_size": VOCAB, "path": teacher_dir, "sha256": want}
+    assert raw["software"] == {"torch": metadata.version("torch"), "transformers": metadata.version("transformers")}
