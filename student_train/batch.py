@@ -40,6 +40,10 @@ class StudentBatch:
     teacher_hidden_scale: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, L] float32
     hidden_mask_BL: torch.Tensor | None = None  # bool: teacher hidden stored here and the token is real
     num_tokens: int = 0  # real tokens in the batch (filler rows excluded)
+    # Caches with the optional row columns (common.row_columns), per token at each row's offset
+    # (packed rows too); -1 at pads and filler rows. Not shifted: position t is token t.
+    channels_BL: torch.Tensor | None = None  # int64 channel code (common.row_columns.CHANNEL_NAMES)
+    source_ids_BL: torch.Tensor | None = None  # int64 index into the loader's `source_names`
 
     @property
     def row_ids_B(self) -> torch.Tensor:
@@ -59,6 +63,14 @@ class StudentBatch:
         """Labels of the tokens positions 0..L-2 predict, IGNORE_INDEX at pads: what the loss
         trains on, and so what the trainer counts for its global normaliser."""
         return self.labels_BL[:, 1:].masked_fill(self.attention_mask_BL[:, 1:] == 0, IGNORE_INDEX)
+
+    def target_channels_BP(self) -> torch.Tensor | None:
+        """The channel of the token each position 0..L-2 predicts (shifted like the labels)."""
+        return None if self.channels_BL is None else self.channels_BL[:, 1:]
+
+    def target_source_ids_BP(self) -> torch.Tensor | None:
+        """The source of the row each position 0..L-2 belongs to (that of the token it predicts)."""
+        return None if self.source_ids_BL is None else self.source_ids_BL[:, 1:]
 
     def _map(self, fn) -> "StudentBatch":
         changes = {}

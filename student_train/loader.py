@@ -64,6 +64,7 @@ from common.cache_dir import CacheDir, scan_shard
 from common.manifest import CacheManifest, ShardEntry
 from common.parent_death import die_with_parent
 from common.shard_format import ShardFormatError, TeacherRow, read_columns, warn_unchecked_rows
+from common.row_columns import CHANNELS, SOURCE
 from common.shard_reader import ShardReader, check_content_hash
 from common.spec import ShardSpec
 from student_train.batch import PAD_TOKEN_ID, StudentBatch
@@ -174,6 +175,9 @@ class _RowMap:
     index_N: np.ndarray  # row index inside the shard
     row_id_N: np.ndarray  # source row id
     length_N: np.ndarray  # tokens
+    # Caches that store each row's source: the sorted names, and each row's index into them
+    source_names: list[str] = dataclasses.field(default_factory=list)
+    source_id_N: np.ndarray | None = None
 
 
 def _scan_shard(path: Path, entry: ShardEntry, spec: ShardSpec, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -204,13 +208,28 @@ def _build_row_map(cache: CacheDir, manifest: CacheManifest, seq_len: int, execu
     unique, counts = np.unique(row_id_N, return_counts=True)
     if (counts > 1).any():
         raise ShardFormatError(f"{where}: row id {unique[counts > 1][0]} appears more than once in the cache")
-    return _RowMap(
+    row_map = _RowMap(
         paths=[path for path, _ in shards], entries=[entry for _, entry in shards],
         shard_N=np.concatenate([np.full(len(ids), s, np.int64) for s, (ids, _) in enumerate(scans)]),
         index_N=np.concatenate([np.arange(len(ids), dtype=np.int64) for ids, _ in scans]),
         row_id_N=row_id_N,
         length_N=np.concatenate([lengths for _, lengths in scans]),
     )
+    if SOURCE in manifest.spec.columns:
+        row_map.source_names, row_map.source_id_N = _source_table(shards, executor)
+    return row_map
+
+
+def _source_table(shards: list[tuple[Path, ShardEntry]], executor: ThreadPoolExecutor) -> tuple[list[str], np.ndarray]:
+    """(sorted source names of the cache, each row's index into them); reads the source column alone,
+    so every rank builds the same table."""
+    def names_of(path_entry) -> list[str]:
+        with ShardReader(path_entry[0], columns=[SOURCE]) as reader:
+            return [cells[SOURCE] for cells in reader.iter_cells()]
+
+    names_N = np.array([name for names in executor.map(names_of, shards) for name in names], dtype=object)
+    names, source_id_N = np.unique(names_N, return_inverse=True)
+    return [str(n) for n in names], source_id_N.astype(np.int64)
 
 
 class _BatchDecoder:
@@ -325,6 +344,8 @@ class _BatchDecoder:
             attention_mask_BL=full((B, L), 0, torch.int64),
             labels_BL=full((B, L), IGNORE_INDEX, torch.int64),
             position_ids_BL=full((B, L), 0, torch.int64) if packed else None,
+            channels_BL=full((B, L), -1, torch.int64) if CHANNELS in self.spec.columns else None,
+            source_ids_BL=full((B, L), -1, torch.int64) if self.rows.source_id_N is not None else None,
         )
         batch.targets = self.spec.targets.kind.batch_targets(rows, self.spec, B, P, full)
         if self.hidden_layers:
@@ -342,6 +363,8 @@ class _BatchDecoder:
             for r, (n, filler, row) in enumerate(entries):
                 with self._naming_row(n):
                     self._fill_row(batch, b, r, start, row, filler)
+                    if not filler and batch.source_ids_BL is not None:
+                        _np(batch.source_ids_BL)[b, start:start + row.num_tokens] = self.rows.source_id_N[n]
                 start += row.num_tokens
             if packed:
                 _np(batch.position_ids_BL)[b] = packed_position_ids([row.num_tokens for _, _, row in entries], L)
@@ -362,6 +385,8 @@ class _BatchDecoder:
             # last position must not learn to predict it.
             _np(batch.labels_BL)[b, start] = IGNORE_INDEX
         batch.num_tokens += n
+        if batch.channels_BL is not None:
+            _np(batch.channels_BL)[b, start:end] = row.channels_L
         batch.targets.fill_row(b, row.targets, start)
         if self.hidden_layers:
             positions_H = row.hidden_positions_H
@@ -461,6 +486,8 @@ class CacheLoader:
             raise
         num_rows = len(rows.length_N) if config.max_samples is None else min(config.max_samples, len(rows.length_N))
         self._lengths_N = rows.length_N[:num_rows]
+        # What a batch's source_ids_BL index (empty for a cache without sources)
+        self.source_names: list[str] = rows.source_names
         # Packed, the units of an epoch are bins of rows, made once (student_train/packing.py).
         self._bins_GR = (pack_rows(self._lengths_N, config.seq_len, config.seed, shuffle=not config.ordered)
                          if config.pack else None)

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from rich.console import Console
 
 from common import row_columns
@@ -230,3 +231,52 @@ def test_manifest_records_weights_tokenizer_and_versions(tmp_path, teacher_dir):
     want = hashlib.sha256(b"tokenizer.json:%d\n" % len(data) + data).hexdigest()
     assert raw["tokenizer"] == {"vocab_size": VOCAB, "path": teacher_dir, "sha256": want}
     assert raw["software"] == {"torch": metadata.version("torch"), "transformers": metadata.version("transformers")}
+
+
+# ---- the loader: per-token channels and sources at each row's offset ----------------------------------------
+
+@pytest.fixture(scope="module")
+def phase1_cache(tmp_path_factory, teacher_dir) -> tuple[CacheDir, pa.Table]:
+    table = phase1_table()
+    return cache(tmp_path_factory.mktemp("phase1"), teacher_dir, table), table
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_loader_places_channels_and_sources_at_each_rows_offset(phase1_cache, pack):
+    from student_train.loader import CacheLoader, LoaderConfig
+
+    out, table = phase1_cache
+    config = LoaderConfig(cache_dir=str(out.path), num_threads=1, pin_memory=False, shuffle=False,
+                          seq_len=48 if pack else 32, micro_batch=2, pack=pack)
+    seen = []
+    with CacheLoader(config) as loader:
+        assert loader.source_names == ["Nemotron-Math-v2", "SYNTH", "oasst2"]
+        for batch in loader.epoch_batches():
+            assert batch.channels_BL.shape == batch.source_ids_BL.shape == batch.input_ids_BL.shape
+            for b in range(batch.batch_size):
+                start = 0
+                for row_id in (int(r) for r in batch.row_ids_BR[b] if r >= 0):
+                    n = LENGTHS[row_id]
+                    spans = table["spans"][row_id].as_py()
+                    want = expected_channels(n, *spans.values())
+                    np.testing.assert_array_equal(batch.channels_BL[b, start:start + n].numpy(), want)
+                    source = table["source"][row_id].as_py()["dataset"]
+                    assert set(batch.source_ids_BL[b, start:start + n].tolist()) == {loader.source_names.index(source)}
+                    # position t's channel is token t + 1's, like its label
+                    assert torch.equal(batch.target_channels_BP()[b, start:start + n - 1],
+                                       batch.channels_BL[b, start + 1:start + n])
+                    seen.append(row_id)
+                    start += n
+                # pads (and filler rows) have neither channel nor source
+                assert (batch.channels_BL[b, start:] == -1).all() and (batch.source_ids_BL[b, start:] == -1).all()
+    assert sorted(seen) == list(range(len(LENGTHS)))
+
+
+def test_a_cache_without_the_columns_gives_batches_without_them(tmp_path, teacher_dir):
+    from student_train.loader import CacheLoader, LoaderConfig
+
+    out = cache(tmp_path, teacher_dir, phase1_table().select(["input_ids", "labels"]))
+    with CacheLoader(LoaderConfig(cache_dir=str(out.path), num_threads=1, pin_memory=False, shuffle=False,
+                                  seq_len=32, micro_batch=1)) as loader:
+        batch = next(iter(loader.epoch_batches()))
+        assert loader.source_names == [] and batch.channels_BL is None and batch.source_ids_BL is None
