@@ -35,6 +35,7 @@ from student_train.losses import (
     get_divergence,
     hidden_cosine_loss,
     lse_column,
+    position_weights_BP,
 )
 from student_train.losses.dense_targets import DenseTargets
 
@@ -227,7 +228,9 @@ class DistillModel(nn.Module):
         cfg = self.loss_cfg
         if num_valid_global > 0:
             with record_function("vpmoe.fused_loss"):
+                weights_BP = position_weights_BP(batch, cfg.channel_weights)  # None: all 1
                 loss, m = distill_loss(hidden_ND, weight_VD, labels_N, targets, num_valid_global,
+                                       weights_N=None if weights_BP is None else weights_BP.reshape(-1),
                                        **cfg.distill_kwargs())
         else:  # nothing to predict anywhere this step (e.g. a filler micro batch): keep the graph, add 0
             loss = hidden_ND.sum() * 0.0

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.profiler import record_function
 
-from common.causal_lm import IGNORE_INDEX, TORCH_DTYPES, decoder_layers
+from common.causal_lm import TORCH_DTYPES, decoder_layers
 from common.gil import shorten_switch_interval
 from common.manifest import load_manifest
 from common.spec import ShardSpec
@@ -31,6 +31,7 @@ from student_train.checkpoint import Checkpointer, export_hf, resolve_resume, st
 from student_train.config import TrainConfig, grad_accum_steps
 from student_train.evaluate import check_eval_teacher, evaluate, summarise
 from student_train.loader import CacheLoader, LoaderConfig
+from student_train.losses import weighted_valid_tokens
 from student_train.metrics import MetricsLogger, Throughput, flops_model, mfu, peak_memory_gib
 from student_train.model import (
     DistillModel,
@@ -240,7 +241,8 @@ class Trainer:
         # Global normalisers first: every micro batch's loss is divided by the step's totals.
         counts = torch.zeros(3, dtype=torch.float64)
         for mb in micro_batches:
-            counts[0] += (mb.target_labels_BP() != IGNORE_INDEX).sum()
+            # with loss.channel_weights: each valid position counted with its weight
+            counts[0] += weighted_valid_tokens(mb, self.loss_cfg.channel_weights)
             if mb.hidden_mask_BL is not None:
                 counts[1] += mb.hidden_mask_BL.sum()
             counts[2] += mb.num_tokens

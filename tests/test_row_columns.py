@@ -18,6 +18,7 @@ from rich.console import Console
 
 from common import row_columns
 from common.cache_dir import CacheDir
+from common.causal_lm import IGNORE_INDEX
 from common.row_columns import ANALYSIS, FINAL, PROMPT, UNKNOWN
 from common.shard_reader import ShardReader
 from demo.tiny_models import build_model, save_model, tiny_llama_config
@@ -280,3 +281,37 @@ def test_a_cache_without_the_columns_gives_batches_without_them(tmp_path, teache
                                   seq_len=32, micro_batch=1)) as loader:
         batch = next(iter(loader.epoch_batches()))
         assert loader.source_names == [] and batch.channels_BL is None and batch.source_ids_BL is None
+
+
+def test_channel_weights_through_the_model_on_a_packed_batch(phase1_cache):
+    """Weights 1 on final tokens and 0 elsewhere are the loss of the batch whose other labels
+    are masked, through the loader (packed) and DistillModel in float64."""
+    import dataclasses
+
+    from demo.tiny_models import build_model
+    from student_train.loader import CacheLoader, LoaderConfig
+    from student_train.losses import ChannelWeights, LossConfig, weighted_valid_tokens
+    from student_train.model import DistillModel, TargetLayout
+
+    out, _ = phase1_cache
+    config = LoaderConfig(cache_dir=str(out.path), num_threads=1, pin_memory=False, shuffle=False, seq_len=48,
+                          micro_batch=2, pack=True)
+    student = build_model(tiny_llama_config(VOCAB, hidden_size=32, num_layers=2, intermediate_size=64), seed=3,
+                          dtype=torch.float64).eval()
+    student.config._attn_implementation = "sdpa"
+    final_only = ChannelWeights(prompt=0.0, analysis=0.0, final=1.0, unknown=0.0)
+    with CacheLoader(config) as loader:
+        batch = next(iter(loader.epoch_batches()))
+        batch = batch._map(lambda t: t.double() if t.is_floating_point() else t)
+        weighted = LossConfig(kl_temperature=2.0, chunk_size=5, channel_weights=final_only)
+        plain = dataclasses.replace(weighted, channel_weights=ChannelWeights())
+        layout = TargetLayout.from_spec(loader.spec, plain)
+        count = float(weighted_valid_tokens(batch, final_only))
+        masked = dataclasses.replace(batch, labels_BL=batch.labels_BL.clone())
+        masked.labels_BL[:, 1:][batch.target_channels_BP() != FINAL] = IGNORE_INDEX
+        assert 0 < count == float(weighted_valid_tokens(masked, ChannelWeights())) < float(
+            weighted_valid_tokens(batch, ChannelWeights()))
+        with torch.no_grad():
+            loss_w, _ = DistillModel(student, weighted, layout)(batch, count)
+            loss_m, _ = DistillModel(student, plain, layout)(masked, count)
+    torch.testing.assert_close(loss_w, loss_m, rtol=1e-12, atol=0)

@@ -34,6 +34,7 @@ def distill_loss(
     scale_by_t2: bool = True,
     chunk_size: int = 1024,
     compile_chunks: bool = False,
+    weights_N: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """sum over positions with labels_N != -100 of (ce_weight*CE + kl_weight*s*KL_T), divided by
     num_valid_tokens_global; s = T**2 when scale_by_t2, else 1 (config.objective_weights). KL_T is the
@@ -48,6 +49,10 @@ def distill_loss(
     Peak extra memory is about three [chunk_size, V] float32 buffers, plus a float32 [V, D]
     accumulator (and one [V, D] product in the weight's dtype) when the weight is trained. On an
     H100 with V=201,088, D=2880, 4096 bf16 positions, chunk 1024: 2.4 GiB frozen, 5.6 GiB trained.
+
+    weights_N (optional, >= 0): each position's weight in the loss (loss.channel_weights); the loss
+    is then the weighted sum over num_valid_tokens_global, which must be the weighted count. The
+    metric sums stay unweighted.
     """
     if hidden_ND.dim() != 2 or weight_VD.dim() != 2 or weight_VD.shape[1] != hidden_ND.shape[1]:
         raise ValueError(f"need hidden [N, D] and weight [V, D], got {tuple(hidden_ND.shape)} "
@@ -60,6 +65,8 @@ def distill_loss(
         raise ValueError(f"num_valid_tokens_global must be > 0, got {num_valid_tokens_global}")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    if weights_N is not None and weights_N.shape != (n,):
+        raise ValueError(f"weights must be [{n}], got {tuple(weights_N.shape)}")
     if not kl_temperature > 0:
         raise ValueError(f"kl_temperature must be > 0, got {kl_temperature}")
     vocab = weight_VD.shape[0]
@@ -78,7 +85,7 @@ def distill_loss(
     loss, ce_sum, kl_sum, agree_sum, valid = _FusedLinearDistill.apply(
         hidden_ND, weight_VD, labels_N, targets, divergence, float(kl_temperature),
         ce_coef / num_valid_tokens_global, kl_coef / num_valid_tokens_global, chunk_size,
-        torch.is_grad_enabled() and (hidden_ND.requires_grad or weight_VD.requires_grad), compile_chunks)
+        torch.is_grad_enabled() and (hidden_ND.requires_grad or weight_VD.requires_grad), compile_chunks, weights_N)
     metrics = dict(ce_sum=ce_sum, kl_sum=kl_sum, valid_tokens=valid, top1_agree_sum=agree_sum)
     return loss, metrics
 
@@ -88,7 +95,7 @@ class _FusedLinearDistill(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden_ND, weight_VD, labels_N, targets, divergence, temperature, ce_coef, kl_coef,
-                chunk_size, need_grads=True, compile_chunks=False):
+                chunk_size, need_grads=True, compile_chunks=False, weights_N=None):
         # float64 inputs get a float64 loss (tests); everything else computes in float32.
         compute_dtype = torch.float64 if torch.float64 in (hidden_ND.dtype, weight_VD.dtype) else torch.float32
         # The weight is the big operand: never copy it, bring the hidden rows to its dtype instead.
@@ -101,6 +108,7 @@ class _FusedLinearDistill(torch.autograd.Function):
         hidden_RD = hidden_ND[rows_R].to(mm_dtype)
         labels_R = labels_N[rows_R]
         targets_R = targets.rows(rows_R) if targets is not None else None
+        weights_R = weights_N[rows_R].to(compute_dtype) if weights_N is not None else None
 
         grad_hidden_ND = torch.zeros_like(hidden_ND) if need_grads else None
         # Summed over chunks in compute precision, stored in the weight's dtype below.
@@ -108,6 +116,7 @@ class _FusedLinearDistill(torch.autograd.Function):
                           if want_weight_grad else None)
         zero = hidden_ND.new_zeros((), dtype=compute_dtype)
         ce_sum, kl_sum, agree_sum = zero.clone(), zero.clone(), zero.clone()
+        ce_wsum, kl_wsum = zero.clone(), zero.clone()  # weighted: what the loss is made of
 
         chunk_fn = _compiled_chunk_loss_and_grad() if compile_chunks else _chunk_loss_and_grad
         # Tensors, not floats: the coefficients change every step (they hold the global token count),
@@ -117,12 +126,18 @@ class _FusedLinearDistill(torch.autograd.Function):
         for start in range(0, rows_R.numel(), chunk_size):
             chunk = slice(start, start + chunk_size)
             hidden_CD = hidden_RD[chunk]
+            # Weighted: each position's coefficients carry its weight ([C, 1], broadcast over V).
+            ce_coef_c, kl_coef_c = ((ce_coef_t, kl_coef_t) if weights_R is None else
+                                    (ce_coef_t * weights_R[chunk, None], kl_coef_t * weights_R[chunk, None]))
             ce_C, kl_C, agree_C, grad_logits_CV = chunk_fn(
                 hidden_CD @ weight_VD.T, labels_R[chunk], targets_R.rows(chunk) if targets_R is not None else None,
-                divergence, temperature, ce_coef_t, kl_coef_t, compute_dtype)
+                divergence, temperature, ce_coef_c, kl_coef_c, compute_dtype)
             ce_sum += ce_C.sum()
             kl_sum += kl_C.sum()
             agree_sum += agree_C.sum()
+            if weights_R is not None:
+                ce_wsum += (weights_R[chunk] * ce_C).sum()
+                kl_wsum += (weights_R[chunk] * kl_C).sum()
 
             if not need_grads:
                 del grad_logits_CV
@@ -139,7 +154,7 @@ class _FusedLinearDistill(torch.autograd.Function):
         if want_weight_grad:
             grad_weight_VD = grad_weight_VD.to(weight_VD.dtype)
         ctx.save_for_backward(grad_hidden_ND, grad_weight_VD)
-        loss = ce_coef * ce_sum + kl_coef * kl_sum
+        loss = ce_coef * ce_sum + kl_coef * kl_sum if weights_R is None else ce_coef * ce_wsum + kl_coef * kl_wsum
         valid = zero + rows_R.numel()
         ctx.mark_non_differentiable(ce_sum, kl_sum, agree_sum, valid)
         return loss, ce_sum, kl_sum, agree_sum, valid
@@ -151,13 +166,13 @@ class _FusedLinearDistill(torch.autograd.Function):
         grad_hidden_ND = grad_hidden_ND * grad_loss.to(grad_hidden_ND.dtype)
         if grad_weight_VD is not None:
             grad_weight_VD = grad_weight_VD * grad_loss.to(grad_weight_VD.dtype)
-        return grad_hidden_ND, grad_weight_VD, None, None, None, None, None, None, None, None, None
+        return grad_hidden_ND, grad_weight_VD, None, None, None, None, None, None, None, None, None, None
 
 
 def _chunk_loss_and_grad(logits_mm_CV, labels_C, targets, divergence, temperature, ce_coef, kl_coef,
                          compute_dtype):
     """Per-position CE and KL, top-1 agreement, and d(loss)/d(logits), from the lm_head's output in its
-    own dtype; ce_coef and kl_coef are 0-dim tensors."""
+    own dtype; ce_coef and kl_coef are 0-dim tensors, or [C, 1] (each position's own, when weighted)."""
     logits_CV = logits_mm_CV.to(compute_dtype)
     lse_C = torch.logsumexp(logits_CV, -1)  # shared by CE and, at T=1, the KL
     ce_C = lse_C - logits_CV.gather(1, labels_C[:, None]).squeeze(1)
@@ -172,7 +187,7 @@ def _chunk_loss_and_grad(logits_mm_CV, labels_C, targets, divergence, temperatur
 
     # d/dlogits = ce_coef * (softmax - onehot) + kl_coef / T * dKL/d(logits / T)
     grad_CV = logits_CV.sub_(lse_C[:, None]).exp_().mul_(ce_coef)
-    grad_CV.scatter_add_(1, labels_C[:, None], (-ce_coef).expand(labels_C.numel(), 1).to(grad_CV.dtype))
+    grad_CV.scatter_add_(1, labels_C[:, None], (-ce_coef).reshape(-1, 1).expand(labels_C.numel(), 1).to(grad_CV.dtype))
     if dense_CV is not None:
         grad_CV.add_(dense_CV.mul_(kl_coef / temperature))
     if sparse_ids_CK is not None:

@@ -4,9 +4,10 @@ the T**2 scale, for the training loss and for the eval summary alike."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from student_train.losses.dense_targets import DENSE_FALLBACKS
+from student_train.losses.channel_weights import ChannelWeights
 from student_train.losses.divergences import divergence_names
 
 
@@ -35,6 +36,8 @@ class LossConfig:
     # kl_mode dense: the teacher's model directory (its final norm and lm_head); None: the one the
     # cache's manifest records. The tensors must hash to the manifest's fingerprint either way.
     dense_head_path: str | None = None
+    # CE and KL weighted per token by its channel (caches with channels); all 1: unweighted
+    channel_weights: ChannelWeights = field(default_factory=ChannelWeights)
 
     def __post_init__(self):
         for key in ("ce_weight", "kl_weight", "hidden_cosine_weight"):
