@@ -1,5 +1,6 @@
 """Evaluation on the eval cache: token-averaged CE and KL, top-1 agreement with
-the teacher, and hidden-state cosine, summed on each rank and all-reduced."""
+the teacher, and hidden-state cosine, summed on each rank and all-reduced; by
+source and by channel where the cache stores them (student_train/eval_groups.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import sys
 import torch
 
 from common.manifest import CacheManifest, teacher_differences
+from common.row_columns import CHANNELS
 from student_train.config import DataConfig
+from student_train.eval_groups import breakdown, group_layout
 from student_train.model import LossSums
 from student_train.parallel import DistEnv, all_reduce_sum, print0
 
@@ -51,12 +54,24 @@ def evaluate(model: torch.nn.Module, loader, env: DistEnv, loss_cfg, autocast) -
     was_training = model.training
     model.eval()
     sums_F = torch.zeros(len(LossSums.FIELDS), dtype=torch.float64, device=env.device)
+    # By source and channel where the cache has them (student_train/eval_groups.py); the same
+    # group count on every rank, since every rank builds the same source table.
+    has_channels = CHANNELS in loader.spec.columns
+    num_s, num_c = group_layout(len(loader.source_names), has_channels)
+    grouped = bool(loader.source_names) or has_channels
+    group_sums_G4 = torch.zeros((num_s * num_c if grouped else 0, 4), dtype=torch.float64, device=env.device)
     for batch in loader.epoch_batches():
         batch = batch.to(env.device, non_blocking=True)
         with autocast:
             # Normalisers of 1 make the loss parts plain sums; they are divided after the all-reduce.
-            _, sums = model(batch, 1.0, 1.0)
+            _, sums = model(batch, 1.0, 1.0, num_sources=len(loader.source_names))
         sums_F += sums.as_tensor().to(sums_F.device)
+        if sums.group_sums_G4 is not None:
+            group_sums_G4 += sums.group_sums_G4.double().to(group_sums_G4.device)
     all_reduce_sum(sums_F)
     model.train(was_training)
-    return summarise(sums_F.cpu(), loss_cfg)
+    result = summarise(sums_F.cpu(), loss_cfg)
+    if grouped:
+        all_reduce_sum(group_sums_G4)
+        result.update(breakdown(group_sums_G4.cpu(), loader.source_names, has_channels, loss_cfg))
+    return result

@@ -154,13 +154,22 @@ class MetricsLogger:
             f.write(json.dumps(record, sort_keys=True) + "\n")
         print(format_record(record), flush=True)
         if self.tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.tb.add_scalar(f"{record.get('kind', 'train')}/{key}", value, record.get("step", 0))
+            for tag, value in _scalars({k: v for k, v in record.items() if k != "step"}, record.get("kind", "train")):
+                self.tb.add_scalar(tag, value, record.get("step", 0))
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _scalars(values: dict, prefix: str):
+    """(tag, number) of every number in a record, nested ones (eval's by_source, by_channel)
+    under their path: `eval/by_source/SYNTH/ce`."""
+    for key, value in values.items():
+        if isinstance(value, dict):
+            yield from _scalars(value, f"{prefix}/{key}")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield f"{prefix}/{key}", value
 
 
 def _record_step(line: str) -> float:
@@ -181,4 +190,8 @@ def format_record(record: dict) -> str:
                      ("peak_mem_gib", ".2f"), ("cost_per_mtok", ".4f")):
         if record.get(key) is not None:
             parts.append(f"{key} {format(record[key], fmt)}")
+    # eval by source and by channel (caches that store them)
+    for group in ("by_source", "by_channel"):
+        for name, g in (record.get(group) or {}).items():
+            parts.append(f"{name} ce {g['ce']:.4f} kl {g['kl']:.4f} top1 {g['top1']:.3f}")
     return " | ".join(parts)

@@ -26,6 +26,7 @@ from common.spec import ShardSpec
 from common.teacher_head import TeacherHead, TeacherHeadRecord
 from student_train.batch import StudentBatch
 from student_train.config import StudentConfig
+from student_train.eval_groups import group_ids_BP
 from student_train.packing import packed_inputs
 from student_train.weights import load_safetensors_into, safetensors_files, untied_missing
 from student_train.losses import (
@@ -170,6 +171,9 @@ class LossSums:
     valid_tokens: torch.Tensor
     hidden_dist_sum: torch.Tensor  # sum of (1 - cos) over layer pairs and positions
     hidden_positions: torch.Tensor  # positions x layer pairs
+    # [G, 4] sums of ce, kl, top1 agreement and tokens per (source, channel) group
+    # (student_train/eval_groups.py); None for a batch with neither
+    group_sums_G4: torch.Tensor | None = None
 
     def as_tensor(self) -> torch.Tensor:
         return torch.stack([getattr(self, name) for name in self.FIELDS]).double()
@@ -210,7 +214,9 @@ class DistillModel(nn.Module):
         if getattr(head, "bias", None) is not None:
             raise ValueError("the student's lm_head has a bias; the fused loss supports a bias-free lm_head only")
 
-    def forward(self, batch: StudentBatch, num_valid_global: float, num_hidden_global: float = 0.0):
+    def forward(self, batch: StudentBatch, num_valid_global: float, num_hidden_global: float = 0.0,
+                num_sources: int = 0):
+        """`num_sources`: the loader's source table's size, for sums per source (eval)."""
         self._captured.clear()
         backbone = self.student.get_decoder()
         with record_function("vpmoe.backbone"):  # ranges the profile of bench/train_bench.py reports
@@ -229,9 +235,11 @@ class DistillModel(nn.Module):
         if num_valid_global > 0:
             with record_function("vpmoe.fused_loss"):
                 weights_BP = position_weights_BP(batch, cfg.channel_weights)  # None: all 1
+                groups_BP, num_groups = group_ids_BP(batch, num_sources)
                 loss, m = distill_loss(hidden_ND, weight_VD, labels_N, targets, num_valid_global,
                                        weights_N=None if weights_BP is None else weights_BP.reshape(-1),
-                                       **cfg.distill_kwargs())
+                                       groups_N=None if groups_BP is None else groups_BP.reshape(-1),
+                                       num_groups=num_groups, **cfg.distill_kwargs())
         else:  # nothing to predict anywhere this step (e.g. a filler micro batch): keep the graph, add 0
             loss = hidden_ND.sum() * 0.0
             zero = loss.detach().float()
@@ -256,7 +264,7 @@ class DistillModel(nn.Module):
         sums = LossSums(ce_sum=m["ce_sum"].detach().float(), kl_sum=m["kl_sum"].detach().float(),
                         top1_agree_sum=m["top1_agree_sum"].detach().float(),
                         valid_tokens=m["valid_tokens"].detach().float(), hidden_dist_sum=hidden_dist.float(),
-                        hidden_positions=hidden_positions.float())
+                        hidden_positions=hidden_positions.float(), group_sums_G4=m.get("group_sums_G4"))
         return loss, sums
 
     def _targets(self, batch: StudentBatch, n: int):

@@ -315,3 +315,34 @@ def test_channel_weights_through_the_model_on_a_packed_batch(phase1_cache):
             loss_w, _ = DistillModel(student, weighted, layout)(batch, count)
             loss_m, _ = DistillModel(student, plain, layout)(masked, count)
     torch.testing.assert_close(loss_w, loss_m, rtol=1e-12, atol=0)
+
+
+def test_evaluate_by_source_and_channel_adds_back_to_the_overall_eval(phase1_cache):
+    """The real path: cache-teacher on a phase-1 style dataset, the packed loader, DistillModel and
+    evaluate. Token counts add back exactly; CE and KL to the float32 rounding of the totals."""
+    import contextlib
+
+    from demo.tiny_models import build_model
+    from student_train.losses import LossConfig
+    from student_train.evaluate import evaluate
+    from student_train.loader import CacheLoader, LoaderConfig
+    from student_train.model import DistillModel, TargetLayout
+    from student_train.parallel import DistEnv
+
+    student = build_model(tiny_llama_config(320, hidden_size=32, num_layers=2, intermediate_size=64), seed=3,
+                          dtype=torch.float64)
+    student.config._attn_implementation = "sdpa"
+    loss_cfg = LossConfig(kl_temperature=2.0, chunk_size=5)
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    config = LoaderConfig(cache_dir=str(phase1_cache[0].path), num_threads=1, pin_memory=False, shuffle=False, seq_len=48,
+                          micro_batch=2, pack=True)
+    with CacheLoader(config) as loader:
+        model = DistillModel(student, loss_cfg, TargetLayout.from_spec(loader.spec, loss_cfg))
+        result = evaluate(model, loader, env, loss_cfg, contextlib.nullcontext())
+    assert list(result["by_source"]) == ["Nemotron-Math-v2", "SYNTH", "oasst2"]
+    for group in ("by_source", "by_channel"):
+        parts = result[group].values()
+        assert sum(p["tokens"] for p in parts) == result["tokens"]
+        assert sum(p["ce_sum"] for p in parts) == pytest.approx(result["ce"] * result["tokens"], rel=1e-6)
+        assert sum(p["kl_sum"] for p in parts) == pytest.approx(result["kl"] * result["tokens"], rel=1e-6)
+    assert "prompt" not in result["by_channel"]  # prompt labels are masked: no tokens there

@@ -35,6 +35,8 @@ def distill_loss(
     chunk_size: int = 1024,
     compile_chunks: bool = False,
     weights_N: Tensor | None = None,
+    groups_N: Tensor | None = None,
+    num_groups: int = 0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """sum over positions with labels_N != -100 of (ce_weight*CE + kl_weight*s*KL_T), divided by
     num_valid_tokens_global; s = T**2 when scale_by_t2, else 1 (config.objective_weights). KL_T is the
@@ -53,6 +55,10 @@ def distill_loss(
     weights_N (optional, >= 0): each position's weight in the loss (loss.channel_weights); the loss
     is then the weighted sum over num_valid_tokens_global, which must be the weighted count. The
     metric sums stay unweighted.
+
+    groups_N (optional, int64 in [0, num_groups) at valid positions): the metric sums are also
+    returned per group, as group_sums_G4 (columns ce, kl, top1 agreement, valid positions), from
+    the same per-position values: eval's breakdown by source and channel.
     """
     if hidden_ND.dim() != 2 or weight_VD.dim() != 2 or weight_VD.shape[1] != hidden_ND.shape[1]:
         raise ValueError(f"need hidden [N, D] and weight [V, D], got {tuple(hidden_ND.shape)} "
@@ -67,6 +73,8 @@ def distill_loss(
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
     if weights_N is not None and weights_N.shape != (n,):
         raise ValueError(f"weights must be [{n}], got {tuple(weights_N.shape)}")
+    if groups_N is not None and (groups_N.shape != (n,) or num_groups < 1):
+        raise ValueError(f"groups must be [{n}] with num_groups >= 1, got {tuple(groups_N.shape)}, {num_groups}")
     if not kl_temperature > 0:
         raise ValueError(f"kl_temperature must be > 0, got {kl_temperature}")
     vocab = weight_VD.shape[0]
@@ -82,11 +90,14 @@ def distill_loss(
         divergence.check_targets(targets, n, vocab)
 
     ce_coef, kl_coef = objective_weights(ce_weight, kl_weight, kl_temperature, scale_by_t2)
-    loss, ce_sum, kl_sum, agree_sum, valid = _FusedLinearDistill.apply(
+    loss, ce_sum, kl_sum, agree_sum, valid, group_sums_G4 = _FusedLinearDistill.apply(
         hidden_ND, weight_VD, labels_N, targets, divergence, float(kl_temperature),
         ce_coef / num_valid_tokens_global, kl_coef / num_valid_tokens_global, chunk_size,
-        torch.is_grad_enabled() and (hidden_ND.requires_grad or weight_VD.requires_grad), compile_chunks, weights_N)
+        torch.is_grad_enabled() and (hidden_ND.requires_grad or weight_VD.requires_grad), compile_chunks, weights_N,
+        groups_N, num_groups)
     metrics = dict(ce_sum=ce_sum, kl_sum=kl_sum, valid_tokens=valid, top1_agree_sum=agree_sum)
+    if groups_N is not None:
+        metrics["group_sums_G4"] = group_sums_G4
     return loss, metrics
 
 
@@ -95,7 +106,7 @@ class _FusedLinearDistill(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden_ND, weight_VD, labels_N, targets, divergence, temperature, ce_coef, kl_coef,
-                chunk_size, need_grads=True, compile_chunks=False, weights_N=None):
+                chunk_size, need_grads=True, compile_chunks=False, weights_N=None, groups_N=None, num_groups=0):
         # float64 inputs get a float64 loss (tests); everything else computes in float32.
         compute_dtype = torch.float64 if torch.float64 in (hidden_ND.dtype, weight_VD.dtype) else torch.float32
         # The weight is the big operand: never copy it, bring the hidden rows to its dtype instead.
@@ -117,6 +128,8 @@ class _FusedLinearDistill(torch.autograd.Function):
         zero = hidden_ND.new_zeros((), dtype=compute_dtype)
         ce_sum, kl_sum, agree_sum = zero.clone(), zero.clone(), zero.clone()
         ce_wsum, kl_wsum = zero.clone(), zero.clone()  # weighted: what the loss is made of
+        groups_R = groups_N[rows_R] if groups_N is not None else None
+        group_sums_G4 = hidden_ND.new_zeros((num_groups if groups_R is not None else 0, 4), dtype=compute_dtype)
 
         chunk_fn = _compiled_chunk_loss_and_grad() if compile_chunks else _chunk_loss_and_grad
         # Tensors, not floats: the coefficients change every step (they hold the global token count),
@@ -138,6 +151,9 @@ class _FusedLinearDistill(torch.autograd.Function):
             if weights_R is not None:
                 ce_wsum += (weights_R[chunk] * ce_C).sum()
                 kl_wsum += (weights_R[chunk] * kl_C).sum()
+            if groups_R is not None:
+                group_sums_G4.index_add_(0, groups_R[chunk], torch.stack([ce_C, kl_C, agree_C,
+                                                                          torch.ones_like(ce_C)], 1))
 
             if not need_grads:
                 del grad_logits_CV
@@ -156,8 +172,8 @@ class _FusedLinearDistill(torch.autograd.Function):
         ctx.save_for_backward(grad_hidden_ND, grad_weight_VD)
         loss = ce_coef * ce_sum + kl_coef * kl_sum if weights_R is None else ce_coef * ce_wsum + kl_coef * kl_wsum
         valid = zero + rows_R.numel()
-        ctx.mark_non_differentiable(ce_sum, kl_sum, agree_sum, valid)
-        return loss, ce_sum, kl_sum, agree_sum, valid
+        ctx.mark_non_differentiable(ce_sum, kl_sum, agree_sum, valid, group_sums_G4)
+        return loss, ce_sum, kl_sum, agree_sum, valid, group_sums_G4
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -166,7 +182,7 @@ class _FusedLinearDistill(torch.autograd.Function):
         grad_hidden_ND = grad_hidden_ND * grad_loss.to(grad_hidden_ND.dtype)
         if grad_weight_VD is not None:
             grad_weight_VD = grad_weight_VD * grad_loss.to(grad_weight_VD.dtype)
-        return grad_hidden_ND, grad_weight_VD, None, None, None, None, None, None, None, None, None, None
+        return (grad_hidden_ND, grad_weight_VD) + (None,) * 12
 
 
 def _chunk_loss_and_grad(logits_mm_CV, labels_C, targets, divergence, temperature, ce_coef, kl_coef,
