@@ -92,14 +92,16 @@ def vpmoe(*args: str, capture: bool = False) -> str:
 
 
 def stage_data(out: Path, size: QuickstartSize) -> dict:
-    from demo.tiny_corpus import build_dataset, read_split_texts
+    from demo.tiny_corpus import build_dataset, read_split_sources
     from demo.tiny_models import train_bpe_tokenizer
 
-    train_texts, validation_texts = read_split_texts(size.corpus_bytes)
-    tokenizer = train_bpe_tokenizer(train_texts, size.vocab_size, out / "tokenizer")
+    # id, source (the stdlib package) and spans (a synthetic analysis/final split) like the phase-1 data
+    train_texts, validation_texts = read_split_sources(size.corpus_bytes)
+    tokenizer = train_bpe_tokenizer([t.text for t in train_texts], size.vocab_size, out / "tokenizer")
     splits = build_dataset(out / "data", tokenizer, train_texts, validation_texts, size.seq_len,
                            size.train_rows, size.validation_rows)
     return {"train_files": len(train_texts), "validation_files": len(validation_texts),
+            "sources": sorted(set(splits["train"]["source"][i]["dataset"] for i in range(len(splits["train"])))),
             "train_rows": len(splits["train"]), "validation_rows": len(splits["validation"]),
             "train_tokens": len(splits["train"]) * size.seq_len, "vocab_size": len(tokenizer)}
 

@@ -346,3 +346,44 @@ def test_evaluate_by_source_and_channel_adds_back_to_the_overall_eval(phase1_cac
         assert sum(p["ce_sum"] for p in parts) == pytest.approx(result["ce"] * result["tokens"], rel=1e-6)
         assert sum(p["kl_sum"] for p in parts) == pytest.approx(result["kl"] * result["tokens"], rel=1e-6)
     assert "prompt" not in result["by_channel"]  # prompt labels are masked: no tokens there
+
+
+# ---- the quickstart's corpus has the phase-1 row columns ----------------------------------------------------
+
+class ByteTokenizer:
+    eos_token_id = 0
+
+    def __call__(self, texts):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(input_ids=[[1 + b % 200 for b in t.encode()] for t in texts])
+
+
+def test_the_demo_corpus_has_ids_sources_and_spans_the_cache_reads(tmp_path):
+    from demo.tiny_corpus import PROMPT_FRACTION, SourceText, build_dataset
+    from teacher_cache.data import open_source
+    from teacher_cache.dataset_columns import RowColumnsConfig
+
+    texts = [SourceText("asyncio", "x" * 150), SourceText("email", "y" * 90), SourceText("modules", "z" * 200)]
+    seq_len = 64
+    build_dataset(tmp_path / "data", ByteTokenizer(), texts, texts[:1], seq_len)
+    source = open_source(tmp_path / "data", "train", columns=RowColumnsConfig())
+    source.validate(vocab_size=256, max_context=seq_len)
+    assert source.row_columns.names == ("dataset_id", "source", "channels")
+    from common.shard_format import TeacherRow
+
+    # the stream: 151 tokens of asyncio, 91 of email, 201 of modules -> rows start in asyncio, asyncio, asyncio,
+    # email, modules, modules
+    got = [source.row_columns.annotate(TeacherRow(row_id=i, input_ids_L=source.row(i).input_ids, labels_L=None))
+           for i in range(source.num_rows)]
+    assert [r.source for r in got] == ["asyncio", "asyncio", "asyncio", "email", "modules", "modules"]
+    assert got[3].dataset_id == "train-000003-email"
+    prompt = int(seq_len * PROMPT_FRACTION)
+    for i, row in enumerate(got):
+        labels = source.row(i).labels
+        # prompt tokens are exactly the masked ones; the rest split into analysis, then final
+        np.testing.assert_array_equal(row.channels_L == PROMPT, labels == IGNORE_INDEX)
+        assert (row.channels_L[prompt:] != UNKNOWN).all()
+        analysis = int((row.channels_L == ANALYSIS).sum())
+        assert 0.3 * (seq_len - prompt) - 1 <= analysis <= 0.7 * (seq_len - prompt) + 1
+        assert (row.channels_L[prompt:prompt + analysis] == ANALYSIS).all()
