@@ -52,8 +52,8 @@ def print_summary(summary: dict, out: Path) -> None:
     last = train.get("eval_last") or {}
     for group, what in (("by_source", "source"), ("by_channel", "channel")):
         for name, g in (last.get(group) or {}).items():
-            table.add_row(f"  eval after, {what} {name} ({g['tokens']:,} tokens): CE / KL / top-1",
-                          f"{g['ce']:.3f} / {g['kl']:.3f} / {g['top1']:.3f}")
+            table.add_row(f"  eval after, {what} {name} ({g['tokens']:,} tokens)",
+                          f"CE {g['ce']:.3f} KL {g['kl']:.3f} top-1 {g['top1']:.3f}")
     table.add_row("export loads with from_pretrained", str(summary["export"]["export_loads"]))
     Console().print(table)
     typer.echo(f"summary: {Path(out) / 'summary.json'}")
