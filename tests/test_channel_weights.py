@@ -7,28 +7,26 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from train_fixtures import random_loss_case
 
 from common.causal_lm import IGNORE_INDEX
 from common.row_columns import ANALYSIS, FINAL, PROMPT, UNKNOWN
 from student_train.batch import StudentBatch
 from student_train.config import LossSection
-from student_train.losses import (ChannelWeights, LossConfig, TopkTargets, distill_loss, position_weights_BP,
-                                  weighted_valid_tokens)
+from student_train.losses import (
+    ChannelWeights,
+    LossConfig,
+    distill_loss,
+    position_weights_BP,
+    weighted_valid_tokens,
+)
 
 N, V, D, K = 41, 300, 16, 8
 TEMPERATURES = (1.0, 2.0)
 
 
 def case(seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    hidden_ND = torch.randn(N, D, generator=gen, dtype=torch.float64)
-    weight_VD = torch.randn(V, D, generator=gen, dtype=torch.float64) * 0.5
-    teacher_NV = 2.0 * torch.randn(N, V, generator=gen, dtype=torch.float64)
-    labels_N = torch.randint(0, V, (N,), generator=gen)
-    labels_N[torch.rand(N, generator=gen) < 0.2] = IGNORE_INDEX
-    ids_NK = teacher_NV.topk(K, dim=1).indices.sort(dim=1).values
-    lse_NT = torch.stack([torch.logsumexp(teacher_NV / t, -1) for t in TEMPERATURES], 1)
-    targets = TopkTargets(ids_NK, teacher_NV.gather(1, ids_NK), lse_NT, 1)  # the KL at T = 2
+    hidden_ND, weight_VD, labels_N, targets, gen = random_loss_case(N, V, D, K, TEMPERATURES, 1, seed)  # KL at T=2
     channels_N = torch.randint(0, 4, (N,), generator=gen)
     return hidden_ND, weight_VD, labels_N, targets, channels_N
 

@@ -6,25 +6,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from train_fixtures import random_loss_case
 
 from common.causal_lm import IGNORE_INDEX
 from student_train.eval_groups import breakdown
-from student_train.losses import LossConfig, TopkTargets, distill_loss
+from student_train.losses import LossConfig, distill_loss
 from student_train.metrics import _scalars, format_record
 
 N, V, D, K, G = 53, 200, 12, 6, 5
 
 
 def case(seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    hidden_ND = torch.randn(N, D, generator=gen, dtype=torch.float64)
-    weight_VD = torch.randn(V, D, generator=gen, dtype=torch.float64) * 0.5
-    teacher_NV = 2.0 * torch.randn(N, V, generator=gen, dtype=torch.float64)
-    labels_N = torch.randint(0, V, (N,), generator=gen)
-    labels_N[torch.rand(N, generator=gen) < 0.2] = IGNORE_INDEX
-    ids_NK = teacher_NV.topk(K, dim=1).indices.sort(dim=1).values
-    lse_NT = torch.logsumexp(teacher_NV, -1, keepdim=True)
-    targets = TopkTargets(ids_NK, teacher_NV.gather(1, ids_NK), lse_NT, 0)
+    hidden_ND, weight_VD, labels_N, targets, gen = random_loss_case(N, V, D, K, (1.0,), 0, seed)
     groups_N = torch.randint(0, G, (N,), generator=gen)
     groups_N[labels_N == IGNORE_INDEX] = -1  # as at pads: kept out by their labels
     return hidden_ND, weight_VD, labels_N, targets, groups_N

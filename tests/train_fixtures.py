@@ -11,14 +11,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from synthetic_cache import write_cache_rows
 
 from common.shard_format import TeacherRow
 from common.spec import HiddenSpec, ShardSpec, TargetSpec
 from common.targets.sampled import SampledRowTargets
 from common.targets.topk import TopkRowTargets
-from demo.tiny_models import build_model, save_model, tiny_gpt_oss_config, tiny_llama_config
+from demo.tiny_models import (
+    build_model,
+    save_model,
+    tiny_gpt_oss_config,
+    tiny_llama_config,
+)
 from student_train.config import load_config
-from synthetic_cache import write_cache_rows
 
 VOCAB = 300
 
@@ -99,3 +104,22 @@ def tiny_config(tmp: Path, student: Path, train_cache: Path, eval_cache: Path | 
             f"export.dir={tmp / 'run' / 'export'}"]
     base.append(f"data.eval_cache={eval_cache}" if eval_cache else "eval.every=0")
     return load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml", [*base, *sets])
+
+
+def random_loss_case(n: int, vocab: int, width: int, k: int, temperatures, kl_index: int, seed: int):
+    """float64 loss inputs: student hidden states and lm_head, labels with about a fifth masked,
+    and a random teacher's top-k targets with log-sum-exps at `temperatures` (the KL at
+    temperatures[kl_index]). Also returns the generator, for what a test draws next."""
+    from common.causal_lm import IGNORE_INDEX
+    from student_train.losses import TopkTargets
+
+    gen = torch.Generator().manual_seed(seed)
+    hidden_ND = torch.randn(n, width, generator=gen, dtype=torch.float64)
+    weight_VD = torch.randn(vocab, width, generator=gen, dtype=torch.float64) * 0.5
+    teacher_NV = 2.0 * torch.randn(n, vocab, generator=gen, dtype=torch.float64)
+    labels_N = torch.randint(0, vocab, (n,), generator=gen)
+    labels_N[torch.rand(n, generator=gen) < 0.2] = IGNORE_INDEX
+    ids_NK = teacher_NV.topk(k, dim=1).indices.sort(dim=1).values
+    lse_NT = torch.stack([torch.logsumexp(teacher_NV / t, -1) for t in temperatures], 1)
+    targets = TopkTargets(ids_NK, teacher_NV.gather(1, ids_NK), lse_NT, kl_index)
+    return hidden_ND, weight_VD, labels_N, targets, gen
