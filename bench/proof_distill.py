@@ -1,38 +1,53 @@
-"""Proof on real text: does distillation from the cache beat plain training, and
-which targets are worth their bytes? (docs/BENCHMARKS.md, "Distillation quality")
+"""Proof on real text (issue 17): does distillation from the cache beat plain training, and what
+does each target kind lose against full KD? (docs/BENCHMARKS.md, "Distillation quality")
 
-Runs on one GPU with the product's own commands (`vpmoe cache-teacher`,
-`vpmoe train`), in three steps that share a work directory:
+Every cached variant runs through the product's own commands (`vpmoe cache-teacher`,
+`vpmoe train`); full KD, the ceiling, runs the product's trainer too, with the teacher beside
+the student supplying its exact last-layer state for every position (`kl_mode: dense` against the
+teacher's own head), so it differs from the `dense` row only in where that state comes from.
 
-    python bench/proof_distill.py prepare  --work /tmp/proof   # corpus, tokenizer, teacher, caches
-    python bench/proof_distill.py students --work /tmp/proof --variants ce,tail_k8,...
-    python bench/proof_distill.py report   --work /tmp/proof   # markdown table
+    python bench/proof_distill.py run --work /tmp/proof --results docs/results/DATE-proof   # everything
+    python bench/proof_distill.py prepare --stages data,teacher ...  # or step by step: data, teacher,
+    python bench/proof_distill.py prepare --stages caches,inits ...  #   caches, student inits,
+    python bench/proof_distill.py students --variants ce,tail_k64 ... #   students,
+    python bench/proof_distill.py report --results ...               #   the markdown table
 
-The same at CPU scale (stdlib sources, a 4-layer teacher, 2-layer students):
+`--preset h200` (default) is the issue's scale for one H200; `run --preset cpu --seeds 0` is a
+smoke run of a few minutes on 2 cores (one seed per variant). Any size flag overrides its
+preset value. Every student of one seed has the same initial weights and, reading the same rows
+in caches of the same layout, the same data order (the loader's plan depends on row count,
+lengths and seed only).
 
-    python bench/proof_distill.py prepare --device cpu --work runs/proof-cpu --corpus-mb 24 --vocab 2048 \
-        --seq-len 128 --train-rows 40000 --val-rows 240 --cache-rows 4800 --teacher-hidden 128 --teacher-layers 4 \
-        --teacher-steps 1500 --student-hidden 64 --student-layers 2
-    python bench/proof_distill.py students --device cpu --work runs/proof-cpu --vocab 2048 --seq-len 128 \
-        --teacher-hidden 128 --teacher-layers 4 --student-hidden 64 --student-layers 2 --steps 300 \
-        --global-batch 16 --micro-batch 16 --lr 3e-3
+Resuming: the work directory holds what is large (data, teacher, caches, runs); the results
+directory holds what is kept (setup.json: token counts, the teacher's metrics and sha256;
+caches.json; runs/<variant>.seed<N>.json) and is small enough to commit. A rerun skips every
+stage and student whose recorded settings equal the current ones, and refuses (naming the file
+and the differing keys) a result made with other settings or another teacher, so results of
+two teachers are never mixed. A fresh machine rebuilds data and teacher; only a teacher with
+the recorded sha256 lets earlier students stand.
 
-Corpus: the Python sources of the machine's installed packages, split by file
-into train and held-out sets; a 32k byte-level BPE trained on the train split.
+Corpus: Python sources of the installed packages (GPU) or the standard library (CPU), split
+by file into train and held-out; a byte-level BPE trained on the train split.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 import yaml
@@ -40,34 +55,85 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common.causal_lm import IGNORE_INDEX  # noqa: E402
+from common.causal_lm import IGNORE_INDEX, capture_block_outputs, decoder_layers  # noqa: E402
 from demo.pretrain import PretrainConfig, evaluate_lm, pretrain  # noqa: E402
-from demo.tiny_corpus import build_dataset, read_split_texts  # noqa: E402
+from demo.tiny_corpus import read_split_texts, tokenize_rows  # noqa: E402
 from demo.tiny_models import build_model, save_model, tiny_llama_config, train_bpe_tokenizer  # noqa: E402
 
 
-def cache_flags(args) -> dict[str, list[str]]:
-    hidden = f"{args.teacher_layers // 2},{args.teacher_layers}"  # teacher layers for the hidden-cosine variant
+@dataclass(frozen=True)
+class Scale:
+    """Everything that sizes the experiment; part of every result's recorded settings."""
+
+    device: str
+    corpus_mb: int  # source bytes read (millions)
+    vocab: int
+    seq_len: int
+    train_rows: int  # 0: every row the corpus gives
+    val_rows: int
+    teacher_hidden: int
+    teacher_layers: int
+    teacher_steps: int
+    teacher_batch: int
+    teacher_lr: float
+    cache_rows: int  # students train on (and the caches hold) the first N train rows
+    student_hidden: int
+    student_layers: int
+    steps: int
+    global_batch: int
+    micro_batch: int
+    lr: float
+
+
+PRESETS = {
+    # Teacher 12 x 768 (~125M parameters at 32k), students 6 x 384 (~34M); ~400 MB of source give
+    # ~100M train tokens; the teacher sees 1,000 x 64 x 1,024 = 65.5M (under one epoch), each student
+    # 8,192 rows = 8.4M tokens once (256 steps x 32 rows); 512 held-out rows (524k tokens, 393k predicted).
+    "h200": Scale(device="cuda", corpus_mb=400, vocab=32000, seq_len=1024, train_rows=0, val_rows=512,
+                  teacher_hidden=768, teacher_layers=12, teacher_steps=1000, teacher_batch=64, teacher_lr=1.5e-3,
+                  cache_rows=8192, student_hidden=384, student_layers=6, steps=256, global_batch=32,
+                  micro_batch=32, lr=2e-3),
+    # A smoke run on 2 cores (with --seeds 0, about 5 minutes): teacher 4 x 128 (1.0M parameters),
+    # students 2 x 64 (0.23M), each student 16 x 16 x 128 = 33k tokens; the teacher 150 x 16 x 128 = 307k.
+    "cpu": Scale(device="cpu", corpus_mb=8, vocab=1024, seq_len=128, train_rows=8000, val_rows=120,
+                 teacher_hidden=128, teacher_layers=4, teacher_steps=150, teacher_batch=16, teacher_lr=3e-3,
+                 cache_rows=256, student_hidden=64, student_layers=2, steps=16, global_batch=16, micro_batch=16,
+                 lr=3e-3),
+}
+
+
+def cache_flags(scale: Scale) -> dict[str, list[str]]:
+    """Each cache's `vpmoe cache-teacher` settings; all hold the same first `cache_rows` rows."""
+    hidden = f"{scale.teacher_layers // 2},{scale.teacher_layers}"  # for the production mix's hidden cosine
     return {
-        "k64": ["--top-k", "64", "--temperatures", "1,2", "--hidden-layers", hidden,
-                "--hidden-dtype", "fp8", "--hidden-token-fraction", "0.25"],
         "k8": ["--top-k", "8", "--temperatures", "1,2"],
-        "sampled": ["--sampled", "50"],
+        "k64": ["--top-k", "64", "--temperatures", "1,2", "--hidden-layers", hidden, "--hidden-dtype", "fp8",
+                "--hidden-token-fraction", "0.25"],
+        "sampled12": ["--sampled", "12"],
+        "sampled50": ["--sampled", "50"],
+        # Every position's last-layer state in fp8; the top-8 is the (here unused) fallback's.
+        "dense": ["--top-k", "8", "--temperatures", "1", "--dense-from-last-layer", "--hidden-dtype", "fp8",
+                  "--hidden-token-fraction", "1.0"],
     }
 
 
-# name: (cache, loss settings, seed)
+KL_T1 = dict(ce=0.0, kl=1.0, kl_temperature=1.0)
+SEEDS_3 = (0, 1, 2)
+# name: (cache, loss settings, seeds). A seed picks the student's initial weights and the data order.
 VARIANTS = {
-    "ce": ("k64", dict(ce=1.0, kl=0.0), 0),
-    "tail_k8": ("k8", dict(ce=0.0, kl=1.0, kl_mode="tail", kl_temperature=1.0), 0),
-    "tail_k64": ("k64", dict(ce=0.0, kl=1.0, kl_mode="tail", kl_temperature=1.0), 0),
-    "renorm_k8": ("k8", dict(ce=0.0, kl=1.0, kl_mode="renorm", kl_temperature=1.0), 0),
-    "renorm_k64": ("k64", dict(ce=0.0, kl=1.0, kl_mode="renorm", kl_temperature=1.0), 0),
-    "sampled": ("sampled", dict(ce=0.0, kl=1.0, kl_mode="sampled", kl_temperature=1.0), 0),
-    # layer pairs filled in from the sizes: student (S/2, S) <- teacher (T/2, T)
-    "ce_kl_hidden": ("k64", dict(ce=0.2, kl=0.2, kl_mode="tail", kl_temperature=2.0, hidden_cosine=0.6), 0),
-    "tail_k64_seed1": ("k64", dict(ce=0.0, kl=1.0, kl_mode="tail", kl_temperature=1.0), 1),
+    "ce": ("k8", dict(ce=1.0, kl=0.0), SEEDS_3),  # reads only the tokens of the smallest cache
+    "tail_k8": ("k8", dict(KL_T1, kl_mode="tail"), (0,)),
+    "tail_k64": ("k64", dict(KL_T1, kl_mode="tail"), SEEDS_3),
+    "renorm_k8": ("k8", dict(KL_T1, kl_mode="renorm"), (0,)),  # the study's small-k case
+    "renorm_k64": ("k64", dict(KL_T1, kl_mode="renorm"), (0,)),
+    "sampled_n12": ("sampled12", dict(KL_T1, kl_mode="sampled"), (0,)),
+    "sampled_n50": ("sampled50", dict(KL_T1, kl_mode="sampled"), SEEDS_3),
+    # the production mix; layer pairs from the sizes: student (S/2, S) <- teacher (T/2, T)
+    "mix": ("k64", dict(ce=0.2, kl=0.2, kl_mode="tail", kl_temperature=2.0, hidden_cosine=0.6), SEEDS_3),
+    "dense": ("dense", dict(KL_T1, kl_mode="dense"), (0,)),
+    "full_kd": ("dense", dict(KL_T1, kl_mode="dense"), (0,)),  # the teacher online (full_kd_train)
 }
+ONLINE = {"full_kd"}
 
 
 def log(msg: str) -> None:
@@ -76,97 +142,323 @@ def log(msg: str) -> None:
 
 def vpmoe(*args: str) -> None:
     log("$ vpmoe " + " ".join(args))
-    subprocess.run([sys.executable, "-m", "cli", *args], check=True, cwd=ROOT,
-                   env={**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"})
+    subprocess.run([sys.executable, "-m", "cli", *args], check=True, cwd=ROOT, env=child_env())
 
 
-def split_arrays(work: Path, split: str):
-    from datasets import load_from_disk
-
-    ds = load_from_disk(str(work / "data"))[split].with_format("numpy")
-    return np.stack(ds["input_ids"]), np.stack(ds["labels"])
+def child_env() -> dict:
+    return {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
 
 
-def prepare(work: Path, args) -> None:
-    work.mkdir(parents=True, exist_ok=True)
-    facts: dict = {}
-    t0 = time.perf_counter()
-    root = Path(args.corpus_root or sysconfig.get_paths()["purelib" if args.device == "cuda" else "stdlib"])
-    train_texts, val_texts = read_split_texts(args.corpus_mb * 10**6, validation_fraction=0.05, root=root)
-    tokenizer = train_bpe_tokenizer(train_texts[: max(1, len(train_texts) // 2)], args.vocab, work / "tokenizer")
-    splits = build_dataset(work / "data", tokenizer, train_texts, val_texts, args.seq_len,
-                           args.train_rows, args.val_rows)
-    facts.update(corpus_root=str(root), train_files=len(train_texts), val_files=len(val_texts),
-                 train_tokens=len(splits["train"]) * args.seq_len, val_tokens=len(splits["validation"]) * args.seq_len,
-                 vocab=len(tokenizer), data_seconds=time.perf_counter() - t0)
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_json(path: Path, value: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def differing_keys(recorded: dict, current: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(recorded) | set(current)):
+        a, b = recorded.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += differing_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return keys
+
+
+def check_same(path: Path, recorded: dict, current: dict) -> None:
+    """ValueError naming `path` when a kept result was made with other settings."""
+    diff = differing_keys(recorded, current)
+    if diff:
+        raise ValueError(f"{path}: made with other settings ({'; '.join(diff[:6])}); move it aside to redo it, "
+                         "or rerun with the settings it records")
+
+
+# ------------------------------------------------------------------ prepare
+
+
+def data_settings(scale: Scale, corpus_root: Path) -> dict:
+    return dict(corpus_root=str(corpus_root), corpus_mb=scale.corpus_mb, vocab=scale.vocab, seq_len=scale.seq_len,
+                train_rows=scale.train_rows, val_rows=scale.val_rows)
+
+
+def teacher_settings(scale: Scale) -> dict:
+    return {k: getattr(scale, k) for k in ("teacher_hidden", "teacher_layers", "teacher_steps", "teacher_batch",
+                                           "teacher_lr", "device")}
+
+
+def split_arrays(work: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    table = pq.read_table(work / "data" / f"{split}.parquet")
+    return (np.stack(table.column("input_ids").to_numpy(zero_copy_only=False)),
+            np.stack(table.column("labels").to_numpy(zero_copy_only=False)))
+
+
+def data_sha256(work: Path) -> str:
+    h = hashlib.sha256()
+    for split in ("train", "validation"):
+        for array in split_arrays(work, split):
+            h.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
+    h.update((work / "tokenizer" / "tokenizer.json").read_bytes())
+    return h.hexdigest()
+
+
+def prepare_data(work: Path, scale: Scale, corpus_root: Path, setup: dict) -> None:
+    """Corpus, tokenizer and rows as `<split>.parquet` (no `datasets`: the GPU image lacks it)."""
+    settings = data_settings(scale, corpus_root)
+    if not (work / "data" / "validation.parquet").exists():
+        start = time.perf_counter()
+        train_texts, val_texts = read_split_texts(scale.corpus_mb * 10**6, validation_fraction=0.05, root=corpus_root)
+        tokenizer = train_bpe_tokenizer(train_texts[: max(1, len(train_texts) // 2)], scale.vocab, work / "tokenizer")
+        (work / "data").mkdir(parents=True, exist_ok=True)
+        for split, texts, rows in (("train", train_texts, scale.train_rows), ("validation", val_texts, scale.val_rows)):
+            columns = tokenize_rows(texts, tokenizer, scale.seq_len, rows or None)
+            table = pa.table({k: columns[k] for k in ("input_ids", "labels")})
+            pq.write_table(table, work / "data" / f"{split}.parquet")
+        facts = dict(train_files=len(train_texts), val_files=len(val_texts), data_seconds=time.perf_counter() - start)
+        (work / "data" / "facts.json").write_text(json.dumps(facts))
+    facts = json.loads((work / "data" / "facts.json").read_text())
+    ids, _ = split_arrays(work, "train")
+    val_ids, val_labels = split_arrays(work, "validation")
+    facts.update(vocab=scale.vocab, train_rows=len(ids), train_tokens=int(ids.size),
+                 heldout_rows=len(val_ids), heldout_tokens=int(val_ids.size),
+                 heldout_predicted_tokens=int((val_labels[:, 1:] != IGNORE_INDEX).sum()),
+                 data_sha256=data_sha256(work))
+    agree_or_record(setup, "data", settings, facts, ("data_sha256",))
     log(f"data: {facts}")
 
-    config = tiny_llama_config(len(tokenizer), hidden_size=args.teacher_hidden, num_layers=args.teacher_layers,
-                               num_heads=max(4, args.teacher_hidden // 64), num_kv_heads=4,
-                               intermediate_size=int(2.67 * args.teacher_hidden), max_positions=args.seq_len)
-    teacher = build_model(config, seed=0, lm_head_scale=1.0)
-    facts["teacher_params"] = sum(p.numel() for p in teacher.parameters())
-    ids, labels = split_arrays(work, "train")
-    val_ids, val_labels = split_arrays(work, "validation")
-    gpu = args.device == "cuda"
-    stats = pretrain(teacher, ids, labels, PretrainConfig(
-        steps=args.teacher_steps, batch_size=32 if gpu else 16, lr=1.5e-3 if gpu else 3e-3, warmup=100 if gpu else 20,
-        device=args.device, dtype=torch.bfloat16 if gpu else torch.float32))
-    stats["val_ce"] = evaluate_lm(teacher, val_ids, val_labels, 16, args.device)
-    facts["teacher"] = stats
-    log(f"teacher: {stats}")
-    save_model(teacher.float().cpu(), work / "teacher", tokenizer)
-    del teacher
-    if gpu:
-        torch.cuda.empty_cache()
 
-    for name, flags in cache_flags(args).items():
+def agree_or_record(setup: dict, key: str, settings: dict, facts: dict, identity: tuple[str, ...]) -> None:
+    """Records a stage in setup.json, or checks that what this machine built is what was recorded
+    (the identity keys: a rebuilt corpus or teacher must hash the same for kept results to stand)."""
+    kept = setup.get(key)
+    if kept is not None:
+        check_same(setup["_path"], kept["settings"], settings)
+        mismatch = [k for k in identity if kept["facts"][k] != facts[k]]
+        if mismatch:
+            raise ValueError(f"{setup['_path']}: the {key} built here differs from the recorded one "
+                             f"({', '.join(mismatch)}); results made with it cannot be mixed with new ones: "
+                             "move the results directory aside to start over")
+        facts = {**kept["facts"], **facts}
+    setup[key] = dict(settings=settings, facts=facts)
+    write_json(setup["_path"], {k: v for k, v in setup.items() if k != "_path"})
+
+
+def teacher_config(scale: Scale):
+    return tiny_llama_config(scale.vocab, hidden_size=scale.teacher_hidden, num_layers=scale.teacher_layers,
+                             num_heads=max(4, scale.teacher_hidden // 64), num_kv_heads=4,
+                             intermediate_size=int(2.67 * scale.teacher_hidden), max_positions=scale.seq_len)
+
+
+def student_config(scale: Scale):
+    return tiny_llama_config(scale.vocab, hidden_size=scale.student_hidden, num_layers=scale.student_layers,
+                             num_heads=max(2, scale.student_hidden // 64), num_kv_heads=2,
+                             intermediate_size=int(2.67 * scale.student_hidden), max_positions=scale.seq_len)
+
+
+def prepare_teacher(work: Path, scale: Scale, setup: dict) -> None:
+    from transformers import AutoTokenizer
+
+    gpu = scale.device == "cuda"
+    weights = work / "teacher" / "model.safetensors"
+    facts = {}
+    if not weights.exists():
+        if gpu:  # the same teacher again on a fresh machine, so kept students stay valid (checked by sha256)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        teacher = build_model(teacher_config(scale), seed=0, lm_head_scale=1.0)
+        ids, labels = split_arrays(work, "train")
+        val_ids, val_labels = split_arrays(work, "validation")
+        stats = pretrain(teacher, ids, labels, PretrainConfig(
+            steps=scale.teacher_steps, batch_size=scale.teacher_batch, lr=scale.teacher_lr,
+            warmup=max(1, scale.teacher_steps // 15), device=scale.device,
+            dtype=torch.bfloat16 if gpu else torch.float32))
+        stats["heldout_ce"] = evaluate_lm(teacher, val_ids, val_labels, 16, scale.device)
+        stats["params"] = sum(p.numel() for p in teacher.parameters())
+        save_model(teacher.float().cpu(), work / "teacher", AutoTokenizer.from_pretrained(str(work / "tokenizer")))
+        (work / "teacher" / "training.json").write_text(json.dumps(stats))
+        del teacher
+        if gpu:
+            torch.cuda.empty_cache()
+    facts = json.loads((work / "teacher" / "training.json").read_text())
+    facts["teacher_sha256"] = sha256_file(weights)
+    agree_or_record(setup, "teacher", teacher_settings(scale), facts, ("teacher_sha256",))
+    log(f"teacher: {facts}")
+
+
+def needed_caches(names: list[str]) -> list[str]:
+    return sorted({VARIANTS[name][0] for name in names})
+
+
+def prepare_caches(work: Path, scale: Scale, names: list[str], results: Path) -> None:
+    """`vpmoe cache-teacher` per cache; a rerun of a finished cache verifies its shards and skips them."""
+    gpu = scale.device == "cuda"
+    kept_path = results / "caches.json"
+    kept = read_json(kept_path) or {}
+    for name in needed_caches(names):
+        flags = cache_flags(scale)[name]
+        settings = dict(flags=flags, rows=scale.cache_rows)
+        out = work / f"cache_{name}"
         start = time.perf_counter()
         vpmoe("cache-teacher", "--model", str(work / "teacher"), "--data", str(work / "data"), "--split", "train",
-              "--out", str(work / f"cache_{name}"), "--backend", "hf", "--rows-per-shard", "1024",
-              "--max-tokens-per-batch", "32768" if gpu else "4096", "--encode-threads", "8" if gpu else "2",
-              "--no-progress", *(["--limit-rows", str(args.cache_rows)] if args.cache_rows else []), *flags)
-        facts[f"cache_{name}_seconds"] = time.perf_counter() - start
-    for seed in sorted({v[2] for v in VARIANTS.values()}):
-        student = build_model(student_config(len(tokenizer), args), seed=100 + seed, lm_head_scale=1.0)
-        facts["student_params"] = sum(p.numel() for p in student.parameters())
-        save_model(student, work / f"student_init_{seed}", tokenizer)
-    (work / "facts.json").write_text(json.dumps(facts, indent=1))
+              "--out", str(out), "--backend", "hf", "--device", scale.device, "--rows-per-shard", "512",
+              "--max-tokens-per-batch", "65536" if gpu else "4096", "--encode-threads", "8" if gpu else "2",
+              "--limit-rows", str(scale.cache_rows), "--no-progress", *flags)
+        seconds = time.perf_counter() - start
+        totals = json.loads((out / "manifest.json").read_text())["totals"]
+        facts = dict(bytes_per_token=totals["bytes"] / max(totals["tokens"], 1), tokens=totals["tokens"])
+        if name in kept:
+            check_same(kept_path, kept[name]["settings"], settings)
+        else:
+            facts["seconds"] = seconds  # the first, full write (a rerun only verifies)
+        kept[name] = dict(settings=settings, facts={**kept.get(name, {}).get("facts", {}), **facts})
+        write_json(kept_path, kept)
 
 
-def student_config(vocab: int, args):
-    return tiny_llama_config(vocab, hidden_size=args.student_hidden, num_layers=args.student_layers,
-                             num_heads=max(2, args.student_hidden // 64), num_kv_heads=2,
-                             intermediate_size=int(2.67 * args.student_hidden), max_positions=args.seq_len)
+def prepare_inits(work: Path, scale: Scale, names: list[str]) -> None:
+    """One saved initial student per seed: every variant of a seed starts from the same weights."""
+    from transformers import AutoTokenizer
+
+    for seed in sorted({s for name in names for s in VARIANTS[name][2]}):
+        if not (work / f"student_init_{seed}" / "model.safetensors").exists():
+            student = build_model(student_config(scale), seed=100 + seed, lm_head_scale=1.0)
+            save_model(student, work / f"student_init_{seed}", AutoTokenizer.from_pretrained(str(work / "tokenizer")))
 
 
-def train_config(work: Path, name: str, args) -> Path:
-    cache, loss, seed = VARIANTS[name]
+def load_setup(results: Path) -> dict:
+    path = results / "setup.json"
+    return {**(read_json(path) or {}), "_path": path}
+
+
+def prepare(work: Path, results: Path, scale: Scale, args) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    root = Path(args.corpus_root or sysconfig.get_paths()["purelib" if scale.device == "cuda" else "stdlib"])
+    setup = load_setup(results)
+    stages = args.stages.split(",")
+    names = variant_names(args.variants)
+    if "data" in stages:
+        prepare_data(work, scale, root, setup)
+    if "teacher" in stages:
+        prepare_teacher(work, scale, setup)
+    if "caches" in stages:
+        prepare_caches(work, scale, names, results)
+    if "inits" in stages:
+        prepare_inits(work, scale, names)
+
+
+# ------------------------------------------------------------------ students
+
+
+def variant_names(spec: str) -> list[str]:
+    names = list(VARIANTS) if spec == "all" else spec.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise ValueError(f"--variants: unknown {unknown} (known: {', '.join(VARIANTS)})")
+    return names
+
+
+def run_settings(scale: Scale, name: str, seed: int, setup: dict, caches: dict) -> dict:
+    cache, loss, _ = VARIANTS[name]
+    return dict(variant=name, seed=seed, online_teacher=name in ONLINE, loss=loss, cache=cache,
+                cache_settings=caches[cache]["settings"], scale=dataclasses.asdict(scale),
+                data_sha256=setup["data"]["facts"]["data_sha256"],
+                teacher_sha256=setup["teacher"]["facts"]["teacher_sha256"])
+
+
+def train_config(work: Path, run: Path, name: str, seed: int, scale: Scale) -> Path:
+    cache, loss, _ = VARIANTS[name]
     if loss.get("hidden_cosine"):
-        s_layers, t_layers = args.student_layers, args.teacher_layers
+        s_layers, t_layers = scale.student_layers, scale.teacher_layers
         loss = {**loss, "layer_pairs": [[s_layers // 2, t_layers // 2], [s_layers, t_layers]]}
-    gpu = args.device == "cuda"
-    run = work / "runs" / name
+    gpu = scale.device == "cuda"
     config = {
         "student": {"path": str(work / f"student_init_{seed}"), "dtype": "fp32",
                     "compute_dtype": "bf16" if gpu else "fp32", "train": [], "freeze": []},
-        "data": {"train_cache": str(work / f"cache_{cache}"), "seq_len": args.seq_len, "micro_batch": args.micro_batch,
-                 "global_batch": args.global_batch, "seed": seed, "num_threads": 6 if gpu else 1,
-                 "prefetch": 8 if gpu else 2, "pin_memory": gpu},
+        "data": {"train_cache": str(work / f"cache_{cache}"), "seq_len": scale.seq_len,
+                 "micro_batch": scale.micro_batch, "global_batch": scale.global_batch, "seed": seed,
+                 "num_threads": 6 if gpu else 1, "prefetch": 8 if gpu else 2, "pin_memory": gpu},
         "loss": {"ce": 0.0, "kl": 0.0, "hidden_cosine": 0.0, "chunk_size": 1024 if gpu else 512, **loss},
-        "optim": {"name": "adamw", "steps": args.steps, "lr": args.lr, "min_lr": args.lr / 10, "warmup_ratio": 0.05,
-                  "weight_decay": 0.1, "grad_clip": 1.0},
+        "optim": {"name": "adamw", "steps": scale.steps, "lr": scale.lr, "min_lr": scale.lr / 10,
+                  "warmup_ratio": 0.05, "weight_decay": 0.1, "grad_clip": 1.0},
         "checkpoint": {"dir": str(run / "checkpoints"), "every": 0, "keep": 1},
         "export": {"dir": str(run / "export")},
         "eval": {"every": 0},
         "log": {"every": 10, "jsonl": str(run / "log.jsonl")},
         "seed": seed,
-        "device": args.device,
+        "device": scale.device,
     }
     run.mkdir(parents=True, exist_ok=True)
     path = run / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+class OnlineTeacherBatches:
+    """The train loader's batches with the dense layer's state replaced by the teacher's own,
+    computed now for every position: `kl_mode: dense` then is exact full KD. Everything else
+    (checkpoint state, close) is the wrapped loader's."""
+
+    def __init__(self, loader, teacher, layer: int, device: torch.device, compute_dtype: torch.dtype):
+        self.loader, self.teacher, self.layer = loader, teacher, layer
+        self.device, self.compute_dtype = device, compute_dtype
+        self.captured: dict[int, torch.Tensor] = {}
+        capture_block_outputs(decoder_layers(teacher), [layer], self.captured)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield self.with_teacher_state(batch)
+
+    @torch.no_grad()
+    def with_teacher_state(self, batch):
+        assert batch.position_ids_BL is None, "the online teacher takes unpacked rows"
+        ids_BL = batch.input_ids_BL.to(self.device)
+        mask_BL = batch.attention_mask_BL.to(self.device)
+        with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32):
+            self.teacher(input_ids=ids_BL, attention_mask=mask_BL)
+        hidden_BLE = self.captured.pop(self.layer).float()
+        scales = {k: v for k, v in batch.teacher_hidden_scale.items() if k != self.layer}
+        return dataclasses.replace(batch, teacher_hidden={**batch.teacher_hidden, self.layer: hidden_BLE},
+                                   teacher_hidden_scale=scales, hidden_mask_BL=mask_BL.bool())
+
+
+def full_kd_train(config_path: Path, teacher_dir: Path) -> None:
+    """`vpmoe train` of one config, its dense targets from the teacher online (see OnlineTeacherBatches)."""
+    from transformers import AutoModelForCausalLM
+
+    from common.causal_lm import TORCH_DTYPES
+    from student_train import parallel
+    from student_train.config import load_config
+    from student_train.trainer import Trainer
+
+    cfg = load_config(config_path)
+    trainer, clean = Trainer(cfg), False
+    try:
+        device = trainer.env.device
+        teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32, use_safetensors=True)
+        compute = TORCH_DTYPES[cfg.student.compute_dtype] if device.type == "cuda" else torch.float32
+        trainer.train_loader = OnlineTeacherBatches(trainer.train_loader, teacher.to(device).eval(),
+                                                    trainer.dense.layer, device, compute)
+        summary = trainer.train()
+        clean = True
+        print(f"done: {summary.steps} steps, {summary.tokens:,} tokens, {summary.tokens_per_s:,.0f} tokens/s")
+    finally:
+        trainer.close()
+        parallel.shutdown(clean)
 
 
 @torch.no_grad()
@@ -184,8 +476,7 @@ def heldout_metrics(model, teacher, val_ids, val_labels, device: str, batch: int
         valid = target != IGNORE_INDEX
         ce_sum += F.cross_entropy(s_logits[valid], target[valid], reduction="sum").item()
         count += int(valid.sum())
-        probs = s_logits[valid].softmax(-1)
-        conf, pred = probs.max(-1)
+        conf, pred = s_logits[valid].softmax(-1).max(-1)
         conf_all.append(conf.cpu())
         correct_all.append((pred == target[valid]).cpu())
         agree += int((pred == t_logits[valid].argmax(-1)).sum())
@@ -199,88 +490,166 @@ def heldout_metrics(model, teacher, val_ids, val_labels, device: str, batch: int
     return {"heldout_ce": ce_sum / count, "ece": ece, "top1_agree": agree / count, "heldout_tokens": count}
 
 
-def cache_bytes_per_token(cache_dir: Path) -> dict:
-    manifest = json.loads((cache_dir / "manifest.json").read_text())
-    totals = manifest["totals"]
-    return {"bytes_per_token": totals["bytes"] / max(totals["tokens"], 1)}
-
-
-def students(work: Path, args) -> None:
+def students(work: Path, results: Path, scale: Scale, args) -> None:
     from transformers import AutoModelForCausalLM
 
-    names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
-    teacher = AutoModelForCausalLM.from_pretrained(str(work / "teacher"), dtype=torch.float32).to(args.device).eval()
-    val_ids, val_labels = split_arrays(work, "validation")
-    for name in names:
-        result_path = work / "runs" / name / "result.json"
-        if result_path.exists():
-            log(f"{name}: done already")
+    setup = load_setup(results)
+    caches = read_json(results / "caches.json") or {}
+    if "teacher" not in setup or "data" not in setup:
+        raise ValueError(f"{results / 'setup.json'}: no data or teacher recorded yet; run `prepare` first")
+    teacher_sha = sha256_file(work / "teacher" / "model.safetensors")
+    if teacher_sha != setup["teacher"]["facts"]["teacher_sha256"]:
+        raise ValueError(f"{work / 'teacher'}: not the teacher {results / 'setup.json'} records (sha256 "
+                         f"{teacher_sha[:12]}...); run `prepare` for this work directory")
+    names = variant_names(args.variants)
+    missing = [c for c in needed_caches(names) if c not in caches]
+    if missing:
+        raise ValueError(f"{results / 'caches.json'}: no cache {', '.join(missing)} yet; run `prepare` with these "
+                         "--variants first")
+    started = time.perf_counter()
+    teacher = None
+    # Seed 0 of every variant first: a whole table before the repeats that give the spread.
+    order = sorted((seed, i, name) for i, name in enumerate(names) for seed in VARIANTS[name][2]
+                   if args.seeds is None or seed in args.seeds)
+    for seed, _, name in order:
+        run_name = f"{name}.seed{seed}"
+        result_path = results / "runs" / f"{run_name}.json"
+        settings = run_settings(scale, name, seed, setup, caches)
+        kept = read_json(result_path)
+        if kept is not None:
+            check_same(result_path, kept["settings"], settings)
+            log(f"{run_name}: done already (same settings, same teacher)")
             continue
-        config = train_config(work, name, args)
+        if args.stop_after_minutes and time.perf_counter() - started > 60 * args.stop_after_minutes:
+            log(f"{args.stop_after_minutes} minutes gone: {run_name} and later runs are left for the next command")
+            break
+        run = work / "runs" / run_name
+        shutil.rmtree(run, ignore_errors=True)  # a run cut off earlier starts over
+        config = train_config(work, run, name, seed, scale)
         start = time.perf_counter()
-        vpmoe("train", str(config))
+        if name in ONLINE:
+            log(f"$ full-kd-train {config}")
+            subprocess.run([sys.executable, str(Path(__file__).resolve()), "full-kd-train", "--config",
+                            str(config), "--work", str(work)], check=True, cwd=ROOT, env=child_env())
+        else:
+            vpmoe("train", str(config))
         seconds = time.perf_counter() - start
-        records = [json.loads(x) for x in (work / "runs" / name / "log.jsonl").read_text().splitlines() if x.strip()]
+        records = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x.strip()]
         steps = [r for r in records if r.get("kind") == "train"]
-        tps = float(np.median([r["tokens_per_s"] for r in steps[1:]])) if len(steps) > 1 else float("nan")
-        model = AutoModelForCausalLM.from_pretrained(str(work / "runs" / name / "export"), dtype=torch.float32)
-        metrics = heldout_metrics(model.to(args.device).eval(), teacher, val_ids, val_labels, args.device)
-        cache = VARIANTS[name][0]
-        result = {"variant": name, "cache": cache, **metrics, **cache_bytes_per_token(work / f"cache_{cache}"),
-                  "train_tokens_per_s": tps, "train_seconds": seconds, "final_train_loss": steps[-1].get("loss")}
-        log(f"{name}: {result}")
-        result_path.write_text(json.dumps(result, indent=1))
+        timed = steps[1:] or steps  # the first logged interval holds the start-up
+        summary = next(r for r in records if r.get("kind") == "summary")
+        if teacher is None:
+            teacher = AutoModelForCausalLM.from_pretrained(str(work / "teacher"), dtype=torch.float32,
+                                                           use_safetensors=True).to(scale.device).eval()
+            val_ids, val_labels = split_arrays(work, "validation")
+        model = AutoModelForCausalLM.from_pretrained(str(run / "export"), dtype=torch.float32, use_safetensors=True)
+        metrics = heldout_metrics(model.to(scale.device).eval(), teacher, val_ids, val_labels, scale.device)
+        result = dict(settings=settings, run=run_name, **metrics,
+                      train_tokens_per_s=float(np.median([r["tokens_per_s"] for r in timed])),
+                      train_seconds=seconds, train_tokens=summary["tokens"],
+                      final_train_loss=steps[-1].get("loss"))
+        log(f"{run_name}: {json.dumps({k: v for k, v in result.items() if k != 'settings'})}")
+        write_json(result_path, result)
+        shutil.rmtree(run / "checkpoints", ignore_errors=True)  # the export is what the metrics read
         del model
-        if args.device == "cuda":
+        if scale.device == "cuda":
             torch.cuda.empty_cache()
-    report(work, args)
+    report(work, results, scale, args)
 
 
-def report(work: Path, args) -> None:
-    facts = json.loads((work / "facts.json").read_text())
-    rows = [json.loads(p.read_text()) for p in sorted((work / "runs").glob("*/result.json"))]
-    order = {name: i for i, name in enumerate(VARIANTS)}
-    rows.sort(key=lambda r: order.get(r["variant"], 99))
-    lines = [f"teacher: {facts['teacher_params'] / 1e6:.2f}M params, held-out CE {facts['teacher']['val_ce']:.3f}; "
-             f"student: {facts['student_params'] / 1e6:.2f}M params; train tokens {facts['train_tokens']:,}, "
-             f"held-out tokens {facts['val_tokens']:,}, vocab {facts['vocab']}",
-             "", "| variant | cache | held-out CE | ECE | top-1 agree | cache B/token | train tok/s |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['variant']} | {r['cache']} | {r['heldout_ce']:.4f} | {r['ece']:.4f} | "
-                     f"{r['top1_agree']:.4f} | {r['bytes_per_token']:.1f} | {r['train_tokens_per_s']:,.0f} |")
+# ------------------------------------------------------------------ report
+
+
+def report(work: Path, results: Path, scale: Scale, args) -> str:
+    setup = read_json(results / "setup.json")
+    caches = read_json(results / "caches.json") or {}
+    runs: dict[str, list[dict]] = {}
+    for path in sorted((results / "runs").glob("*.json")):
+        r = json.loads(path.read_text())
+        runs.setdefault(r["settings"]["variant"], []).append(r)
+    data, teacher = setup["data"]["facts"], setup["teacher"]["facts"]
+    kd = runs.get("full_kd")
+    kd_ce = float(np.mean([r["heldout_ce"] for r in kd])) if kd else None
+    first = next(iter(runs.values()))[0]["settings"]["scale"] if runs else dataclasses.asdict(scale)
+    student_tokens = first["steps"] * first["global_batch"] * first["seq_len"]
+    lines = [
+        f"corpus: {data['train_files']:,} train / {data['val_files']:,} held-out files; vocab {data['vocab']:,}; "
+        f"train split {data['train_tokens']:,} tokens, held-out {data['heldout_tokens']:,} "
+        f"({data['heldout_predicted_tokens']:,} predicted)",
+        f"teacher: {teacher['params'] / 1e6:.1f}M params, {teacher['tokens']:,} training tokens, "
+        f"held-out CE {teacher['heldout_ce']:.4f}, {teacher['tokens_per_s']:,.0f} tok/s training",
+        f"students: {first['student_layers']} x {first['student_hidden']}, {first['steps']} steps x "
+        f"{first['global_batch']} rows x {first['seq_len']} = {student_tokens:,} tokens "
+        f"(cached rows {first['cache_rows']:,})",
+        "",
+        "| variant | cache | seeds | held-out CE (mean ± half range) | ECE | top-1 agree | cache B/token | "
+        "train tok/s | gap to full KD |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in VARIANTS:
+        rows = runs.get(name)
+        if not rows:
+            continue
+        ce = np.array([r["heldout_ce"] for r in rows])
+        spread = f" ± {(ce.max() - ce.min()) / 2:.4f}" if len(rows) > 1 else ""
+        cache = VARIANTS[name][0]
+        if name == "ce":
+            cache_cell, bytes_cell = "tokens only", "-"
+        elif name in ONLINE:
+            cache_cell, bytes_cell = "teacher online", "-"
+        else:
+            cache_cell, bytes_cell = cache, f"{caches[cache]['facts']['bytes_per_token']:.1f}"
+        gap = f"{ce.mean() - kd_ce:+.4f}" if kd_ce is not None else "-"
+        lines.append(f"| {name} | {cache_cell} | {len(rows)} | {ce.mean():.4f}{spread} | "
+                     f"{np.mean([r['ece'] for r in rows]):.4f} | {np.mean([r['top1_agree'] for r in rows]):.4f} | "
+                     f"{bytes_cell} | {np.median([r['train_tokens_per_s'] for r in rows]):,.0f} | {gap} |")
     text = "\n".join(lines)
     print(text)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "proof_report.md").write_text(text + "\n")
-        Path(os.environ["OUT"], "proof_results.json").write_text(json.dumps({"facts": facts, "rows": rows}, indent=1))
+    (results / "report.md").write_text(text + "\n")
+    return text
+
+
+# ------------------------------------------------------------------ command line
+
+
+def scale_from(args) -> Scale:
+    preset = PRESETS[args.preset]
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Scale) if getattr(args, f.name) is not None}
+    return dataclasses.replace(preset, **given)
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("step", choices=["prepare", "students", "report"])
-    ap.add_argument("--work", type=Path, default=Path("/tmp/proof"))
-    ap.add_argument("--corpus-mb", type=int, default=60)
-    ap.add_argument("--train-rows", type=int, default=6000)
-    ap.add_argument("--val-rows", type=int, default=300)
-    ap.add_argument("--teacher-steps", type=int, default=1200)
-    ap.add_argument("--cache-rows", type=int, default=0,
-                    help="students train on the first N train rows (the teacher on all of them); 0: all")
-    ap.add_argument("--variants", default="all")
-    ap.add_argument("--steps", type=int, default=500)
-    ap.add_argument("--global-batch", type=int, default=32)
-    ap.add_argument("--micro-batch", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("step", choices=["run", "prepare", "students", "report", "full-kd-train"])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/proof"), help="data, teacher, caches, runs")
+    ap.add_argument("--results", type=Path, help="kept results (commit them); default WORK/results")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="h200")
+    ap.add_argument("--variants", default="all", help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    ap.add_argument("--seeds", type=lambda v: {int(x) for x in v.split(",")},
+                    help="students: only these seeds (e.g. 0: one run per variant); default: each variant's own")
+    ap.add_argument("--stages", default="data,teacher,caches,inits", help="prepare: which stages")
+    ap.add_argument("--stop-after-minutes", type=float, default=0,
+                    help="students: start no run after this many minutes (keeps a command inside its limit)")
     ap.add_argument("--corpus-root", type=Path, help="default: installed packages (cuda) or the stdlib (cpu)")
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--seq-len", type=int, default=1024)
-    ap.add_argument("--teacher-hidden", type=int, default=768)
-    ap.add_argument("--teacher-layers", type=int, default=12)
-    ap.add_argument("--student-hidden", type=int, default=384)
-    ap.add_argument("--student-layers", type=int, default=6)
+    ap.add_argument("--config", type=Path, help="full-kd-train: the run's config")
+    for f in dataclasses.fields(Scale):
+        kind = {"int": int, "float": float, "str": str}[f.type]
+        ap.add_argument("--" + f.name.replace("_", "-"), type=kind, help="default: the preset's")
     args = ap.parse_args()
-    {"prepare": prepare, "students": students, "report": report}[args.step](args.work, args)
+    results = args.results or args.work / "results"
+    if args.step == "full-kd-train":
+        return full_kd_train(args.config, args.work / "teacher")
+    scale = scale_from(args)
+    try:
+        if args.step in ("run", "prepare"):
+            prepare(args.work, results, scale, args)
+        if args.step in ("run", "students"):
+            students(args.work, results, scale, args)
+        if args.step == "report":
+            report(args.work, results, scale, args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
