@@ -200,10 +200,18 @@ def teacher_settings(scale: Scale) -> dict:
                                            "teacher_lr", "device")}
 
 
+def list_column(rows_RL: np.ndarray) -> pa.ListArray:
+    """Equal-length rows as a list<int32> column (what `cache-teacher --data` reads), built from
+    offsets and one flat array."""
+    offsets = np.arange(0, rows_RL.size + 1, rows_RL.shape[1], dtype=np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(rows_RL.reshape(-1)))
+
+
 def split_arrays(work: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, labels) [rows, seq_len] of one split."""
     table = pq.read_table(work / "data" / f"{split}.parquet")
-    return (np.stack(table.column("input_ids").to_numpy(zero_copy_only=False)),
-            np.stack(table.column("labels").to_numpy(zero_copy_only=False)))
+    return tuple(np.asarray(table.column(name).combine_chunks().flatten()).reshape(table.num_rows, -1)
+                 for name in ("input_ids", "labels"))
 
 
 def data_sha256(work: Path) -> str:
@@ -218,14 +226,15 @@ def data_sha256(work: Path) -> str:
 def prepare_data(work: Path, scale: Scale, corpus_root: Path, setup: dict) -> None:
     """Corpus, tokenizer and rows as `<split>.parquet` (no `datasets`: the GPU image lacks it)."""
     settings = data_settings(scale, corpus_root)
-    if not (work / "data" / "validation.parquet").exists():
+    if not (work / "data" / "facts.json").exists():  # written last: a stage cut off starts over
         start = time.perf_counter()
         train_texts, val_texts = read_split_texts(scale.corpus_mb * 10**6, validation_fraction=0.05, root=corpus_root)
         tokenizer = train_bpe_tokenizer(train_texts[: max(1, len(train_texts) // 2)], scale.vocab, work / "tokenizer")
         (work / "data").mkdir(parents=True, exist_ok=True)
         for split, texts, rows in (("train", train_texts, scale.train_rows), ("validation", val_texts, scale.val_rows)):
             columns = tokenize_rows(texts, tokenizer, scale.seq_len, rows or None)
-            table = pa.table({k: columns[k] for k in ("input_ids", "labels")})
+            table = pa.table({name: list_column(np.asarray(columns[name], dtype=np.int32))
+                              for name in ("input_ids", "labels")})
             pq.write_table(table, work / "data" / f"{split}.parquet")
         facts = dict(train_files=len(train_texts), val_files=len(val_texts), data_seconds=time.perf_counter() - start)
         (work / "data" / "facts.json").write_text(json.dumps(facts))
