@@ -93,7 +93,7 @@ PRESETS = {
                   teacher_hidden=768, teacher_layers=12, teacher_steps=1000, teacher_batch=64, teacher_lr=1.5e-3,
                   cache_rows=8192, student_hidden=384, student_layers=6, steps=256, global_batch=32,
                   micro_batch=32, lr=2e-3),
-    # A smoke run on 2 cores (with --seeds 0, about 5 minutes): teacher 4 x 128 (1.0M parameters),
+    # A smoke run on 2 cores (with --seeds 0: 8.4 minutes on cores shared with other work): teacher 4 x 128 (1.0M parameters),
     # students 2 x 64 (0.23M), each student 16 x 16 x 128 = 33k tokens; the teacher 150 x 16 x 128 = 307k.
     "cpu": Scale(device="cpu", corpus_mb=8, vocab=1024, seq_len=128, train_rows=8000, val_rows=120,
                  teacher_hidden=128, teacher_layers=4, teacher_steps=150, teacher_batch=16, teacher_lr=3e-3,
