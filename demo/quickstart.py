@@ -92,11 +92,12 @@ def vpmoe(*args: str, capture: bool = False) -> str:
 
 
 def stage_data(out: Path, size: QuickstartSize) -> dict:
-    from demo.tiny_corpus import build_dataset, read_split_sources
+    from demo.tiny_corpus import build_dataset, interleave_by_source, read_split_sources
     from demo.tiny_models import train_bpe_tokenizer
 
     # id, source (the stdlib package) and spans (a synthetic analysis/final split) like the phase-1 data
     train_texts, validation_texts = read_split_sources(size.corpus_bytes)
+    validation_texts = interleave_by_source(validation_texts)  # several sources in the few eval rows
     tokenizer = train_bpe_tokenizer([t.text for t in train_texts], size.vocab_size, out / "tokenizer")
     splits = build_dataset(out / "data", tokenizer, train_texts, validation_texts, size.seq_len,
                            size.train_rows, size.validation_rows)

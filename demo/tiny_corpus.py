@@ -75,6 +75,16 @@ def read_split_sources(max_bytes: int, validation_fraction: float = 0.1, root: P
     return train, validation
 
 
+def interleave_by_source(texts: list[SourceText]) -> list[SourceText]:
+    """Files taken in turn from each package (first-seen order): a split cut short after a few
+    rows then still holds several sources, as the phase-1 mix's evals do."""
+    by_source: dict[str, list[SourceText]] = {}
+    for text in texts:
+        by_source.setdefault(text.source, []).append(text)
+    queues = list(by_source.values())
+    return [queue[i] for i in range(max(map(len, queues), default=0)) for queue in queues if i < len(queue)]
+
+
 def read_split_texts(max_bytes: int, validation_fraction: float = 0.1, root: Path | None = None,
                      ) -> tuple[list[str], list[str]]:
     """(train texts, validation texts) from at most `max_bytes` of source."""
