@@ -174,8 +174,12 @@ class SourceData:
         return h.hexdigest()
 
     def describe(self) -> dict:
-        return {"path": self.path, "split": self.split, "num_rows": self.total_rows,
-                "has_labels": self.has_labels, "fingerprint": self.fingerprint()}
+        described = {"path": self.path, "split": self.split, "num_rows": self.total_rows,
+                     "has_labels": self.has_labels, "fingerprint": self.fingerprint()}
+        columns_fingerprint = self.row_columns.fingerprint()
+        if columns_fingerprint is not None:  # only with row columns: other manifests stay as they were
+            described["columns_fingerprint"] = columns_fingerprint
+        return described
 
 
 def _read_arrow(file: Path) -> pa.Table:

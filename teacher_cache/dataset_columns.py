@@ -8,6 +8,8 @@ Shape suffixes: R rows of the split.
 
 from __future__ import annotations
 
+import hashlib
+
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -61,6 +63,23 @@ class DatasetRowColumns:
         present = {row_columns.DATASET_ID: self.ids is not None, row_columns.SOURCE: self.source_codes_R is not None,
                    row_columns.CHANNELS: self.spans_R3 is not None}
         return tuple(name for name in row_columns.ROW_COLUMNS if present[name])
+
+    def fingerprint(self) -> str | None:
+        """Content hash of the present row columns (None when there are none), so a resume
+        refuses a dataset whose ids, sources or spans changed while its tokens did not."""
+        if not self.names:
+            return None
+        h = hashlib.blake2b(digest_size=16)
+        if self.ids is not None:
+            for value in self.ids.to_pylist():
+                h.update(value.encode() + b"\0")
+        if self.source_codes_R is not None:
+            h.update("\0".join(self.source_names).encode() + b"\1")
+            h.update(np.ascontiguousarray(self.source_codes_R, dtype="<i4"))
+        if self.spans_R3 is not None:
+            h.update(np.ascontiguousarray(self.spans_R3, dtype="<i8"))
+        h.update(self.bad_spans.encode())
+        return h.hexdigest()
 
     def check(self, lengths_R: np.ndarray, where) -> None:
         """Null ids and sources, and spans that do not fit their row: a ValueError

@@ -163,6 +163,21 @@ def test_columns_can_be_left_out_by_config(tmp_path, teacher_dir):
     assert out.manifest().spec.columns == ("source",)
 
 
+def test_a_resume_refuses_changed_ids_or_sources_over_the_same_tokens(tmp_path, teacher_dir):
+    table = phase1_table()
+    first = cache(tmp_path, teacher_dir, table)
+    shards = {p.name: p.read_bytes() for p in first.path.glob("shard-*")}
+    # The same dataset resumes (nothing to do); other ids or sources over the same tokens do not.
+    cache(tmp_path, teacher_dir, table)
+    renamed = table.set_column(0, "id", pa.array([f"other-{i}" for i in range(table.num_rows)]))
+    with pytest.raises(ValueError, match="columns_fingerprint"):
+        cache(tmp_path, teacher_dir, renamed)
+    resourced = table.set_column(1, "source", pa.array([{"dataset": "SYNTH", "language": "en"}] * table.num_rows))
+    with pytest.raises(ValueError, match="columns_fingerprint"):
+        cache(tmp_path, teacher_dir, resourced)
+    assert {p.name: p.read_bytes() for p in first.path.glob("shard-*")} == shards  # nothing written was touched
+
+
 def test_a_changed_channel_byte_is_named_by_the_checksums(tmp_path, teacher_dir):
     from common.shard_format import ShardFormatError, check_row_checksums, checksummed_columns
 
