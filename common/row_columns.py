@@ -76,6 +76,9 @@ def decode_channels(cell, num_tokens: int | None, where: str) -> np.ndarray:
     channels_L = np.frombuffer(cell, dtype=np.uint8)
     if num_tokens is not None and len(channels_L) != num_tokens:
         raise ValueError(f"{where}: channels holds {len(channels_L)} tokens, the row {num_tokens}")
+    # A code past the table would index past the loss's channel weights: refused on every read.
+    if channels_L.size and int(channels_L.max()) >= len(CHANNEL_NAMES):
+        raise ValueError(f"{where}: channel code {int(channels_L.max())} is not one of 0..{len(CHANNEL_NAMES) - 1}")
     return channels_L
 
 

@@ -163,6 +163,14 @@ def test_columns_can_be_left_out_by_config(tmp_path, teacher_dir):
     assert out.manifest().spec.columns == ("source",)
 
 
+def test_a_channel_code_past_the_table_is_refused_naming_the_row():
+    from common.row_columns import decode_channels
+
+    assert decode_channels(bytes([0, 1, 2, 3]), 4, "shard-00000 row 7").tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="shard-00000 row 7: channel code 9 is not one of 0..3"):
+        decode_channels(bytes([0, 1, 9]), 3, "shard-00000 row 7")
+
+
 def test_a_resume_refuses_changed_ids_or_sources_over_the_same_tokens(tmp_path, teacher_dir):
     table = phase1_table()
     first = cache(tmp_path, teacher_dir, table)
