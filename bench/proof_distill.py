@@ -55,7 +55,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common.atomic import atomic_write_text  # noqa: E402
 from common.causal_lm import IGNORE_INDEX, capture_block_outputs, decoder_layers  # noqa: E402
+from common.manifest import file_sha256  # noqa: E402
 from demo.pretrain import PretrainConfig, evaluate_lm, pretrain  # noqa: E402
 from demo.tiny_corpus import read_split_texts, tokenize_rows  # noqa: E402
 from demo.tiny_models import build_model, save_model, tiny_llama_config, train_bpe_tokenizer  # noqa: E402
@@ -149,23 +151,13 @@ def child_env() -> dict:
     return {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
 def write_json(path: Path, value: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(value, indent=1, sort_keys=True) + "\n")
 
 
 def differing_keys(recorded: dict, current: dict, prefix: str = "") -> list[str]:
@@ -302,7 +294,7 @@ def prepare_teacher(work: Path, scale: Scale, setup: dict) -> None:
         if gpu:
             torch.cuda.empty_cache()
     facts = json.loads((work / "teacher" / "training.json").read_text())
-    facts["teacher_sha256"] = sha256_file(weights)
+    facts["teacher_sha256"] = file_sha256(weights)
     agree_or_record(setup, "teacher", teacher_settings(scale), facts, ("teacher_sha256",))
     log(f"teacher: {facts}")
 
@@ -506,7 +498,7 @@ def students(work: Path, results: Path, scale: Scale, args) -> None:
     caches = read_json(results / "caches.json") or {}
     if "teacher" not in setup or "data" not in setup:
         raise ValueError(f"{results / 'setup.json'}: no data or teacher recorded yet; run `prepare` first")
-    teacher_sha = sha256_file(work / "teacher" / "model.safetensors")
+    teacher_sha = file_sha256(work / "teacher" / "model.safetensors")
     if teacher_sha != setup["teacher"]["facts"]["teacher_sha256"]:
         raise ValueError(f"{work / 'teacher'}: not the teacher {results / 'setup.json'} records (sha256 "
                          f"{teacher_sha[:12]}...); run `prepare` for this work directory")

@@ -31,7 +31,8 @@ SECTION_KEYS = {
                 "dtype": str},
     "tokenizer": {"vocab_size": int, "path": str, "sha256": str},
     "software": {"torch": str, "transformers": str, "vllm": str},
-    "source": {"path": str, "split": str, "num_rows": int, "has_labels": bool, "fingerprint": str},
+    "source": {"path": str, "split": str, "num_rows": int, "has_labels": bool, "fingerprint": str,
+               "columns_fingerprint": str},
     "work": {"rows_per_shard": int, "num_rows": int, "num_shards": int},
     "totals": {"rows": int, "tokens": int, "bytes": int},
 }

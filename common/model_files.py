@@ -9,6 +9,7 @@ and the loaders are asked for safetensors even where both formats are present.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -32,3 +33,31 @@ def require_safetensors(model_dir: str | Path, what: str) -> None:
         raise ValueError(f"{what} {model_dir}: its weights are {', '.join(pickled)}, a pickle format that vpmoe does "
                          "not load (unpickling can run code); convert them to safetensors where the file is trusted "
                          "(AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True))")
+
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def safetensors_files(model_dir: Path, what: str = "student.path") -> list[Path]:
+    """The checkpoint's safetensors files; ValueError naming the directory (and any pickle weight
+    files it holds instead) when there are none."""
+    model_dir = Path(model_dir)
+    require_safetensors(model_dir, what)
+    index = model_dir / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{index}: not a safetensors index ({exc})") from None
+        files = [(model_dir / name).resolve() for name in names]
+        outside = [f for f in files if model_dir.resolve() not in f.parents]
+        if outside:
+            raise ValueError(f"{index}: names {outside[0]}, outside {model_dir}")
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise ValueError(f"{index}: names {missing[0].name}, which is missing")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{what} {model_dir}: no *.safetensors weights")
+    return files

@@ -95,14 +95,16 @@ def build_schema(spec: ShardSpec) -> pa.Schema:
 
 
 def read_columns(spec: ShardSpec, hidden_layers=(), content_hash: bool = True) -> list[str]:
-    """The columns a reader needs for tokens, targets and the given hidden layers
-    (`ShardReader` adds `row_id` and the checksums itself)."""
+    """The columns a reader needs for tokens, targets, channels and the given hidden layers
+    (`ShardReader` adds `row_id` and the checksums itself). The per-row id and source strings are
+    left out: training reads sources once, at start (student_train/loader.py)."""
     wanted_hidden = {hidden_column(layer) for layer in hidden_layers}
     wanted_hidden |= {hidden_scale_column(layer) for layer in hidden_layers}
     if hidden_layers:
         wanted_hidden.add("hidden_positions")
     return [name for name in checksummed_columns(spec)
-            if name != "row_id" and (content_hash or name != "content_hash")
+            if name not in ("row_id", row_columns.DATASET_ID, row_columns.SOURCE)
+            and (content_hash or name != "content_hash")
             and (not name.startswith("hidden_") or name in wanted_hidden)]
 
 

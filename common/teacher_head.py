@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from common.json_check import check_json
+from common.model_files import safetensors_files
 
-INDEX_NAME = "model.safetensors.index.json"
 # Tensor names tried for each part, in order (Llama, Qwen, Mistral, GPT-OSS and most HF causal LMs).
 LM_HEAD_NAMES = ("lm_head.weight",)
 TIED_EMBEDDING_NAMES = ("model.embed_tokens.weight",)
@@ -116,14 +116,11 @@ def safetensors_header(path: Path) -> tuple[dict, int]:
 
 
 def _tensor_table(model_dir: Path) -> dict[str, str]:
-    """tensor name -> safetensors file name, for every tensor of the model directory."""
-    index = model_dir / INDEX_NAME
-    if index.is_file():
-        return dict(json.loads(index.read_text())["weight_map"])
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{model_dir}: no *.safetensors files (the dense head is read from safetensors only)")
-    return {name: f.name for f in files for name in safetensors_header(f)[0]}
+    """tensor name -> safetensors file (relative to the directory), for every tensor of the model
+    directory (its index checked as the student's is: no file outside it, none missing)."""
+    root = model_dir.resolve()
+    files = safetensors_files(model_dir, "--dense-from-last-layer: teacher")
+    return {name: str(f.resolve().relative_to(root)) for f in files for name in safetensors_header(f)[0]}
 
 
 def _locate(model_dir: Path, table: dict[str, str], name: str) -> TensorLocation:

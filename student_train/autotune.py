@@ -260,7 +260,7 @@ def _search(cfg: TrainConfig, env: DistEnv, seq_len: int, target_gbs: list[int],
             peak = torch.cuda.max_memory_allocated(env.device) / 2**30
         tokens_per_s = TIMED_STEPS * good * seq_len / (time.perf_counter() - start)
         # The slowest rank sets the pace.
-        tokens_per_s = -float(all_reduce_min(torch.tensor([-tokens_per_s], device=env.device)).item())
+        tokens_per_s = float(all_reduce_min(torch.tensor([tokens_per_s], device=env.device)).item())
         print0(f"activation_checkpointing {str(cfg.activation_checkpointing).lower()}: micro batch {good} at "
                f"{tokens_per_s:,.0f} tokens/s per rank")
     result.candidates = [RecomputeCandidate(cfg.activation_checkpointing, good, tokens_per_s, peak)]

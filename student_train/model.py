@@ -22,13 +22,15 @@ from torch.profiler import record_function
 
 from common.causal_lm import TORCH_DTYPES, capture_block_outputs, decoder_layers
 from common.manifest import CacheManifest
+from common.model_files import safetensors_files
+from common.row_columns import CHANNELS
 from common.spec import ShardSpec
 from common.teacher_head import TeacherHead, TeacherHeadRecord
 from student_train.batch import StudentBatch
 from student_train.config import StudentConfig
 from student_train.eval_groups import group_ids_BP
 from student_train.packing import packed_inputs
-from student_train.weights import load_safetensors_into, safetensors_files, untied_missing
+from student_train.weights import load_safetensors_into, untied_missing
 from student_train.losses import (
     LossConfig,
     build_hidden_projection,
@@ -148,7 +150,6 @@ def cast_trained(model: nn.Module, dtype: str) -> None:
 class TargetLayout:
     """What the cache holds, as the loss needs it."""
 
-    mode: str  # topk | sampled
     lse_index: int  # column of the cached log-sum-exps at the KL temperature (top-k; 0 when not cached)
     num_samples: int  # draws per position (sampled)
     teacher_hidden_size: int
@@ -157,7 +158,7 @@ class TargetLayout:
     def from_spec(cls, spec: ShardSpec, loss: LossConfig) -> "TargetLayout":
         # Whether a missing column is an error is the divergence's call (check_cache_fits).
         lse_index = lse_column(spec.targets.temperatures, loss.kl_temperature) or 0
-        return cls(mode=spec.targets.mode, lse_index=lse_index, num_samples=spec.targets.num_samples,
+        return cls(lse_index=lse_index, num_samples=spec.targets.num_samples,
                    teacher_hidden_size=spec.hidden.hidden_size)
 
 
@@ -215,8 +216,9 @@ class DistillModel(nn.Module):
             raise ValueError("the student's lm_head has a bias; the fused loss supports a bias-free lm_head only")
 
     def forward(self, batch: StudentBatch, num_valid_global: float, num_hidden_global: float = 0.0,
-                num_sources: int = 0):
-        """`num_sources`: the loader's source table's size, for sums per source (eval)."""
+                num_sources: int | None = None):
+        """`num_sources`: the loader's source table's size, for sums per source and channel (eval);
+        None (training): no per-group sums are computed."""
         self._captured.clear()
         backbone = self.student.get_decoder()
         with record_function("vpmoe.backbone"):  # ranges the profile of bench/train_bench.py reports
@@ -235,7 +237,7 @@ class DistillModel(nn.Module):
         if num_valid_global > 0:
             with record_function("vpmoe.fused_loss"):
                 weights_BP = position_weights_BP(batch, cfg.channel_weights)  # None: all 1
-                groups_BP, num_groups = group_ids_BP(batch, num_sources)
+                groups_BP, num_groups = group_ids_BP(batch, num_sources) if num_sources is not None else (None, 0)
                 loss, m = distill_loss(hidden_ND, weight_VD, labels_N, targets, num_valid_global,
                                        weights_N=None if weights_BP is None else weights_BP.reshape(-1),
                                        groups_N=None if groups_BP is None else groups_BP.reshape(-1),
@@ -294,6 +296,9 @@ def check_cache_fits(spec: ShardSpec, loss: LossConfig, student_vocab: int, num_
     if spec.vocab_size != student_vocab:
         raise ValueError(f"{where}: cache vocabulary {spec.vocab_size} != student vocabulary {student_vocab}")
     get_divergence(loss.kl_mode).check_cache(spec.targets, loss, where)
+    if not loss.channel_weights.uniform and CHANNELS not in spec.columns:
+        raise ValueError(f"{where}: loss.channel_weights needs a cache that stores channels (cache-teacher reads "
+                         "them from the dataset's 'spans' column); this cache has none")
     if loss.hidden_cosine_weight > 0:
         stored = set(spec.hidden.layers)
         for s, t in loss.layer_pairs:

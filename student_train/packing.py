@@ -63,9 +63,9 @@ def _best_fit(rows: np.ndarray, lengths_N: np.ndarray, seq_len: int) -> list[lis
     bins: list[list[int]] = []
     for n in rows:
         length = int(lengths_N[n])
-        fitting = np.flatnonzero(free_count[length:])
-        if len(fitting):
-            free = length + int(fitting[0])
+        fits_F = free_count[length:] > 0
+        if fits_F.any():
+            free = length + int(fits_F.argmax())  # the least room that still fits
             g = by_free[free].pop()
             free_count[free] -= 1
         else:

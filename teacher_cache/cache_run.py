@@ -88,9 +88,17 @@ class CacheConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
 
+    def cache_settings(self) -> dict:
+        """What the manifest records: the config without how one invocation ran (its worker share,
+        GPUs, dry run, overwrite, price, quiet), so the parent and its per-GPU workers record the same."""
+        return {key: value for key, value in self.to_dict().items() if key not in _INVOCATION_KEYS}
+
     @classmethod
     def from_json(cls, text: str) -> "CacheConfig":
         return config_file.build(cls, json.loads(text), "", "config")
+
+
+_INVOCATION_KEYS = ("num_workers", "worker_index", "gpus", "dry_run", "overwrite", "gpu_hour_price", "quiet")
 
 
 def flag_keys(values: dict) -> dict:
@@ -161,7 +169,7 @@ def prepare(cfg: CacheConfig) -> Prepared:
         tokenizer={"vocab_size": info.vocab_size, **tokenizer_record(cfg.teacher.model)},
         source=source.describe(),
         work={"rows_per_shard": rows_per_shard, "num_rows": source.num_rows, "num_shards": len(plan)},
-        config=dataclasses.replace(cfg, rows_per_shard=rows_per_shard).to_dict(),
+        config=dataclasses.replace(cfg, rows_per_shard=rows_per_shard).cache_settings(),
         dense_head=dense_head_record(cfg, info),
         software=software_versions(backend),
     )

@@ -164,8 +164,14 @@ def _gather(tables: list[tuple[str, pa.Table]], name: str, required: bool) -> pa
     if len(holding) != len(tables):
         missing = next(file for file, table in tables if name not in table.column_names)
         raise ValueError(f"{missing}: no column {name!r}, which other files of the split have")
+    first_file, first_table = tables[0]
+    expected = first_table.schema.field(name).type
+    for file, table in tables[1:]:
+        if table.schema.field(name).type != expected:
+            raise ValueError(f"{file}: column {name!r} is {table.schema.field(name).type}, in {first_file} "
+                             f"it is {expected}")
     return pa.chunked_array([c for _, table in tables for c in table.column(name).chunks],
-                            type=tables[0][1].schema.field(name).type).combine_chunks()
+                            type=expected).combine_chunks()
 
 
 def _source_names(column: pa.Array, name: str, file: str) -> pa.Array:

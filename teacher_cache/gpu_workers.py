@@ -50,6 +50,7 @@ def run_gpu_workers(cfg: CacheConfig, plan: list[ShardPlan], node: WorkerSlot) -
         _report_sidecars(out, node_shards, progress)
     finally:
         progress.close()
+        _stop(procs)  # only on an error here: otherwise every worker has ended
     failed = [(gpu, p.returncode) for gpu, p in procs if p.returncode != 0]
     if failed:
         raise RuntimeError("worker(s) failed: " + ", ".join(f"GPU {g} exit code {rc}" for g, rc in failed)
@@ -58,6 +59,20 @@ def run_gpu_workers(cfg: CacheConfig, plan: list[ShardPlan], node: WorkerSlot) -
     return RunSummary(shards=len(written), rows=sum(e.rows for e in written), tokens=sum(e.tokens for e in written),
                       bytes=sum(e.bytes for e in written), shards_skipped=len(node_shards & before),
                       seconds=time.monotonic() - start, num_gpus=len(cfg.gpus), gpu_hour_price=cfg.gpu_hour_price)
+
+
+def _stop(procs: list[tuple[int, subprocess.Popen]], grace_s: float = 10.0) -> None:
+    """Workers still running: terminated, then killed after `grace_s` (their death signal only
+    fires when this whole process dies, not when its loop raises)."""
+    running = [p for _, p in procs if p.poll() is None]
+    for p in running:
+        p.terminate()
+    for p in running:
+        try:
+            p.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def _spawn(cfg: CacheConfig, gpu: int, slot: WorkerSlot) -> subprocess.Popen:
@@ -85,7 +100,7 @@ def _worker_main(argv: list[str]) -> int:
     cfg = CacheConfig.from_json(argv[0])
     try:
         run_cache(cfg)
-    except ValueError as exc:
+    except (ValueError, RuntimeError, OSError) as exc:  # as the CLI reports them
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

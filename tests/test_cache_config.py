@@ -24,8 +24,11 @@ def test_every_shipped_cache_config_loads_and_round_trips(path):
 def test_the_phase1_config_is_the_documented_cache():
     cfg = CacheConfig.load(CONFIGS / "cache_phase1_gptoss20b.yaml")
     assert cfg.teacher.model == "openai/gpt-oss-20b"
-    assert (cfg.targets.top_k, cfg.targets.temperatures, cfg.targets.sampled) == (64, (1.0, 2.0), None)
+    assert (cfg.targets.target_spec(0).k, cfg.targets.temperatures, cfg.targets.sampled) == (64, (1.0, 2.0), None)
     assert (cfg.hidden.layers, cfg.hidden.dtype, cfg.hidden.token_fraction) == ((12, 24), "fp8", 0.25)
+    # README: `--sampled 50` switches it to sampled targets
+    sampled = CacheConfig.load(CONFIGS / "cache_phase1_gptoss20b.yaml", [], sampled=50).targets.target_spec(0)
+    assert (sampled.mode, sampled.num_samples) == ("sampled", 50)
 
 
 def test_flags_and_sets_override_the_file_and_the_defaults_are_the_old_flags(tmp_path):
@@ -59,3 +62,12 @@ def test_old_manifests_without_a_config_load_and_new_ones_keep_it():
     manifest.config = recorded
     again = CacheManifest.from_json(manifest.to_json(), "m")
     assert again.config == recorded and CacheConfig.from_json(json.dumps(again.config)).targets.top_k == 8
+
+
+def test_the_recorded_config_is_the_same_for_a_run_and_its_per_gpu_workers():
+    run = CacheConfig.from_flags(model="m", data="d", out="o", gpus=(0, 1))
+    worker = CacheConfig.from_flags(model="m", data="d", out="o", num_workers=4, worker_index=3)
+    worker.quiet = True
+    assert run.cache_settings() == worker.cache_settings()
+    assert "gpus" not in run.cache_settings() and run.cache_settings()["targets"] == run.to_dict()["targets"]
+

@@ -198,3 +198,16 @@ def test_automatic_shard_size_resumes_the_cache_in_out_whatever_size_it_used(set
     fresh = tmp_path / "fresh"
     cache(model_dir, data, fresh, top_k=8, rows_per_shard=0)
     assert load_manifest(fresh).work["rows_per_shard"] == 256  # targets-only rows are small: the row cap
+
+
+def test_workers_still_running_when_the_launcher_fails_are_stopped():
+    from teacher_cache.gpu_workers import _stop
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    ignoring = subprocess.Popen([sys.executable, "-c",
+                                 "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                                 "print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    assert ignoring.stdout.readline().strip() == "ready"
+    _stop([(0, sleeper), (1, ignoring)], grace_s=1.0)
+    assert sleeper.returncode == -signal.SIGTERM and ignoring.returncode == -signal.SIGKILL
+

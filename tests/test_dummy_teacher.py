@@ -5,7 +5,6 @@ are dummy so no cache made from it passes for a real teacher's."""
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa

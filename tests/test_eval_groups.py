@@ -46,16 +46,21 @@ def test_breakdown_by_source_and_channel_adds_back():
     sums_G4 = torch.rand(3 * 4, 4, generator=gen, dtype=torch.float64)
     sums_G4[:, 3] = torch.randint(1, 9, (12,), generator=gen).double()
     sums_G4[5] = 0  # source 1, channel 1: no tokens
-    out = breakdown(sums_G4, ["a", "b", "c"], True, LossConfig())
+    sums_G4[8:12] = 0  # source 2: no tokens at all, so it is left out
+    loss_cfg = LossConfig(ce_weight=0.3, kl_weight=0.7, kl_temperature=2.0)
+    out = breakdown(sums_G4, ["a", "b", "c"], True, loss_cfg)
+    assert set(out["by_source"]) == {"a", "b"}
     for group in ("by_source", "by_channel"):
         parts = out[group].values()
         assert sum(p["tokens"] for p in parts) == int(sums_G4[:, 3].sum())
         assert sum(p["ce_sum"] for p in parts) == pytest.approx(sums_G4[:, 0].sum().item(), rel=1e-12)
         for p in parts:
-            assert p["ce"] == pytest.approx(p["ce_sum"] / p["tokens"]) and p["loss"] == pytest.approx(p["ce"] + p["kl"])
+            # the objective's weights, KL scaled by T**2
+            assert p["ce"] == pytest.approx(p["ce_sum"] / p["tokens"])
+            assert p["loss"] == pytest.approx(0.3 * p["ce"] + 0.7 * 4.0 * p["kl"])
     assert out["by_source"]["b"]["tokens"] == int(sums_G4[4:8, 3].sum())
     assert out["by_channel"]["analysis"]["tokens"] == int(sums_G4[[1, 9], 3].sum())
-    only_sources = breakdown(sums_G4[:3], ["a", "b", "c"], False, LossConfig())
+    only_sources = breakdown(sums_G4[:3], ["a", "b", "c"], False, loss_cfg)
     assert set(only_sources) == {"by_source"}
 
 

@@ -44,11 +44,11 @@ def test_bins_hold_every_row_once_within_seq_len(shuffle):
 
 
 def test_best_fit_fills_the_tightest_bin():
-    lengths_N = np.array([6, 2, 5, 4, 1])
-    # longest first: 6, 5 and 4 open a bin each (room 2, 3, 4); 2 goes to the bin with room 2,
-    # then 1 to the one with room 3
-    bins_GR = pack_rows(lengths_N, 8, seed=0, shuffle=False)
-    assert sorted(sorted(rows_of(b[None])) for b in bins_GR) == [[0, 1], [2, 4], [3]]
+    lengths_N = np.array([8, 6, 3, 1])
+    # longest first: 8 and 6 open bins (room 2 and 4); 3 fits only the second (room 1 left);
+    # 1 then goes to the tightest bin that fits, the second, not the first as first fit would
+    bins_GR = pack_rows(lengths_N, 10, seed=0, shuffle=False)
+    assert sorted(sorted(rows_of(b[None])) for b in bins_GR) == [[0], [1, 2, 3]]
 
 
 def test_epoch_plans_permute_bins_and_complete_ordered_steps():

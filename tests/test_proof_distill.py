@@ -46,7 +46,13 @@ def test_every_variant_has_a_result_with_its_metrics(proof_run):
         assert f"| {name} |" in stdout
     caches = json.loads((work / "results" / "caches.json").read_text())
     assert set(caches) == {"sampled12", "dense"}  # only the caches the variants read
-    assert "| full_kd | teacher online | 1 |" in stdout and "+0.0000 |" in stdout
+    assert "| full_kd | teacher online | 1 |" in stdout
+    # the report's gap to full KD is each variant's held-out CE minus full KD's, from the results
+    kd_ce = json.loads((work / "results" / "runs" / "full_kd.seed0.json").read_text())["heldout_ce"]
+    for name in ("sampled_n12", "dense"):
+        ce = json.loads((work / "results" / "runs" / f"{name}.seed0.json").read_text())["heldout_ce"]
+        line = next(x for x in stdout.splitlines() if x.startswith(f"| {name} |"))
+        assert line.rstrip().endswith(f"| {ce - kd_ce:+.4f} |"), line
 
 
 @pytest.mark.slow

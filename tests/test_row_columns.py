@@ -122,6 +122,16 @@ def test_a_string_source_column_named_by_the_flag(tmp_path, teacher_dir):
     assert [rows[i].source for i in range(len(LENGTHS))] == table["origin"].to_pylist()
 
 
+def test_a_row_column_whose_type_differs_between_files_names_both_files():
+    from teacher_cache.dataset_columns import RowColumnsConfig, read_row_columns
+
+    first = pa.table({"id": pa.array(["a", "b"], type=pa.string())})
+    second = pa.table({"id": pa.array(["c"], type=pa.large_string())})
+    with pytest.raises(ValueError, match=r"part-1\.parquet: column 'id' is large_string, in part-0\.parquet it is "
+                                         r"string"):
+        read_row_columns([("part-0.parquet", first), ("part-1.parquet", second)], RowColumnsConfig())
+
+
 def test_a_named_column_the_dataset_lacks_is_refused(tmp_path, teacher_dir):
     with pytest.raises(ValueError, match="no column 'origin'"):
         cache(tmp_path, teacher_dir, phase1_table(), source_column="origin")

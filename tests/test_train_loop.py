@@ -368,6 +368,7 @@ def test_packed_training_resumes_bitwise_and_evaluates_as_unpacked(caches, tmp_p
     (resumed_dir / "checkpoints").mkdir(parents=True)
     shutil.copytree(Path(straight.cfg.checkpoint.dir) / "step-00000002", resumed_dir / "checkpoints" / "step-00000002")
     resumed = train(tmp_path / "b", caches, *sets, eval_cache=caches.eval, resume="")
+    assert [n for n, _ in straight.model.named_parameters()] == [n for n, _ in resumed.model.named_parameters()]
     for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
         assert torch.equal(a, b), name
     strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING} for r in rs]  # noqa: E731

@@ -94,7 +94,7 @@ def test_loss_and_gradients_match_a_float64_reference():
     batch = padded_batch(gen)
     cfg = LossConfig(ce_weight=0.3, kl_weight=0.5, hidden_cosine_weight=0.7, kl_temperature=2.0, kl_mode="tail",
                      chunk_size=7, layer_pairs=((1, 2),))
-    model = DistillModel(student, cfg, TargetLayout(mode="topk", lse_index=1, num_samples=0, teacher_hidden_size=24))
+    model = DistillModel(student, cfg, TargetLayout(lse_index=1, num_samples=0, teacher_hidden_size=24))
     proj = model.projections["s1_t2"]
     assert proj.weight.dtype == torch.float64 and proj.weight.shape == (24, 32)
 
@@ -130,7 +130,7 @@ def test_target_t_predicts_token_t_plus_1():
     batch.targets.logits_BPK = torch.tensor([0.0, -1e4, -1e4, -1e4], dtype=torch.float64).expand(2, 9, 4).clone()
     batch.targets.lse_BPT = torch.zeros(2, 9, 2, dtype=torch.float64)  # p(token t+1) = 1, tail 0
     cfg = LossConfig(ce_weight=0.0, kl_weight=1.0, kl_temperature=1.0)
-    model = DistillModel(student, cfg, TargetLayout("topk", 0, 0, 0))
+    model = DistillModel(student, cfg, TargetLayout(0, 0, 0))
     valid = int((batch.labels_BL[:, 1:] != -100).sum())
     kl, _ = model(batch, float(valid))
     with torch.no_grad():

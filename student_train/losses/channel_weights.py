@@ -19,6 +19,12 @@ from common.causal_lm import IGNORE_INDEX
 from common.row_columns import CHANNEL_NAMES
 
 
+def check_weight(key: str, value) -> None:
+    """A loss weight: a finite number >= 0, or a ValueError naming its key."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
+
+
 @dataclass(frozen=True)
 class ChannelWeights:
     prompt: float = 1.0
@@ -28,9 +34,7 @@ class ChannelWeights:
 
     def __post_init__(self):
         for name in CHANNEL_NAMES:
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"channel_weights.{name} must be a finite number >= 0, got {value!r}")
+            check_weight(f"channel_weights.{name}", getattr(self, name))
 
     @property
     def uniform(self) -> bool:

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from student_train.losses.dense_targets import DENSE_FALLBACKS
-from student_train.losses.channel_weights import ChannelWeights
+from student_train.losses.channel_weights import ChannelWeights, check_weight
 from student_train.losses.divergences import divergence_names
 
 
@@ -41,9 +41,7 @@ class LossConfig:
 
     def __post_init__(self):
         for key in ("ce_weight", "kl_weight", "hidden_cosine_weight"):
-            value = getattr(self, key)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
+            check_weight(key, getattr(self, key))
         if self.ce_weight == 0 and self.kl_weight == 0 and self.hidden_cosine_weight == 0:
             raise ValueError("ce_weight, kl_weight and hidden_cosine_weight are all 0: nothing to train on")
         t = self.kl_temperature

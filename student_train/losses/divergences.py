@@ -192,7 +192,7 @@ class Dense(Divergence):
 
     def check_cache(self, targets_spec, loss, where: str) -> None:
         """The cache's targets must feed the fallback; the hidden layer and the head are checked
-        where the manifest is read (student_train/model.py, load_dense_head)."""
+        where the manifest is read (student_train/trainer.py, dense_head_record)."""
         if loss.dense_fallback == "skip":
             return
         try:
