@@ -20,7 +20,8 @@ Stages, in this order (`--stages a,b,...`; `train` = train_a,train_b,train_c,tra
   train_c     the same, SIGKILLed (its whole process tree) once its first checkpoint is complete,
               then `--resume` to the end: |C - A| against |B - A| (both 0 on the CPU)
   train_1gpu  one rank (1 -> N scaling; GPU only)
-  export      train_a's HF export loaded with AutoModelForCausalLM.from_pretrained; one forward
+  export      train_a's HF export (train_b's when run A did not run here) loaded with
+              AutoModelForCausalLM.from_pretrained; one forward
 Every command makes the table and OUT/rehearsal.json from the results so far
 (OUT/.stages/*.json), so a GPU rehearsal can be split over several commands
 with the same flags; later stages use the files earlier ones left in SCRATCH.
@@ -295,10 +296,14 @@ def free_disk(ctx: Context, run: str, keep_export: bool) -> None:
             shutil.rmtree(ctx.run_dir(run) / "export", ignore_errors=True)
 
 
+def has_export(ctx: Context, run: str) -> bool:
+    return (ctx.run_dir(run) / "export" / "config.json").is_file()
+
+
 def uninterrupted(ctx: Context, run: str, keep_export: bool) -> dict:
     s = ctx.settings
     fresh_run(ctx, run)
-    # Only run A exports (its figures and the load-back come from it): a 24-layer export is 42 GB.
+    # One run exports (its figures and the load-back come from it): a 24-layer export is 42 GB.
     watched = run_train(ctx, f"train_{run}", run, s.world, s.steps, export=keep_export)
     result = rehearsal_report.train_figures(ctx.run_dir(run), [watched])
     free_disk(ctx, run, keep_export)
@@ -310,7 +315,8 @@ def stage_train_a(ctx: Context) -> dict:
 
 
 def stage_train_b(ctx: Context) -> dict:
-    return uninterrupted(ctx, "b", keep_export=False)
+    # B exports when A's export is not on this machine (A ran elsewhere or earlier): the export stage loads it.
+    return uninterrupted(ctx, "b", keep_export=not has_export(ctx, "a"))
 
 
 def stage_train_c(ctx: Context) -> dict:
@@ -367,15 +373,16 @@ def check_export(export_dir: Path, device: str, tokens: list[int]) -> dict:
 def stage_export(ctx: Context) -> dict:
     from teacher_cache.data import open_source  # the product's reader: no `datasets` needed on the GPU machine
 
-    export_dir = ctx.run_dir("a") / "export"
-    if not (export_dir / "config.json").is_file():
-        raise RuntimeError(f"{export_dir}: no export (run stage train_a first)")
+    run = next((r for r in ("a", "b") if has_export(ctx, r)), None)
+    if run is None:
+        raise RuntimeError(f"{ctx.run_dir('a')}: no export (run stage train_a or train_b first)")
+    export_dir = ctx.run_dir(run) / "export"
     tokens = [int(t) for t in open_source(ctx.path("data"), "validation", 1).row(0).input_ids[:16]]
     command = [sys.executable, str(Path(__file__).resolve()), "--check-export", str(export_dir),
                "--device", ctx.settings.device, "--tokens", ",".join(map(str, tokens))]
     log(f"$ {' '.join(command)}")
     watched = ctx.watch("export_check", command)
-    return {**rehearsal_report.last_json_line(watched), "seconds": watched.seconds,
+    return {**rehearsal_report.last_json_line(watched), "run": run.upper(), "seconds": watched.seconds,
             "peak_host_gib": watched.peak_host_gib, "export_bytes": rehearsal_report.du(export_dir)}
 
 

@@ -207,6 +207,8 @@ def checks(stages: dict) -> dict:
     if "losses" in a and "losses" in c:
         out["c_vs_a"] = compare_losses(a, c)
         out["c_vs_a_eval"] = compare_losses(a, c, "eval")
+    if "losses" in b and "losses" in c:
+        out["c_vs_b"] = compare_losses(b, c)
     if "b_vs_a" in out and "c_vs_a" in out:
         # A resume that restores everything differs from A no more than a second straight run does.
         out["c_within_spread"] = out["c_vs_a"]["max_abs_diff"] <= out["b_vs_a"]["max_abs_diff"]
@@ -285,9 +287,13 @@ def train_rows(stages: dict, report_checks: dict) -> list[tuple[str, str, str, s
     a = stages.get("train_a", {})
     if "losses" not in a:
         return [("train", "not run", "", "")]
-    one, c, export = stages.get("train_1gpu", {}), stages.get("train_c", {}), stages.get("export", {})
+    one, b, c = stages.get("train_1gpu", {}), stages.get("train_b", {}), stages.get("train_c", {})
+    export = stages.get("export", {})
+    exported = b if export.get("run") == "B" else a
     rate = a["tokens_per_s_per_gpu"]
-    scaling = rate / one["tokens_per_s_per_gpu"] if one.get("tokens_per_s_per_gpu") else None
+    one_rate = one.get("tokens_per_s_per_gpu")
+    scaling = rate / one_rate if one_rate else None
+    scaling_b = b["tokens_per_s_per_gpu"] / one_rate if one_rate and b.get("tokens_per_s_per_gpu") else None
     saves, loads = a["save_s"] + c.get("save_s", []), c.get("load_s", [])
     rows = [
         ("train", "ranks x micro x accum", f"{a['world']} x 1 x {a['grad_accum']}", "train's world size line"),
@@ -306,13 +312,16 @@ def train_rows(stages: dict, report_checks: dict) -> list[tuple[str, str, str, s
                                              f"{_fmt(max(loads, default=None), '.2f', ' s')}"),
          "slowest save of runs A and C / C's resume"),
         ("train", "export write / load / forward",
-         (f"{_fmt(a['export_write_s'], '.2f', ' s')} / {_fmt(export.get('load_s'), '.2f', ' s')} / "
-          f"{_fmt(export.get('forward_s'), '.3f', ' s')}"), "train log; from_pretrained; 16 tokens"),
+         (f"{_fmt(exported.get('export_write_s'), '.2f', ' s')} / {_fmt(export.get('load_s'), '.2f', ' s')} / "
+          f"{_fmt(export.get('forward_s'), '.3f', ' s')}"),
+         f"run {export.get('run', 'A')}'s train log; from_pretrained; 16 tokens"),
         ("train", "export forward finite", str(export.get("finite", "not run")),
          f"logits {export.get('logits_shape', '')}"),
         ("train", "scaling 1 -> N GPUs (per-GPU rate)", _fmt(scaling, ".3f"),
          "run A vs one rank" if scaling else one.get("status", "train_1gpu not run")),
     ]
+    if scaling_b is not None:
+        rows.append(("train", "scaling 1 -> N GPUs (per-GPU rate)", _fmt(scaling_b, ".3f"), "run B vs one rank"))
     return rows + resume_rows(c, report_checks)
 
 
@@ -331,6 +340,9 @@ def resume_rows(c: dict, report_checks: dict) -> list[tuple[str, str, str, str]]
              + (" (bitwise equal)" if resumed["bitwise_equal"] else ""),
              f"eval max abs(C - A) {_fmt(report_checks['c_vs_a_eval']['max_abs_diff'], '.3g')}"),
         ]
+        if "c_vs_b" in report_checks:
+            rows.append(("train", "resumed C: max abs(C - B) of the loss",
+                         _fmt(report_checks["c_vs_b"]["max_abs_diff"], ".3g"), "log.jsonl, every step"))
     return rows
 
 

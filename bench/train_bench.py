@@ -31,6 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -277,6 +278,12 @@ def run_variant(name: str, base: list[str], sets: list[str], args, on_gpu: bool)
 
 
 def print_tables(results: list[dict], world_size: int) -> None:
+    for r in results:
+        if "error" in r:
+            print(f"variant {r['variant']} failed: {r['error']}")
+    results = [r for r in results if "error" not in r]
+    if not results:
+        return
     base = results[0]["tokens_per_s_per_gpu"]
     print(f"\n| variant | GPUs | tok/s per GPU | vs {results[0]['variant']} | useful TFLOP/s per GPU | MFU | "
           "peak GiB | first step s | loader-fed / synthetic |")
@@ -374,7 +381,19 @@ def main():
         die_with_parent()
 
     base = common_overrides(args, cache, student, ckpt, teacher_layers)
-    results = [run_variant(name, base, sets, args, on_gpu) for name, sets in variants]
+    results = []
+    for name, sets in variants:
+        if args.nproc > 1:  # a rank that fails alone would leave the others waiting in a collective
+            results.append(run_variant(name, base, sets, args, on_gpu))
+            continue
+        try:
+            results.append(run_variant(name, base, sets, args, on_gpu))
+        except Exception as exc:  # one variant's failure should not cost the others' figures
+            traceback.print_exc()
+            results.append({"variant": name, "overrides": sets, "error": f"{type(exc).__name__}: {exc}"})
+            gc.collect()
+            if on_gpu:
+                torch.cuda.empty_cache()
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if rank == 0:
