@@ -119,8 +119,8 @@ def card_rates(m: Measured, a: Assumptions) -> list[CardRates]:
         scaled = f"scaling measured on {m.scaling_gpus} GPUs" + (f", taken to hold at {gpus}"
                                                                  if m.scaling_gpus != gpus else "")
     else:
-        scaled = (f"per-GPU rates on {m.scaling_gpus} GPU(s) x scaling: cache {m.cache_scaling:g}, "
-                  f"train {m.train_scaling:g}")
+        scaled = (f"per-GPU rates on {m.scaling_gpus} GPU(s) x scaling: cache {m.cache_scaling:.3g}, "
+                  f"train {m.train_scaling:.3g}")
     return [
         CardRates("H200", f"measured on {m.card} ({scaled})", cache, train),
         CardRates("H100", f"H200 x {a.h100_capture_ratio:.3f} (cache, measured on both) / x {a.h100_train_ratio:.2f} "
@@ -190,6 +190,8 @@ def main() -> None:
     ap.add_argument("--cache-tokens-per-s", type=float, help="one-GPU H200 cache rate instead of the measured one")
     ap.add_argument("--train-tokens-per-s", type=float, help="one-GPU H200 training rate instead of the measured one")
     ap.add_argument("--train-scaling", type=float, help="per-GPU training rate on N GPUs / on one, measured elsewhere")
+    ap.add_argument("--cache-scaling", type=float,
+                    help="per-GPU capture rate on N GPUs / on one, when the rehearsal's capture is too short to say")
     ap.add_argument("--b200-ratio", type=float, default=B200_FLOPS_RATIO,
                     help="B200 / H200 rate of both stages (default: the datasheet's dense bf16 peaks)")
     ap.add_argument("--file-bytes-per-token", type=float,
@@ -208,6 +210,8 @@ def main() -> None:
                            card=f"{measured.card}, train rate {args.train_tokens_per_s:,.0f} tok/s from a flag")
     if args.train_scaling:  # measured elsewhere for training only: the cache's stays as it was
         measured = replace(measured, train_scaling=args.train_scaling, scaling_measured=False)
+    if args.cache_scaling:
+        measured = replace(measured, cache_scaling=args.cache_scaling, scaling_measured=False)
     if args.file_bytes_per_token:
         measured = replace(measured, file_bytes_per_token=args.file_bytes_per_token,
                            hidden_bytes_per_token=args.hidden_bytes_per_token or measured.hidden_bytes_per_token)

@@ -33,6 +33,7 @@ by file into train and held-out; a byte-level BPE trained on the train split.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -51,6 +52,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 import yaml
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -188,8 +190,11 @@ def data_settings(scale: Scale, corpus_root: Path) -> dict:
 
 
 def teacher_settings(scale: Scale) -> dict:
-    return {k: getattr(scale, k) for k in ("teacher_hidden", "teacher_layers", "teacher_steps", "teacher_batch",
-                                           "teacher_lr", "device")}
+    settings = {k: getattr(scale, k) for k in ("teacher_hidden", "teacher_layers", "teacher_steps", "teacher_batch",
+                                               "teacher_lr", "device")}
+    if scale.device == "cuda":
+        settings["attention"] = "math"  # deterministic backward (prepare_teacher)
+    return settings
 
 
 def list_column(rows_RL: np.ndarray) -> pa.ListArray:
@@ -282,10 +287,13 @@ def prepare_teacher(work: Path, scale: Scale, setup: dict) -> None:
         teacher = build_model(teacher_config(scale), seed=0, lm_head_scale=1.0)
         ids, labels = split_arrays(work, "train")
         val_ids, val_labels = split_arrays(work, "validation")
-        stats = pretrain(teacher, ids, labels, PretrainConfig(
-            steps=scale.teacher_steps, batch_size=scale.teacher_batch, lr=scale.teacher_lr,
-            warmup=max(1, scale.teacher_steps // 15), device=scale.device,
-            dtype=torch.bfloat16 if gpu else torch.float32))
+        # The fused attention kernels' backward passes are not deterministic (cuDNN's, flash's and the
+        # memory-efficient one's, outside strict mode); the plain math one is.
+        with sdpa_kernel(SDPBackend.MATH) if gpu else contextlib.nullcontext():
+            stats = pretrain(teacher, ids, labels, PretrainConfig(
+                steps=scale.teacher_steps, batch_size=scale.teacher_batch, lr=scale.teacher_lr,
+                warmup=max(1, scale.teacher_steps // 15), device=scale.device,
+                dtype=torch.bfloat16 if gpu else torch.float32))
         stats["heldout_ce"] = evaluate_lm(teacher, val_ids, val_labels, 16, scale.device)
         stats["params"] = sum(p.numel() for p in teacher.parameters())
         save_model(teacher.float().cpu(), work / "teacher", AutoTokenizer.from_pretrained(str(work / "tokenizer")))
@@ -512,7 +520,9 @@ def students(work: Path, results: Path, scale: Scale, args) -> None:
     # Seed 0 of every variant first: a whole table before the repeats that give the spread.
     order = sorted((seed, i, name) for i, name in enumerate(names) for seed in VARIANTS[name][2]
                    if args.seeds is None or seed in args.seeds)
-    for seed, _, name in order:
+    index, count = args.shard
+    # One process per GPU, each its own slice of the runs; each run's result is its own file.
+    for seed, _, name in order[index::count]:
         run_name = f"{name}.seed{seed}"
         result_path = results / "runs" / f"{run_name}.json"
         settings = run_settings(scale, name, seed, setup, caches)
@@ -619,6 +629,16 @@ def scale_from(args) -> Scale:
     return dataclasses.replace(preset, **given)
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard: expected I/N, got {text!r}") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"--shard: I must be in 0..N-1, got {text!r}")
+    return index, count
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("step", choices=["run", "prepare", "students", "report", "full-kd-train"])
@@ -629,6 +649,8 @@ def main():
     ap.add_argument("--seeds", type=lambda v: {int(x) for x in v.split(",")},
                     help="students: only these seeds (e.g. 0: one run per variant); default: each variant's own")
     ap.add_argument("--stages", default="data,teacher,caches,inits", help="prepare: which stages")
+    ap.add_argument("--shard", type=parse_shard, default=(0, 1),
+                    help="students: I/N runs every N-th run from the I-th (one process per GPU, I = 0..N-1)")
     ap.add_argument("--stop-after-minutes", type=float, default=0,
                     help="students: start no run after this many minutes (keeps a command inside its limit)")
     ap.add_argument("--corpus-root", type=Path, help="default: installed packages (cuda) or the stdlib (cpu)")

@@ -81,3 +81,23 @@ def test_a_rerun_skips_what_is_done_and_refuses_other_settings(proof_run):
     other = proof("students", "--variants", "dense", "--lr", "1e-3", work=work)
     assert other.returncode == 2
     assert "dense.seed0.json: made with other settings (scale.lr: 0.003 -> 0.001)" in other.stderr
+
+
+@pytest.mark.slow
+def test_shards_split_the_pending_runs_between_processes(proof_run):
+    """`--shard I/N` (one process per GPU) runs every N-th run of the order from the I-th, so two
+    shards together do each pending run once."""
+    work, _ = proof_run
+    runs = work / "results" / "runs"
+    for name in ("sampled_n12", "dense"):
+        (runs / f"{name}.seed0.json").rename(work / f"{name}.kept.json")
+    # order: (seed 0) sampled_n12, dense, full_kd -> shard 1/2 holds dense only
+    second = proof("students", "--variants", ",".join(VARIANTS), "--shard", "1/2", work=work)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count("$ vpmoe train") == 1 and (runs / "dense.seed0.json").exists()
+    assert not (runs / "sampled_n12.seed0.json").exists()
+    first = proof("students", "--variants", ",".join(VARIANTS), "--shard", "0/2", work=work)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "full_kd.seed0: done already" in first.stdout and (runs / "sampled_n12.seed0.json").exists()
+    bad = proof("students", "--shard", "2/2", work=work)
+    assert bad.returncode == 2 and "--shard: I must be in 0..N-1" in bad.stderr
