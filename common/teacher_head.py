@@ -165,24 +165,27 @@ def locate_teacher_head(model_dir: str | Path, num_layers: int, vocab_size: int,
     return TeacherHeadRecord(**{**record.__dict__, "fingerprint": head_fingerprint(model_dir, record)})
 
 
-def _tensor_span(model_dir: Path, loc: TensorLocation) -> tuple[Path, int, int]:
+def _tensor_span(model_dir: Path, loc: TensorLocation) -> tuple[Path, int, int, str, tuple[int, ...]]:
+    """(file, first and last byte of the tensor, its dtype and shape), as the file's header says."""
     path = model_dir / loc.file
     if not path.is_file():
         raise ValueError(f"{path}: not found (the dense head's {loc.tensor})")
     header, data_start = safetensors_header(path)
     if loc.tensor not in header:
         raise ValueError(f"{path}: holds no tensor {loc.tensor!r}")
-    begin, end = header[loc.tensor]["data_offsets"]
-    return path, data_start + int(begin), data_start + int(end)
+    entry = header[loc.tensor]
+    begin, end = entry["data_offsets"]
+    return path, data_start + int(begin), data_start + int(end), str(entry["dtype"]), tuple(map(int, entry["shape"]))
 
 
 def head_fingerprint(model_dir: str | Path, record: TeacherHeadRecord) -> str:
-    """sha256 over the norm's and lm_head's names, dtypes, shapes and stored bytes."""
+    """sha256 over the norm's and lm_head's names, dtypes, shapes and stored bytes; dtype and shape
+    as the file's header says, so the same bytes under another dtype (bf16 read as f16) differ."""
     model_dir = Path(model_dir)
     h = hashlib.sha256()
     for loc in (record.norm, record.lm_head):
-        path, begin, end = _tensor_span(model_dir, loc)
-        h.update(f"{loc.tensor}:{loc.dtype}:{list(loc.shape)}\n".encode())
+        path, begin, end, dtype, shape = _tensor_span(model_dir, loc)
+        h.update(f"{loc.tensor}:{dtype}:{list(shape)}\n".encode())
         with open(path, "rb") as f:
             f.seek(begin)
             remaining = end - begin

@@ -119,6 +119,22 @@ def test_a_changed_head_is_refused_naming_the_file(dense, tmp_path):
     assert load_teacher_head(record, model_dir).vocab_size == 300  # the recorded one still loads
 
 
+def test_the_same_bytes_under_another_dtype_are_refused(dense, tmp_path):
+    """A header that relabels the head's bytes (bf16 -> f16: same size, other numbers) changes the
+    fingerprint, though not one stored byte of the tensor does."""
+    _, model_dir, _, root = dense
+    record = load_manifest(root / "cache").dense_head
+    other = tmp_path / "relabelled"
+    shutil.copytree(model_dir, other)
+    tensors = load_file(str(other / record.lm_head.file))
+    head = tensors[record.lm_head.tensor]
+    relabelled = torch.float16 if head.dtype != torch.float16 else torch.bfloat16
+    tensors[record.lm_head.tensor] = head.view(relabelled)
+    save_file(tensors, str(other / record.lm_head.file), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="do not match the cache's fingerprint"):
+        load_teacher_head(record, other)
+
+
 def test_dense_needs_a_local_teacher_with_real_weights(dense, tmp_path):
     _, model_dir, _, root = dense
     with pytest.raises(ValueError, match="--dense-from-last-layer: a --load-format dummy teacher"):
