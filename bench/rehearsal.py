@@ -22,6 +22,9 @@ Stages, in this order (`--stages a,b,...`; `train` = train_a,train_b,train_c,tra
   train_1gpu  one rank (1 -> N scaling; GPU only)
   export      train_a's HF export (train_b's when run A did not run here) loaded with
               AutoModelForCausalLM.from_pretrained; one forward
+  from_export `train` started from that export (`student.path`: each rank reads its tensors
+              from the safetensors files) on N ranks and on one, a few steps: build time,
+              time to first step, peak host memory
 Every command makes the table and OUT/rehearsal.json from the results so far
 (OUT/.stages/*.json), so a GPU rehearsal can be split over several commands
 with the same flags; later stages use the files earlier ones left in SCRATCH.
@@ -49,7 +52,8 @@ from bench.watched_run import Watched, run_watched  # noqa: E402
 from demo.quickstart import Stages  # noqa: E402
 from student_train.checkpoint import complete_checkpoints  # noqa: E402
 
-STAGES = ("prepare", "cache", "cache_1gpu", "autotune", "train_a", "train_b", "train_c", "train_1gpu", "export")
+STAGES = ("prepare", "cache", "cache_1gpu", "autotune", "train_a", "train_b", "train_c", "train_1gpu", "export",
+          "from_export")
 TRAIN_STAGES = ("train_a", "train_b", "train_c", "train_1gpu")
 GPU_ONLY = ("cache_1gpu", "train_1gpu")
 TRAIN_CONFIG = ROOT / "configs" / "phase1_gptoss20b_smoke.yaml"
@@ -370,12 +374,17 @@ def check_export(export_dir: Path, device: str, tokens: list[int]) -> dict:
             "dtype": str(next(model.parameters()).dtype), "parameters": sum(p.numel() for p in model.parameters())}
 
 
-def stage_export(ctx: Context) -> dict:
-    from teacher_cache.data import open_source  # the product's reader: no `datasets` needed on the GPU machine
-
+def export_run(ctx: Context) -> str:
     run = next((r for r in ("a", "b") if has_export(ctx, r)), None)
     if run is None:
         raise RuntimeError(f"{ctx.run_dir('a')}: no export (run stage train_a or train_b first)")
+    return run
+
+
+def stage_export(ctx: Context) -> dict:
+    from teacher_cache.data import open_source  # the product's reader: no `datasets` needed on the GPU machine
+
+    run = export_run(ctx)
     export_dir = ctx.run_dir(run) / "export"
     tokens = [int(t) for t in open_source(ctx.path("data"), "validation", 1).row(0).input_ids[:16]]
     command = [sys.executable, str(Path(__file__).resolve()), "--check-export", str(export_dir),
@@ -386,9 +395,33 @@ def stage_export(ctx: Context) -> dict:
             "peak_host_gib": watched.peak_host_gib, "export_bytes": rehearsal_report.du(export_dir)}
 
 
+FROM_EXPORT_STEPS = 4
+FROM_EXPORT_FIGURES = ("world", "startup_s", "time_to_first_step_s", "peak_host_gib", "peak_device_gib",
+                       "peak_mem_gib", "steps", "losses")
+
+
+def stage_from_export(ctx: Context) -> dict:
+    """A run that starts from the export (what a phase-2 run does with phase 1's result)."""
+    s = ctx.settings
+    run = export_run(ctx)
+    result = {"export_run": run.upper()}
+    for world in sorted({s.world, 1}, reverse=True):
+        name = f"from_export_{world}"
+        fresh_run(ctx, name)
+        sets = [x for x in train_sets(ctx, name, world, FROM_EXPORT_STEPS, evaluate=False, export=False)
+                if not x.startswith(("student.path=", "student.init_config="))]
+        sets += [f"student.path={ctx.run_dir(run) / 'export'}", "student.init_config=null"]
+        watched = ctx.vpmoe(name, ["train", str(TRAIN_CONFIG), "--nproc-per-node", str(world), *set_args(sets)])
+        figures = rehearsal_report.train_figures(ctx.run_dir(name), [watched])
+        result[f"ranks_{world}"] = {key: figures[key] for key in FROM_EXPORT_FIGURES}
+        free_disk(ctx, name, keep_export=False)
+    return result
+
+
 STAGE_FUNCTIONS = {"prepare": stage_prepare, "cache": stage_cache, "cache_1gpu": stage_cache_1gpu,
                    "autotune": stage_autotune, "train_a": stage_train_a, "train_b": stage_train_b,
-                   "train_c": stage_train_c, "train_1gpu": stage_train_1gpu, "export": stage_export}
+                   "train_c": stage_train_c, "train_1gpu": stage_train_1gpu, "export": stage_export,
+                   "from_export": stage_from_export}
 
 
 # ---------------------------------------------------------------- the command

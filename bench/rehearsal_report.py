@@ -346,6 +346,17 @@ def resume_rows(c: dict, report_checks: dict) -> list[tuple[str, str, str, str]]
     return rows
 
 
+def from_export_rows(result: dict) -> list[tuple[str, str, str, str]]:
+    rows = []
+    for key in sorted((k for k in result if k.startswith("ranks_")), key=lambda k: -int(k.split("_")[1])):
+        r = result[key]
+        rows.append(("from export", f"{r['world']} rank(s): build / first step / peak host",
+                     (f"{_fmt(r['startup_s'], '.1f', ' s')} / {_fmt(r['time_to_first_step_s'], '.1f', ' s')} / "
+                      f"{_fmt(r['peak_host_gib'], '.2f', ' GiB')}"),
+                     f"student.path = run {result['export_run']}'s export; process tree PSS, sampled"))
+    return rows
+
+
 def format_table(report: dict) -> str:
     stages = report["stages"]
     autotune = stages.get("autotune", {})
@@ -357,6 +368,7 @@ def format_table(report: dict) -> str:
                      f"{autotune['max_micro_batch']}" + (" (cap)" if autotune["capped"] else ""),
                      f"{autotune['world_size']} ranks; {plans}"))
     rows += train_rows(stages, report["checks"])
+    rows += from_export_rows(stages.get("from_export", {}))
     header = [f"Rehearsal on {report['card']}, {report['date']}", "",
               "| stage | figure | value | from |", "|---|---|---|---|"]
     return "\n".join(header + [f"| {' | '.join(row)} |" for row in rows])

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("prepare", "cache", "cache_1gpu", "autotune", "train_a", "train_b", "train_c", "train_1gpu", "export")
+STAGES = ("prepare", "cache", "cache_1gpu", "autotune", "train_a", "train_b", "train_c", "train_1gpu", "export",
+          "from_export")
 STEPS = 30
 
 
@@ -93,3 +94,19 @@ def test_the_export_loads_and_its_forward_is_finite(rehearsal):
     assert export["finite"] is True and report["checks"]["export_forward_finite"] is True
     assert export["logits_shape"] == [1, 16, report["stages"]["prepare"]["vocab_size"]]
     assert export["load_s"] > 0 and export["forward_s"] > 0
+
+
+@pytest.mark.slow
+def test_a_run_starts_from_the_export_on_two_ranks_and_on_one(rehearsal):
+    """`student.path` = run A's export: the student comes back trained (its first loss, on the
+    batch run A started from, is below run A's first), on 2 ranks and on 1."""
+    _, report, stdout = rehearsal
+    result = report["stages"]["from_export"]
+    first_a = report["stages"]["train_a"]["losses"][0]
+    assert result["export_run"] == "A"
+    for key, world in (("ranks_2", 2), ("ranks_1", 1)):
+        r = result[key]
+        assert r["world"] == world and r["steps"] == [1, 2, 3, 4]
+        assert r["startup_s"] > 0 and r["time_to_first_step_s"] > 0 and r["peak_host_gib"] > 0
+        assert r["losses"][0][1] < first_a[1] - 0.1, (r["losses"][0], first_a)
+    assert "| from export | 2 rank(s): build / first step / peak host |" in stdout
