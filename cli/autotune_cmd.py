@@ -28,6 +28,9 @@ def autotune(
     recompute: str = typer.Option("measure", "--recompute",
                                   help="measure: search with activation checkpointing off and on and keep the "
                                        "faster; config: only the config's setting."),
+    headroom: float = typer.Option(0.05, "--headroom",
+                                   help="Fraction of the GPU's memory a fitting micro batch must leave free at "
+                                        "its peak (fragmentation, eval batches); 0 accepts anything that runs."),
 ):
     """Probe forward/backward/optimizer steps at growing micro batches until one runs out of memory."""
     from student_train.config import load_config
@@ -45,19 +48,21 @@ def autotune(
         cfg = load_config(config, overrides)
         if seq_len < 2:
             raise ValueError(f"--seq-len must be >= 2, got {seq_len}")
+        if not 0 <= headroom < 1:
+            raise ValueError(f"--headroom must be in [0, 1), got {headroom}")
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
     if nproc_per_node > 0 and "RANK" not in os.environ:
         argv = ["autotune", str(config), "--seq-len", str(seq_len), "--max-micro-batch", str(max_micro_batch),
-                "--recompute", recompute,
+                "--recompute", recompute, "--headroom", str(headroom),
                 *[a for g in gbs for a in ("--target-gbs", str(g))], *[a for o in overrides for a in ("--set", o)]]
         raise typer.Exit(relaunch(nproc_per_node, argv + (["--json"] if as_json else [])))
 
     from student_train.autotune import run
 
     try:
-        result = run(cfg, seq_len, gbs, max_micro_batch, recompute)
+        result = run(cfg, seq_len, gbs, max_micro_batch, recompute, headroom)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1)

@@ -5,7 +5,9 @@ inputs shaped like the cache's (seq_len tokens, the cache's top-k width or
 sampled ids, the configured teacher hidden layers): forward with the fused
 loss, backward, gradient clipping and an optimizer step, so optimizer state
 is part of the measured memory. An out-of-memory error marks the size as not
-fitting (agreed over ranks). Sizes double until one fails, then a binary
+fitting (agreed over ranks), and so does a peak that leaves less than the
+headroom (default 5% of the GPU's memory) free: a size that barely fits a
+synthetic step can fail hours later on fragmentation or an eval batch. Sizes double until one fails, then a binary
 search finds the boundary. On CPU nothing runs out of memory in useful time,
 so the search stops at a cap and says so.
 
@@ -38,6 +40,7 @@ from student_train.parallel import DistEnv, all_reduce_min, print0
 
 CPU_CAP = 4
 GPU_CAP = 256
+DEFAULT_HEADROOM = 0.05  # of the GPU's memory, left free at a probe's peak
 
 
 @dataclass
@@ -46,6 +49,14 @@ class Probe:
     fits: bool
     seconds: float
     peak_mem_gib: float | None
+    why: str = ""  # why it does not fit: "out of memory" or "headroom"
+
+
+def _peak_and_total(device: torch.device) -> tuple[int, int] | None:
+    """(peak allocated bytes since the last reset, the device's total bytes) on a GPU; None elsewhere."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device), torch.cuda.get_device_properties(device).total_memory
 
 
 @dataclass
@@ -130,18 +141,22 @@ TIMED_STEPS = 3
 
 
 def autotune(cfg: TrainConfig, seq_len: int, target_gbs: list[int], max_micro_batch: int = 0,
-             recompute: str = "config") -> AutotuneResult:
+             recompute: str = "config", headroom: float = DEFAULT_HEADROOM) -> AutotuneResult:
     """recompute: "config" searches with the config's activation_checkpointing; "measure" searches
-    with it off and on and returns the setting with more tokens/s at its largest micro batch."""
+    with it off and on and returns the setting with more tokens/s at its largest micro batch.
+    headroom: the fraction of the GPU's memory a fitting size must leave free at its peak."""
     if recompute not in RECOMPUTE_MODES:
         raise ValueError(f"--recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
+    if not 0 <= headroom < 1:
+        raise ValueError(f"--headroom must be in [0, 1), got {headroom}")
     env: DistEnv = parallel.init_distributed(cfg.device)
     settings = [cfg.activation_checkpointing] if recompute == "config" else [False, True]
     results = []
     for checkpointing in settings:
         trial = copy.deepcopy(cfg)
         trial.activation_checkpointing = checkpointing
-        results.append(_search(trial, env, seq_len, target_gbs, max_micro_batch, timed=recompute == "measure"))
+        results.append(_search(trial, env, seq_len, target_gbs, max_micro_batch, timed=recompute == "measure",
+                               headroom=headroom))
         gc.collect()
         if env.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -156,7 +171,7 @@ def autotune(cfg: TrainConfig, seq_len: int, target_gbs: list[int], max_micro_ba
 
 
 def _search(cfg: TrainConfig, env: DistEnv, seq_len: int, target_gbs: list[int], max_micro_batch: int,
-            timed: bool) -> AutotuneResult:
+            timed: bool, headroom: float) -> AutotuneResult:
     from student_train.trainer import build_distill_model, build_student
 
     cfg = copy.deepcopy(cfg)
@@ -206,12 +221,17 @@ def _search(cfg: TrainConfig, env: DistEnv, seq_len: int, target_gbs: list[int],
             gc.collect()
             if on_gpu:
                 torch.cuda.synchronize(env.device)
-        peak = torch.cuda.max_memory_allocated(env.device) / 2**30 if on_gpu else None
-        fits = bool(all_reduce_min(torch.tensor([int(fits)], device=env.device)).item())
-        result.probes.append(Probe(m, fits, time.perf_counter() - start, peak))
-        print0(f"micro batch {m}: {'fits' if fits else 'out of memory'}"
-               f"{f', peak {peak:.1f} GiB' if peak is not None else ''}")
-        return fits
+        memory = _peak_and_total(env.device)
+        peak = memory[0] / 2**30 if memory else None
+        within = memory is None or memory[0] <= (1 - headroom) * memory[1]
+        # 2: fits, 1: ran but over the headroom, 0: out of memory; the worst rank decides
+        state = int(all_reduce_min(torch.tensor([2 if fits and within else int(fits)], device=env.device)).item())
+        why = ("out of memory", "headroom", "")[state]
+        result.probes.append(Probe(m, state == 2, time.perf_counter() - start, peak, why))
+        text = {2: "fits", 1: f"runs, but leaves less than {headroom:.0%} of the GPU free", 0: "out of memory"}[state]
+        total = f" of {memory[1] / 2**30:.1f}" if memory else ""
+        print0(f"micro batch {m}: {text}{f', peak {peak:.1f}{total} GiB' if peak is not None else ''}")
+        return state == 2
 
     # Doubling until a size fails or passes the cap, then bisection between the last fit and that bound.
     good, bound = 0, None
@@ -231,6 +251,10 @@ def _search(cfg: TrainConfig, env: DistEnv, seq_len: int, target_gbs: list[int],
             bound, failed = mid, True
     result.capped = not failed and good == cap
     result.max_micro_batch = good
+    over = [p for p in result.probes if p.why == "headroom"]
+    if over:
+        result.notes.append(f"micro batch {min(p.micro_batch for p in over)} ran but left less than "
+                            f"{headroom:.0%} of the GPU's memory free; --headroom 0 accepts it")
     if result.capped:
         why = "on CPU memory is not the limit in useful time" if not on_gpu else "raise --max-micro-batch"
         result.notes.append(f"stopped at the cap of micro batch {cap} without running out of memory ({why})")
@@ -268,10 +292,10 @@ def _search(cfg: TrainConfig, env: DistEnv, seq_len: int, target_gbs: list[int],
 
 
 def run(cfg: TrainConfig, seq_len: int, target_gbs: list[int], max_micro_batch: int = 0,
-        recompute: str = "config") -> AutotuneResult:
+        recompute: str = "config", headroom: float = DEFAULT_HEADROOM) -> AutotuneResult:
     clean = False
     try:
-        result = autotune(cfg, seq_len, target_gbs, max_micro_batch, recompute)
+        result = autotune(cfg, seq_len, target_gbs, max_micro_batch, recompute, headroom)
         clean = True
         return result
     finally:

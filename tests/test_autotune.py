@@ -73,6 +73,33 @@ def test_search_stops_at_the_first_size_that_runs_out_of_memory(tiny_run, monkey
     assert (result.plans[0].micro_batch, result.plans[0].grad_accum) == (4, 16)
 
 
+def test_a_size_that_runs_but_leaves_less_than_the_headroom_does_not_fit(tiny_run, monkeypatch):
+    """A GPU of 80 GiB where a micro batch of m takes 10 m GiB at its peak: with 5% headroom
+    (76 GiB) 7 fits and 8 does not, though 8 runs; with none, 8 fits."""
+    from student_train.model import DistillModel
+
+    tmp, student = tiny_run
+    real_forward = DistillModel.forward
+    last = {}
+
+    def forward(self, batch, *args):
+        last["m"] = batch.batch_size
+        return real_forward(self, batch, *args)
+
+    monkeypatch.setattr(DistillModel, "forward", forward)
+    monkeypatch.setattr(autotune_mod, "_peak_and_total", lambda device: (last["m"] * 10 * 2**30, 80 * 2**30))
+    cfg = tiny_config(tmp, student, tmp / "train", None, "student.experts_implementation=eager")
+    result = autotune_mod.run(cfg, seq_len=16, target_gbs=[8], max_micro_batch=16)
+    assert [(p.micro_batch, p.fits, p.why) for p in result.probes] == [
+        (1, True, ""), (2, True, ""), (4, True, ""), (8, False, "headroom"), (6, True, ""), (7, True, "")]
+    assert result.max_micro_batch == 7 and result.probes[3].peak_mem_gib == 80
+    assert any("micro batch 8 ran but left less than 5%" in note for note in result.notes)
+    relaxed = autotune_mod.run(cfg, seq_len=16, target_gbs=[8], max_micro_batch=8, headroom=0.0)
+    assert relaxed.max_micro_batch == 8 and relaxed.capped
+    with pytest.raises(ValueError, match="--headroom must be in"):
+        autotune_mod.run(cfg, seq_len=16, target_gbs=[8], headroom=1.0)
+
+
 def test_autotune_command_accepts_several_target_batches(tiny_run, tmp_path):
     from cli.main import app
     from student_train.config import save_config
