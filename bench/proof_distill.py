@@ -289,15 +289,21 @@ def prepare_teacher(work: Path, scale: Scale, setup: dict) -> None:
         val_ids, val_labels = split_arrays(work, "validation")
         # The fused attention kernels' backward passes are not deterministic (cuDNN's, flash's and the
         # memory-efficient one's, outside strict mode); the plain math one is.
+        # A teacher cut off by a call's time limit continues from its last saved state in the next
+        # call on the same machine, with the weights an uncut run would have had.
+        partial = work / "teacher-partial"
         with sdpa_kernel(SDPBackend.MATH) if gpu else contextlib.nullcontext():
             stats = pretrain(teacher, ids, labels, PretrainConfig(
                 steps=scale.teacher_steps, batch_size=scale.teacher_batch, lr=scale.teacher_lr,
                 warmup=max(1, scale.teacher_steps // 15), device=scale.device,
-                dtype=torch.bfloat16 if gpu else torch.float32))
+                dtype=torch.bfloat16 if gpu else torch.float32),
+                state_dir=partial, save_every=max(1, scale.teacher_steps // 5),
+                progress=lambda step, loss: step % 100 == 0 and log(f"teacher step {step}: loss {loss:.3f}"))
         stats["heldout_ce"] = evaluate_lm(teacher, val_ids, val_labels, 16, scale.device)
         stats["params"] = sum(p.numel() for p in teacher.parameters())
         save_model(teacher.float().cpu(), work / "teacher", AutoTokenizer.from_pretrained(str(work / "tokenizer")))
         (work / "teacher" / "training.json").write_text(json.dumps(stats))
+        shutil.rmtree(partial, ignore_errors=True)
         del teacher
         if gpu:
             torch.cuda.empty_cache()

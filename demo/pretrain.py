@@ -3,9 +3,12 @@ proof benchmark (a real distillation needs a teacher that knows something)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -55,8 +58,31 @@ def evaluate_lm(model, input_ids: np.ndarray, labels: np.ndarray, batch_size: in
     return total / max(count, 1)
 
 
-def pretrain(model, input_ids: np.ndarray, labels: np.ndarray, cfg: PretrainConfig, progress=None) -> dict:
-    """Train on random batches of rows; returns losses and tokens/s."""
+STATE_FILE = "pretrain_state.pt"
+
+
+def _run_key(cfg: PretrainConfig, input_ids: np.ndarray) -> str:
+    """What a saved state must have been made with to be continued."""
+    return repr(({**dataclasses.asdict(cfg), "dtype": str(cfg.dtype)}, input_ids.shape))
+
+
+def _save_state(state_dir: Path, key: str, model, opt, step: int, losses: list[float], tokens: int,
+                seconds: float) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = state_dir / (STATE_FILE + ".tmp")
+    torch.save({"key": key, "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                "losses": losses, "tokens": tokens, "seconds": seconds}, tmp)
+    os.replace(tmp, state_dir / STATE_FILE)
+
+
+def pretrain(model, input_ids: np.ndarray, labels: np.ndarray, cfg: PretrainConfig, progress=None,
+             state_dir: Path | None = None, save_every: int = 0) -> dict:
+    """Train on random batches of rows; returns losses and tokens/s.
+
+    With `state_dir` and `save_every`, the weights, optimizer state and step are saved there every
+    `save_every` steps, and a call that finds them continues from there: the same rows in the same
+    order, so a run cut off and continued ends with the weights of one that never stopped (where
+    the kernels are deterministic). `model` must come in as the uncut run's did (its initial weights)."""
     model.to(cfg.device).train()
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -65,9 +91,22 @@ def pretrain(model, input_ids: np.ndarray, labels: np.ndarray, cfg: PretrainConf
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     use_autocast = cfg.device.startswith("cuda") and cfg.dtype != torch.float32
-    losses, tokens, start = [], 0, time.perf_counter()
+    losses, tokens, first_step, seconds_before = [], 0, 0, 0.0
+    key = _run_key(cfg, input_ids)
+    if state_dir is not None and (state_dir / STATE_FILE).is_file():
+        # written by _save_state above in this work directory: tensors, numbers and lists only
+        state = torch.load(state_dir / STATE_FILE, map_location=cfg.device, weights_only=True)
+        if state["key"] != key:
+            raise ValueError(f"{state_dir / STATE_FILE}: saved by a run with other settings ({state['key']}); "
+                             f"this one is {key}: remove it to start over")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        first_step, losses, tokens, seconds_before = state["step"], state["losses"], state["tokens"], state["seconds"]
+    start = time.perf_counter()
     for step in range(cfg.steps):
-        rows = rng.integers(0, len(input_ids), cfg.batch_size)
+        rows = rng.integers(0, len(input_ids), cfg.batch_size)  # drawn for skipped steps too: same order
+        if step < first_step:
+            continue
         ids = torch.as_tensor(input_ids[rows], dtype=torch.long, device=cfg.device)
         lab = torch.as_tensor(labels[rows], dtype=torch.long, device=cfg.device)
         for group in opt.param_groups:
@@ -80,9 +119,12 @@ def pretrain(model, input_ids: np.ndarray, labels: np.ndarray, cfg: PretrainConf
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         tokens += ids.numel()
+        if state_dir is not None and save_every and (step + 1) % save_every == 0 and step + 1 < cfg.steps:
+            _save_state(state_dir, key, model, opt, step + 1, losses, tokens,
+                        seconds_before + time.perf_counter() - start)
         if progress is not None:
             progress(step + 1, losses[-1])
-    elapsed = time.perf_counter() - start
+    elapsed = seconds_before + time.perf_counter() - start
     model.eval()
     return {"final_loss": float(np.mean(losses[-10:])), "first_loss": losses[0], "tokens": tokens,
             "tokens_per_s": tokens / elapsed, "seconds": elapsed}
