@@ -274,6 +274,11 @@ def student_config(scale: Scale):
                              intermediate_size=int(2.67 * scale.student_hidden), max_positions=scale.seq_len)
 
 
+def log_teacher_step(step: int, loss: float) -> None:
+    if step % 100 == 0:
+        log(f"teacher step {step}: loss {loss:.3f}")
+
+
 def prepare_teacher(work: Path, scale: Scale, setup: dict) -> None:
     from transformers import AutoTokenizer
 
@@ -297,8 +302,7 @@ def prepare_teacher(work: Path, scale: Scale, setup: dict) -> None:
                 steps=scale.teacher_steps, batch_size=scale.teacher_batch, lr=scale.teacher_lr,
                 warmup=max(1, scale.teacher_steps // 15), device=scale.device,
                 dtype=torch.bfloat16 if gpu else torch.float32),
-                state_dir=partial, save_every=max(1, scale.teacher_steps // 5),
-                progress=lambda step, loss: step % 100 == 0 and log(f"teacher step {step}: loss {loss:.3f}"))
+                state_dir=partial, save_every=max(1, scale.teacher_steps // 5), progress=log_teacher_step)
         stats["heldout_ce"] = evaluate_lm(teacher, val_ids, val_labels, 16, scale.device)
         stats["params"] = sum(p.numel() for p in teacher.parameters())
         save_model(teacher.float().cpu(), work / "teacher", AutoTokenizer.from_pretrained(str(work / "tokenizer")))
