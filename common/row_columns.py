@@ -67,8 +67,7 @@ def encode_channels(channels_L: np.ndarray, num_tokens: int, where: str) -> np.n
     channels_L = np.asarray(channels_L)
     if channels_L.shape != (num_tokens,):
         raise ValueError(f"{where}: channels has shape {channels_L.shape}, expected ({num_tokens},)")
-    if channels_L.size and int(channels_L.max()) >= len(CHANNEL_NAMES):
-        raise ValueError(f"{where}: channel code {int(channels_L.max())} is not one of 0..{len(CHANNEL_NAMES) - 1}")
+    _check_codes(channels_L, where)
     return np.ascontiguousarray(channels_L, dtype=np.uint8)
 
 
@@ -77,9 +76,13 @@ def decode_channels(cell, num_tokens: int | None, where: str) -> np.ndarray:
     if num_tokens is not None and len(channels_L) != num_tokens:
         raise ValueError(f"{where}: channels holds {len(channels_L)} tokens, the row {num_tokens}")
     # A code past the table would index past the loss's channel weights: refused on every read.
+    _check_codes(channels_L, where)
+    return channels_L
+
+
+def _check_codes(channels_L: np.ndarray, where: str) -> None:
     if channels_L.size and int(channels_L.max()) >= len(CHANNEL_NAMES):
         raise ValueError(f"{where}: channel code {int(channels_L.max())} is not one of 0..{len(CHANNEL_NAMES) - 1}")
-    return channels_L
 
 
 def channel_counts(channels_L: np.ndarray) -> dict[str, int]:

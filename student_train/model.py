@@ -231,7 +231,16 @@ class DistillModel(nn.Module):
         # Student position t predicts token t+1: drop the last position, shift labels left.
         hidden_ND = hidden_BLD[:, :-1].reshape(-1, width)
         labels_N = batch.target_labels_BP().reshape(-1)
-        targets = self._targets(batch, b * (length - 1))
+        # Each teacher layer dequantized once, though the dense targets and the hidden cosine may
+        # both read the last one.
+        teacher_float: dict[int, torch.Tensor] = {}
+
+        def teacher_hidden(layer: int) -> torch.Tensor:
+            if layer not in teacher_float:
+                teacher_float[layer] = batch.hidden_float(layer)
+            return teacher_float[layer]
+
+        targets = self._targets(batch, b * (length - 1), teacher_hidden)
         weight_VD = self.student.get_output_embeddings().weight
         cfg = self.loss_cfg
         if num_valid_global > 0:
@@ -255,7 +264,7 @@ class DistillModel(nn.Module):
                 dist_sum = 0.0
                 for s, t in cfg.layer_pairs:
                     student_ND = self._captured[s].reshape(b * length, -1)
-                    teacher_NE = batch.hidden_float(t).reshape(b * length, -1)
+                    teacher_NE = teacher_hidden(t).reshape(b * length, -1)
                     proj = self.projections[projection_key(s, t)] if projection_key(s, t) in self.projections else None
                     dist_sum = dist_sum + hidden_cosine_loss(student_ND, teacher_NE, mask_N, proj, 1.0)
                 # Averaged over layer pairs and over every rank's and micro batch's hidden positions.
@@ -269,7 +278,7 @@ class DistillModel(nn.Module):
                         hidden_positions=hidden_positions.float(), group_sums_G4=m.get("group_sums_G4"))
         return loss, sums
 
-    def _targets(self, batch: StudentBatch, n: int):
+    def _targets(self, batch: StudentBatch, n: int, teacher_hidden):
         if batch.targets is None:
             return None
         targets = batch.targets.loss_targets(n, self.layout)
@@ -277,7 +286,7 @@ class DistillModel(nn.Module):
             return targets
         # The stored state of token t is what the teacher's head turns into the distribution of
         # token t + 1: target position t (already shifted) reads hidden position t, the last one none.
-        hidden_NE = batch.hidden_float(self.dense_layer)[:, :-1].reshape(n, -1)
+        hidden_NE = teacher_hidden(self.dense_layer)[:, :-1].reshape(n, -1)
         has_hidden_N = batch.hidden_mask_BL[:, :-1].reshape(n)
         return DenseTargets(hidden_NE, has_hidden_N, self.dense_head, targets,
                             skip_missing=self.loss_cfg.dense_fallback == "skip")

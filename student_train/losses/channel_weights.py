@@ -10,6 +10,7 @@ Shape suffixes: B rows, P = L - 1 positions.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
 
@@ -57,8 +58,14 @@ def position_weights_BP(batch, weights: ChannelWeights, dtype=torch.float64) -> 
     if channels_BP is None:
         raise ValueError("loss.channel_weights needs a cache that stores channels (cache-teacher reads them "
                          "from the dataset's 'spans' column); this cache has none")
-    table_C = torch.tensor(weights.table_C(), dtype=dtype, device=channels_BP.device)
+    table_C = _device_table(weights, dtype, channels_BP.device)
     return table_C[channels_BP.clamp(min=0)]  # pads (-1) are masked by their labels
+
+
+@functools.cache
+def _device_table(weights: ChannelWeights, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The weights by channel code on `device`, made once: not a host-to-device copy per micro batch."""
+    return torch.tensor(weights.table_C(), dtype=dtype, device=device)
 
 
 def weighted_valid_tokens(batch, weights: ChannelWeights) -> torch.Tensor:
