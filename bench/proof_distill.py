@@ -452,7 +452,7 @@ class OnlineTeacherBatches:
         hidden_BLE = self.captured.pop(self.layer).float()
         scales = {k: v for k, v in batch.teacher_hidden_scale.items() if k != self.layer}
         return dataclasses.replace(batch, teacher_hidden={**batch.teacher_hidden, self.layer: hidden_BLE},
-                                   teacher_hidden_scale=scales, hidden_mask_BL=mask_BL.bool())
+                                   teacher_hidden_scale=scales, hidden_mask_BL=batch.attention_mask_BL.bool())
 
 
 def full_kd_train(config_path: Path, teacher_dir: Path) -> None:
