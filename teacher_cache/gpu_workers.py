@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from common.cache_dir import CacheDir
@@ -79,9 +80,17 @@ def _spawn(cfg: CacheConfig, gpu: int, slot: WorkerSlot) -> subprocess.Popen:
     child = dataclasses.replace(cfg, gpus=(), num_workers=slot.count, worker_index=slot.index, quiet=True,
                                 writer=dataclasses.replace(cfg.writer, show_progress=False),
                                 teacher=dataclasses.replace(cfg.teacher, device="auto"))
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
     return subprocess.Popen([sys.executable, "-m", "teacher_cache.gpu_workers", child.to_json()],
-                            env=env, preexec_fn=dies_with_this_process())
+                            env=worker_env(os.environ, gpu, len(cfg.gpus)), preexec_fn=dies_with_this_process())
+
+
+def worker_env(base: Mapping[str, str], gpu: int, num_gpus: int) -> dict[str, str]:
+    """A worker's environment: its one GPU, and (unless the user set it) an equal share of the host's
+    cores for torch's CPU thread pool; N workers each starting a team of every core would contend
+    for them with the shard writers and encoders (as torchrun does for ranks)."""
+    env = dict(base, CUDA_VISIBLE_DEVICES=str(gpu))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, num_gpus))))
+    return env
 
 
 def _report_sidecars(out: CacheDir, node_shards: set[int], progress: ProgressView) -> None:

@@ -211,3 +211,13 @@ def test_workers_still_running_when_the_launcher_fails_are_stopped():
     _stop([(0, sleeper), (1, ignoring)], grace_s=1.0)
     assert sleeper.returncode == -signal.SIGTERM and ignoring.returncode == -signal.SIGKILL
 
+
+
+def test_each_gpu_worker_gets_its_gpu_and_a_share_of_the_cores_unless_the_user_set_them():
+    from teacher_cache.gpu_workers import worker_env
+
+    cores = os.cpu_count() or 1
+    env = worker_env({"PATH": "/bin"}, gpu=3, num_gpus=2)
+    assert env == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "3", "OMP_NUM_THREADS": str(max(1, cores // 2))}
+    assert worker_env({}, gpu=0, num_gpus=10 * cores)["OMP_NUM_THREADS"] == "1"
+    assert worker_env({"OMP_NUM_THREADS": "7"}, gpu=1, num_gpus=2)["OMP_NUM_THREADS"] == "7"
