@@ -16,6 +16,7 @@ from typing import Optional
 import typer
 
 from cli.main import app
+from common.cpu_share import with_cpu_share
 from common.parent_death import dies_with_this_process
 
 
@@ -33,9 +34,7 @@ def relaunch(nproc: int, argv: list[str]) -> int:
     """Runs `python -m cli <argv>` on nproc local ranks under torch.distributed.run; returns its exit code."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "cli", *argv]
-    env = dict(os.environ)
-    # Each rank's decode threads and torch threads share the host's cores.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env = with_cpu_share(os.environ, nproc)  # each rank's decode threads and torch threads share the cores
     # torchrun's agent dies with this process, and each rank with the agent (cli/__main__.py).
     return subprocess.call(cmd, env=env, preexec_fn=dies_with_this_process())
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.atomic import publish, tmp_path_for
 from common.causal_lm import IGNORE_INDEX
 
 
@@ -69,10 +69,10 @@ def _run_key(cfg: PretrainConfig, input_ids: np.ndarray) -> str:
 def _save_state(state_dir: Path, key: str, model, opt, step: int, losses: list[float], tokens: int,
                 seconds: float) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = state_dir / (STATE_FILE + ".tmp")
+    tmp = tmp_path_for(state_dir / STATE_FILE)
     torch.save({"key": key, "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                 "losses": losses, "tokens": tokens, "seconds": seconds}, tmp)
-    os.replace(tmp, state_dir / STATE_FILE)
+    publish(tmp, state_dir / STATE_FILE)
 
 
 def pretrain(model, input_ids: np.ndarray, labels: np.ndarray, cfg: PretrainConfig, progress=None,

@@ -29,8 +29,6 @@ from common.teacher_head import TeacherHead, TeacherHeadRecord
 from student_train.batch import StudentBatch
 from student_train.config import StudentConfig
 from student_train.eval_groups import group_ids_BP
-from student_train.packing import packed_inputs
-from student_train.weights import load_safetensors_into, untied_missing
 from student_train.losses import (
     LossConfig,
     build_hidden_projection,
@@ -40,7 +38,10 @@ from student_train.losses import (
     lse_column,
     position_weights_BP,
 )
+from student_train.losses.channel_weights import NEEDS_CHANNELS
 from student_train.losses.dense_targets import DenseTargets
+from student_train.packing import packed_inputs
+from student_train.weights import load_safetensors_into, untied_missing
 
 PROJECTIONS_FILE = "hidden_projections.safetensors"
 
@@ -306,8 +307,7 @@ def check_cache_fits(spec: ShardSpec, loss: LossConfig, student_vocab: int, num_
         raise ValueError(f"{where}: cache vocabulary {spec.vocab_size} != student vocabulary {student_vocab}")
     get_divergence(loss.kl_mode).check_cache(spec.targets, loss, where)
     if not loss.channel_weights.uniform and CHANNELS not in spec.columns:
-        raise ValueError(f"{where}: loss.channel_weights needs a cache that stores channels (cache-teacher reads "
-                         "them from the dataset's 'spans' column); this cache has none")
+        raise ValueError(f"{where}: {NEEDS_CHANNELS}")
     if loss.hidden_cosine_weight > 0:
         stored = set(spec.hidden.layers)
         for s, t in loss.layer_pairs:

@@ -9,7 +9,6 @@ Shape suffixes: R rows of the split.
 from __future__ import annotations
 
 import hashlib
-
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterator

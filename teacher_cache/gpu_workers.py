@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from common.cache_dir import CacheDir
+from common.cpu_share import with_cpu_share
 from common.parent_death import dies_with_this_process
 from teacher_cache.pipeline import ProgressView, RunSummary
 from teacher_cache.plan import ShardPlan, WorkerSlot, node_local_worker, shards_for_worker
@@ -85,12 +86,8 @@ def _spawn(cfg: CacheConfig, gpu: int, slot: WorkerSlot) -> subprocess.Popen:
 
 
 def worker_env(base: Mapping[str, str], gpu: int, num_gpus: int) -> dict[str, str]:
-    """A worker's environment: its one GPU, and (unless the user set it) an equal share of the host's
-    cores for torch's CPU thread pool; N workers each starting a team of every core would contend
-    for them with the shard writers and encoders (as torchrun does for ranks)."""
-    env = dict(base, CUDA_VISIBLE_DEVICES=str(gpu))
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, num_gpus))))
-    return env
+    """A worker's environment: its one GPU and its share of the host's cores."""
+    return with_cpu_share({**base, "CUDA_VISIBLE_DEVICES": str(gpu)}, num_gpus)
 
 
 def _report_sidecars(out: CacheDir, node_shards: set[int], progress: ProgressView) -> None:

@@ -19,6 +19,9 @@ import torch
 from common.causal_lm import IGNORE_INDEX
 from common.row_columns import CHANNEL_NAMES
 
+NEEDS_CHANNELS = ("loss.channel_weights needs a cache that stores channels (cache-teacher reads them from the "
+                  "dataset's 'spans' column); this cache has none")
+
 
 def check_weight(key: str, value) -> None:
     """A loss weight: a finite number >= 0, or a ValueError naming its key."""
@@ -56,8 +59,7 @@ def position_weights_BP(batch, weights: ChannelWeights, dtype=torch.float64) -> 
         return None
     channels_BP = batch.target_channels_BP()
     if channels_BP is None:
-        raise ValueError("loss.channel_weights needs a cache that stores channels (cache-teacher reads them "
-                         "from the dataset's 'spans' column); this cache has none")
+        raise ValueError(NEEDS_CHANNELS)
     table_C = _device_table(weights, dtype, channels_BP.device)
     return table_C[channels_BP.clamp(min=0)]  # pads (-1) are masked by their labels
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from student_train.losses.dense_targets import DENSE_FALLBACKS
 from student_train.losses.channel_weights import ChannelWeights, check_weight
+from student_train.losses.dense_targets import DENSE_FALLBACKS
 from student_train.losses.divergences import divergence_names
 
 
